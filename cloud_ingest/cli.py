@@ -1,0 +1,41 @@
+"""``cloud-ingest``: the cloud services (for now: ``run``, the ingest service)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cloud_ingest.config import load_ingest_config
+from cloud_ingest.errors import IngestError
+from edge_tier.cli import run_service, setup_logging
+from edge_tier.config import ConfigError
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cloud_ingest.ingest import Ingest
+
+    cfg = load_ingest_config(args.config)
+    setup_logging(cfg.log_level)
+    if cfg.ingest.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(cfg.ingest.metrics_port, addr="127.0.0.1")
+    return run_service(Ingest(cfg).run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cloud-ingest", description="edge-tier cloud services")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="MQTT uploads -> JetStream, with receipts to devices")
+    r.add_argument("--config", "-c", help="ingest.toml (defaults and CLOUD_INGEST_* env if omitted)")
+    r.set_defaults(fn=cmd_run)
+    args = p.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except (ConfigError, IngestError) as e:
+        print(f"cloud-ingest: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""The cloud end of store-and-forward: MQTT uploads in, JetStream out, receipts back.
+
+For each upload frame, in order:
+
+1. decode it strictly and check that the tenant and device in the topic are
+   the ones in the frame (a device may only speak for itself);
+2. compare it with the device's committed high-water mark (the last seq of the
+   last frame committed for that device): at or below it, it is a re-send, and
+   gets a DUPLICATE receipt; a frame whose ``prev_seq`` is above it arrived
+   before an older frame and gets a GAP receipt (the device re-sends in order);
+3. publish it to JetStream with ``Nats-Msg-Id`` = upload id and
+   ``Nats-Expected-Last-Subject-Sequence`` = the stream sequence of the
+   device's last committed frame, so that two ingest processes (or one
+   restarted after a crash) can never commit the same device out of order;
+4. only after JetStream's PubAck: receipt to the device, then the MQTT ack.
+
+The high-water mark's truth is the last message on the device's subject in the
+stream; a KV bucket keeps a copy that outlives the stream's retention
+(docs/guarantees.md). Frames of one device are handled one at a time; devices
+proceed concurrently; MQTT acks go out in the order the messages came in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from cloud_ingest import metrics
+from cloud_ingest.config import IngestConfig
+from cloud_ingest.streams import ensure_streams
+from edge_tier import topics
+from edge_tier.mqtt import Message, MqttBridge
+from edge_tier.wire import (
+    Frame,
+    Receipt,
+    ReceiptStatus,
+    WireError,
+    decode_frame,
+    encode_receipt,
+    peek_header,
+)
+
+log = logging.getLogger(__name__)
+
+WRONG_LAST_SEQUENCE = 10071  # JetStream API error code for Nats-Expected-Last-Subject-Sequence
+H_FIRST, H_LAST, H_PREV, H_RECORDS = "Et-First-Seq", "Et-Last-Seq", "Et-Prev-Seq", "Et-Records"
+
+
+@dataclass(slots=True)
+class Ledger:
+    """What is committed for one device: its last seq and that message's stream sequence."""
+
+    last_seq: int = 0
+    stream_seq: int = 0  # 0: the stream holds no message of this device
+
+
+@dataclass(slots=True)
+class _Entry:
+    msg: Message
+    done: bool = False
+
+
+async def connect_nats(cfg: IngestConfig, name: str) -> NatsClient:
+    n = cfg.nats
+    return await nats.connect(
+        servers=n.servers,
+        name=name,
+        user=n.user,
+        password=n.password,
+        connect_timeout=n.connect_timeout_s,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        allow_reconnect=True,
+    )
+
+
+class Ingest:
+    def __init__(self, cfg: IngestConfig) -> None:
+        self.cfg = cfg
+        self.limits = cfg.ingest.limits
+        ing = cfg.ingest
+        up = topics.mqtt_filter("up")
+        shared = ing.shared_group and cfg.mqtt.version == "5"
+        self.subscription = f"$share/{ing.shared_group}/{up}" if shared else up
+        self.mqtt = MqttBridge(
+            cfg.mqtt,
+            client_id=cfg.mqtt.client_id or f"et-ingest-{ing.instance}",
+            subscriptions=[(self.subscription, 1)],
+            manual_ack=True,
+            clean=False,
+            name="ingest-mqtt",
+        )
+        self.nc: NatsClient | None = None
+        self.js: JetStreamContext | None = None
+        self.kv: KeyValue | None = None
+        self.ledgers: dict[tuple[str, str], Ledger] = {}
+        self._order: collections.deque[_Entry] = collections.deque()
+        self._lanes: dict[tuple[str, str], asyncio.Queue[_Entry]] = {}
+        self._hwm_dirty: dict[tuple[str, str], int] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self.ready = asyncio.Event()
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def run(self) -> None:
+        self.nc = await connect_nats(self.cfg, f"et-ingest-{self.cfg.ingest.instance}")
+        self.js = self.nc.jetstream(timeout=self.cfg.ingest.publish_timeout_s)
+        self.kv = await ensure_streams(self.js, self.cfg.streams)
+        await self.mqtt.start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                tg.create_task(self._dispatch(), name="ingest-dispatch")
+                tg.create_task(self._flush_hwm_loop(), name="ingest-hwm")
+                self.ready.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._flush_hwm())
+            await self.mqtt.stop()
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+    async def _dispatch(self) -> None:
+        assert self._tg is not None
+        while True:
+            msg = await self.mqtt.messages.get()
+            entry = _Entry(msg)
+            self._order.append(entry)
+            try:
+                tenant, device, _ = topics.parse_mqtt_topic(msg.topic)
+            except ValueError:
+                tenant, device = "_", "_"
+            key = (tenant, device)
+            lane = self._lanes.get(key)
+            if lane is None:
+                lane = self._lanes[key] = asyncio.Queue()
+                self._tg.create_task(self._lane(key, lane), name=f"lane-{tenant}-{device}")
+            lane.put_nowait(entry)
+
+    async def _lane(self, key: tuple[str, str], lane: asyncio.Queue[_Entry]) -> None:
+        """One device's frames, one at a time, so its chain is committed in order."""
+        while True:
+            entry = lane.get_nowait() if not lane.empty() else None
+            if entry is None:
+                del self._lanes[key]
+                return
+            await self._handle_with_retry(entry.msg)
+            entry.done = True
+            self._ack_ready()
+
+    def _ack_ready(self) -> None:
+        # MQTT wants PUBACKs in the order the PUBLISHes arrived.
+        while self._order and self._order[0].done:
+            self.mqtt.ack(self._order.popleft().msg)
+
+    async def _handle_with_retry(self, msg: Message) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self.handle(msg)
+                return
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as e:
+                # JetStream unreachable or slow: keep the message unacked and try
+                # again; nothing is receipted until it is durably stored.
+                log.warning("JetStream unavailable while handling %s (%s); retrying in %.1fs",
+                            msg.topic, e, delay)
+                metrics.JS_RETRIES.inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # -- one frame --------------------------------------------------------
+
+    async def handle(self, msg: Message) -> None:
+        try:
+            tenant, device, channel = topics.parse_mqtt_topic(msg.topic)
+            if channel != "up":
+                raise ValueError(f"topic {msg.topic!r} is not an upload topic")
+        except ValueError as e:
+            await self.dead_letter(msg, str(e), None, None)
+            return
+        try:
+            frame = decode_frame(msg.payload, limits=self.limits)
+        except WireError as e:
+            await self._reject_undecodable(msg, tenant, device, e)
+            return
+        if frame.tenant != tenant or frame.device != device:
+            # No receipt: the frame's ids are not this sender's to use.
+            await self.dead_letter(
+                msg,
+                f"topic {msg.topic} carries a frame of tenant {frame.tenant!r} device {frame.device!r}",
+                tenant, device,
+            )
+            return
+        await self.commit(frame, msg.payload)
+
+    async def commit(self, frame: Frame, payload: bytes) -> None:
+        assert self.js is not None
+        key = (frame.tenant, frame.device)
+        for _ in range(5):
+            ledger = await self.ledger(*key)
+            if frame.last_seq <= ledger.last_seq:
+                metrics.FRAMES.labels("duplicate").inc()
+                log.info("upload %s is a re-send (committed up to %d)", frame.upload_id, ledger.last_seq)
+                self.receipt(frame, ReceiptStatus.DUPLICATE)
+                return
+            if frame.prev_seq > ledger.last_seq:
+                metrics.FRAMES.labels("gap").inc()
+                log.info("upload %s arrived before its predecessor (prev %d, committed %d)",
+                         frame.upload_id, frame.prev_seq, ledger.last_seq)
+                self.receipt(frame, ReceiptStatus.GAP, expected_prev=ledger.last_seq)
+                return
+            if frame.first_seq <= ledger.last_seq:
+                await self._reject(frame, payload, f"overlaps the committed range (up to {ledger.last_seq})")
+                return
+            headers = {
+                "Nats-Msg-Id": frame.upload_id,
+                "Nats-Expected-Last-Subject-Sequence": str(ledger.stream_seq),
+                H_FIRST: str(frame.first_seq),
+                H_LAST: str(frame.last_seq),
+                H_PREV: str(frame.prev_seq),
+                H_RECORDS: str(frame.n),
+            }
+            t0 = time.perf_counter()
+            try:
+                ack = await self.js.publish(
+                    topics.features_subject(*key), payload, headers=headers,
+                    timeout=self.cfg.ingest.publish_timeout_s,
+                )
+            except nats.js.errors.APIError as e:
+                if e.err_code == WRONG_LAST_SEQUENCE:
+                    # Someone else (or our own past self) committed for this device.
+                    self.ledgers.pop(key, None)
+                    continue
+                raise
+            metrics.PUBLISH_SECONDS.observe(time.perf_counter() - t0)
+            if ack.duplicate:
+                # Inside the duplicate window: already stored. Re-read the truth.
+                self.ledgers.pop(key, None)
+                metrics.FRAMES.labels("duplicate").inc()
+                self.receipt(frame, ReceiptStatus.DUPLICATE, stream_seq=ack.seq)
+                return
+            self.ledgers[key] = Ledger(frame.last_seq, ack.seq)
+            self._hwm_dirty[key] = frame.last_seq
+            metrics.FRAMES.labels("committed").inc()
+            metrics.RECORDS.inc(frame.n)
+            self.receipt(frame, ReceiptStatus.COMMITTED, stream_seq=ack.seq)
+            return
+        raise nats.errors.Error(f"upload {frame.upload_id}: the device's chain kept moving under us")
+
+    async def ledger(self, tenant: str, device: str) -> Ledger:
+        key = (tenant, device)
+        led = self.ledgers.get(key)
+        if led is not None:
+            return led
+        assert self.js is not None and self.kv is not None
+        led = Ledger()
+        try:
+            last = await self.js.get_last_msg(topics.FEATURES_STREAM, topics.features_subject(*key))
+            led = Ledger(int((last.headers or {}).get(H_LAST, 0)), int(last.seq or 0))
+        except nats.js.errors.NotFoundError:
+            pass
+        # The stream may have aged the device's last frame out; the bucket keeps the mark.
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            entry = await self.kv.get(topics.hwm_key(*key))
+            led.last_seq = max(led.last_seq, int(entry.value or b"0"))
+        self.ledgers[key] = led
+        return led
+
+    # -- answers ----------------------------------------------------------
+
+    def receipt(
+        self, frame: Frame, status: ReceiptStatus, *, stream_seq: int | None = None,
+        expected_prev: int | None = None, reason: str | None = None,
+    ) -> None:
+        r = Receipt(
+            upload_id=frame.upload_id, status=status, first_seq=frame.first_seq, last_seq=frame.last_seq,
+            stream_seq=stream_seq, expected_prev=expected_prev, reason=reason,
+        )
+        self.mqtt.publish(topics.mqtt_topic(frame.tenant, frame.device, "receipt"), encode_receipt(r), qos=1)
+
+    async def _reject(self, frame: Frame, payload: bytes, reason: str) -> None:
+        msg = Message(topics.mqtt_topic(frame.tenant, frame.device, "up"), payload, 1, 0, False)
+        await self.dead_letter(msg, reason, frame.tenant, frame.device, upload_id=frame.upload_id)
+        self.receipt(frame, ReceiptStatus.REJECTED, reason=reason)
+
+    async def _reject_undecodable(self, msg: Message, tenant: str, device: str, err: WireError) -> None:
+        upload = None
+        try:
+            hdr = peek_header(msg.payload)
+            if hdr.tenant == tenant and hdr.device == device:
+                upload = hdr
+        except WireError:
+            pass
+        await self.dead_letter(msg, f"bad frame: {err}", tenant, device,
+                               upload_id=upload.upload_id if upload else None)
+        if upload is not None:
+            # The device can be told which upload failed, so it stops re-sending it.
+            r = Receipt(upload_id=upload.upload_id, status=ReceiptStatus.REJECTED,
+                        first_seq=upload.first_seq, last_seq=upload.last_seq, reason=str(err)[:500])
+            self.mqtt.publish(topics.mqtt_topic(tenant, device, "receipt"), encode_receipt(r), qos=1)
+
+    async def dead_letter(
+        self, msg: Message, reason: str, tenant: str | None, device: str | None,
+        upload_id: str | None = None,
+    ) -> None:
+        assert self.js is not None and self.nc is not None
+        log.warning("dead-lettering a message on %s (%d bytes): %s", msg.topic, len(msg.payload), reason)
+        metrics.DEADLETTERED.inc()
+        metrics.FRAMES.labels("deadletter").inc()
+        headers = {"Et-Reason": reason[:2000], "Et-Topic": msg.topic[:500], "Et-Source": "ingest"}
+        if upload_id:
+            headers["Et-Upload-Id"] = upload_id
+        payload = msg.payload
+        room = self.nc.max_payload - 4096
+        if len(payload) > room:
+            headers["Et-Truncated-From"] = str(len(payload))
+            payload = payload[:room]
+        safe = [t if t and t.replace("-", "").replace("_", "").isalnum() else None for t in (tenant, device)]
+        await self.js.publish(topics.dlq_subject("ingest", *safe), payload, headers=headers)
+
+    # -- high-water marks -------------------------------------------------
+
+    async def _flush_hwm_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.ingest.hwm_flush_s)
+            try:
+                await self._flush_hwm()
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+                log.warning("could not update high-water marks (%s); will retry", e)
+
+    async def _flush_hwm(self) -> None:
+        assert self.kv is not None
+        dirty, self._hwm_dirty = self._hwm_dirty, {}
+        for key, last in dirty.items():
+            try:
+                await self._raise_hwm(topics.hwm_key(*key), last)
+            except BaseException:
+                self._hwm_dirty.setdefault(key, last)
+                raise
+
+    async def _raise_hwm(self, key: str, last: int) -> None:
+        """Compare-and-set, never lowering the mark (several ingest processes write it)."""
+        assert self.kv is not None
+        for _ in range(10):
+            try:
+                entry = await self.kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                try:
+                    await self.kv.create(key, str(last).encode())
+                    return
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue
+            if int(entry.value or b"0") >= last:
+                return
+            try:
+                await self.kv.update(key, str(last).encode(), last=entry.revision)
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue

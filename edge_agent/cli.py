@@ -1,0 +1,74 @@
+"""``edge-agent``: run the device daemon, or read its queue's state."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from edge_agent.config import load_agent_config
+from edge_agent.errors import AgentError
+from edge_agent.store import Store
+from edge_tier.cli import run_service, setup_logging
+from edge_tier.config import ConfigError
+
+
+def _age(ms: int | None) -> str:
+    return "never" if ms is None else f"{max(0.0, time.time() - ms / 1000):.1f}s ago"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge_agent.daemon import Agent
+
+    cfg = load_agent_config(args.config)
+    setup_logging(cfg.log_level)
+    agent = Agent(cfg)
+    return run_service(agent.run)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = load_agent_config(args.config)
+    store = Store(cfg.store, readonly=True)
+    st = store.stats()
+    store.close()
+    d = st.as_dict()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"device        {cfg.device.tenant}/{cfg.device.device}")
+    print(f"queue         {cfg.store.path}")
+    print(f"backlog       {st.records} records, {st.bytes} of {st.budget_bytes} bytes "
+          f"({100 * st.bytes / st.budget_bytes:.1f}%)")
+    age = d["oldest_age_s"]
+    print(f"oldest        {'-' if age is None else f'{age:.1f}s'}")
+    print(f"in flight     {st.frames_in_flight} frames")
+    print(f"delivered     {st.delivered} records")
+    ev = ", ".join(f"{k}={v}" for k, v in sorted(st.evictions.items())) or "none"
+    print(f"evicted       {ev}")
+    print(f"last receipt  {_age(st.last_receipt_ms)}")
+    if st.corrupt_resets:
+        print(f"corrupt resets {st.corrupt_resets} (old files kept beside the queue)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edge-agent", description="edge-tier device agent")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the agent (queue, uplink, local enqueue endpoint)")
+    r.add_argument("--config", "-c", help="agent.toml (defaults and EDGE_AGENT_* env if omitted)")
+    r.set_defaults(fn=cmd_run)
+    s = sub.add_parser("status", help="show the queue: depth, bytes, oldest age, evictions, last receipt")
+    s.add_argument("--config", "-c")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_status)
+    args = p.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except (ConfigError, AgentError) as e:
+        print(f"edge-agent: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

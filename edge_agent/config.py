@@ -1,0 +1,105 @@
+"""The agent's config: one TOML file (``agent.toml``), env overrides ``EDGE_AGENT_…``."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from edge_tier.config import ServiceSettings, load_config
+from edge_tier.mqtt import MqttSettings
+from edge_tier.wire import validate_id
+
+
+class EvictionPolicy(StrEnum):
+    LOWEST_SCORE = "lowest_score"  # lowest prefilter score first, then oldest
+    OLDEST = "oldest"
+    BLOCK = "block"  # refuse new records until the cloud drains the queue
+
+
+class DeviceSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+    tenant: str = "demo"
+    device: str = "device-1"
+
+    @field_validator("tenant", "device")
+    @classmethod
+    def _valid_id(cls, v: str, info) -> str:  # type: ignore[no-untyped-def]
+        return validate_id(info.field_name, v)
+
+
+class StoreSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+    path: Path = Path("edge-agent-queue.db")
+    budget_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
+    policy: EvictionPolicy = EvictionPolicy.LOWEST_SCORE
+    # Group commit: one transaction per batch, at most this long / this many records.
+    commit_window_ms: float = Field(5.0, ge=0, le=1000)
+    commit_max_records: int = Field(8192, ge=1)
+    # FULL survives power loss; NORMAL only process crashes (WAL).
+    synchronous: str = "FULL"
+    # How long a producer waits for room under the "block" policy.
+    block_timeout_s: float = Field(5.0, ge=0)
+
+    @field_validator("synchronous")
+    @classmethod
+    def _sync(cls, v: str) -> str:
+        if v.upper() not in {"FULL", "NORMAL", "EXTRA"}:
+            raise ValueError("must be FULL, EXTRA or NORMAL")
+        return v.upper()
+
+
+class UplinkSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+    frame_max_records: int = Field(1024, ge=1, le=65536)
+    frame_max_bytes: int = Field(1024 * 1024, ge=1024, le=16 * 1024 * 1024)
+    window: int = Field(8, ge=1, le=256, description="frames sent and not yet receipted")
+    receipt_timeout_s: float = Field(15.0, gt=0)
+    compress: str | None = None
+    status_interval_s: float = Field(10.0, gt=0)
+
+    @field_validator("compress")
+    @classmethod
+    def _compress(cls, v: str | None) -> str | None:
+        if v not in (None, "zlib"):
+            raise ValueError("must be unset or 'zlib'")
+        return v
+
+
+class EndpointSettings(BaseModel):
+    """The local enqueue endpoint for producers on the device."""
+
+    model_config = {"extra": "forbid"}
+    host: str = "127.0.0.1"
+    port: int = Field(7781, ge=0, le=65535)
+    unix_socket: Path | None = None
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    metadata_allow: list[str] = Field(default_factory=lambda: ["site", "sensor", "label"])
+
+
+class AgentConfig(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGE_AGENT_", env_nested_delimiter="__", extra="forbid")
+
+    device: DeviceSettings = DeviceSettings()
+    mqtt: MqttSettings = MqttSettings()
+    store: StoreSettings = StoreSettings()
+    uplink: UplinkSettings = UplinkSettings()
+    endpoint: EndpointSettings = EndpointSettings()
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _budget_holds_window(self) -> AgentConfig:
+        # Frames in flight cannot be evicted, so the budget must hold them with room to spare.
+        need = 2 * self.uplink.window * self.uplink.frame_max_bytes
+        if self.store.budget_bytes < need:
+            raise ValueError(
+                f"store.budget_bytes ({self.store.budget_bytes}) must be at least "
+                f"2 x uplink.window x uplink.frame_max_bytes ({need})"
+            )
+        return self
+
+
+def load_agent_config(path: str | Path | None) -> AgentConfig:
+    return load_config(AgentConfig, path)

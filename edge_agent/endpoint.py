@@ -1,0 +1,199 @@
+"""The local enqueue endpoint: how producers on the device hand records to the agent.
+
+HTTP on localhost (and optionally a Unix socket), two body forms:
+
+* ``application/json``: ``{"stream": "vibration", "dtype": "float32",
+  "records": [{"features": [...], "score": 0.93, "meta": {"site": "a"}}]}``
+* ``application/x-edge-tier-features``: query ``stream``, ``dim``, ``dtype``;
+  body = ``n`` float32 scores, then ``n x dim`` feature values, little-endian.
+
+Both wait until the records are durable (``?durable=0`` returns as soon as
+they are queued for the next group commit). Only allow-listed metadata keys
+are accepted: anything else could carry raw data off the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from edge_agent import metrics
+from edge_agent.config import AgentConfig
+from edge_agent.errors import BadRecord, QueueFull, StoreError
+from edge_agent.store import AsyncQueue, NewRecord, RecordKind
+from edge_tier.wire import Dtype, WireError, validate_id
+
+log = logging.getLogger(__name__)
+
+BINARY_TYPE = "application/x-edge-tier-features"
+_DTYPES = {"float32": Dtype.FLOAT32, "float16": Dtype.FLOAT16, "int8": Dtype.INT8}
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _problem(status: int, title: str, detail: str, **headers: str) -> web.Response:
+    return web.json_response(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail},
+        status=status, content_type="application/problem+json", headers=headers or None,
+    )
+
+
+def _kind(stream: Any, dtype: Any, dim: int, body: dict[str, Any]) -> RecordKind:
+    if not isinstance(stream, str):
+        raise BadRecord("'stream' must be a string")
+    try:
+        validate_id("stream", stream)
+    except WireError as e:
+        raise BadRecord(str(e)) from None
+    if dtype not in _DTYPES:
+        raise BadRecord(f"'dtype' must be one of {sorted(_DTYPES)}, not {dtype!r}")
+    if not 1 <= dim <= 65536:
+        raise BadRecord(f"'dim' must be 1..65536, not {dim}")
+    return RecordKind(
+        stream=stream,
+        dtype=_DTYPES[dtype],
+        dim=dim,
+        model=str(body.get("model", "")),
+        model_version=str(body.get("model_version", "")),
+        schema_version=int(body.get("schema_version", 1)),
+        scale=float(body.get("scale", 1.0)),
+    )
+
+
+class Endpoint:
+    def __init__(self, config: AgentConfig, queue: AsyncQueue) -> None:
+        self.cfg = config.endpoint
+        self.queue = queue
+        self.allow = set(self.cfg.metadata_allow)
+        self.app = web.Application(client_max_size=self.cfg.max_body_bytes)
+        self.app.add_routes([
+            web.post("/v1/records", self.post_records),
+            web.get("/v1/status", self.get_status),
+            web.get("/healthz", self.healthz),
+            web.get("/metrics", self.metrics),
+        ])
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port)
+        await site.start()
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            self.port = server.sockets[0].getsockname()[1]
+        if self.cfg.unix_socket is not None:
+            await web.UnixSite(self._runner, str(self.cfg.unix_socket)).start()
+        log.info("enqueue endpoint on http://%s:%s%s", self.cfg.host, self.port,
+                 f" and {self.cfg.unix_socket}" if self.cfg.unix_socket else "")
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- handlers ---------------------------------------------------------
+
+    async def post_records(self, request: web.Request) -> web.Response:
+        durable = request.query.get("durable", "1") not in ("0", "false", "no")
+        try:
+            if request.content_type == BINARY_TYPE:
+                kind, records = self._parse_binary(request.query, await request.read())
+            elif request.content_type == "application/json":
+                try:
+                    body = await request.json()
+                except ValueError as e:
+                    raise BadRecord(f"body is not valid JSON: {e}") from None
+                kind, records = self._parse_json(body)
+            else:
+                return _problem(415, "Unsupported Media Type",
+                                f"send application/json or {BINARY_TYPE}, not {request.content_type}")
+            result = await self.queue.enqueue(kind, records, durable=durable)
+        except BadRecord as e:
+            return _problem(400, "Bad Request", str(e))
+        except QueueFull as e:
+            return _problem(503, "Queue Full", str(e), **{"Retry-After": "1"})
+        except StoreError as e:
+            log.error("enqueue failed: %s", e)
+            return _problem(500, "Queue Error", str(e))
+        metrics.ENQUEUED.inc(len(records))
+        if result is None:
+            return web.json_response({"accepted": len(records), "durable": False}, status=202)
+        return web.json_response({
+            "accepted": len(records), "durable": True, "first_seq": result.first_seq,
+            "last_seq": result.last_seq, "evicted": result.evicted,
+        })
+
+    def _parse_json(self, body: Any) -> tuple[RecordKind, list[NewRecord]]:
+        if not isinstance(body, dict) or not isinstance(body.get("records"), list) or not body["records"]:
+            raise BadRecord("body must be an object with a non-empty 'records' list")
+        recs = body["records"]
+        first = recs[0].get("features") if isinstance(recs[0], dict) else None
+        if not isinstance(first, list) or not first:
+            raise BadRecord("records[0].features must be a non-empty list of numbers")
+        kind = _kind(body.get("stream"), body.get("dtype", "float32"), len(first), body)
+        out = []
+        for i, r in enumerate(recs):
+            if not isinstance(r, dict):
+                raise BadRecord(f"records[{i}] must be an object")
+            feats = r.get("features")
+            if not isinstance(feats, list) or len(feats) != kind.dim:
+                raise BadRecord(f"records[{i}].features must be a list of {kind.dim} numbers")
+            try:
+                arr = np.asarray(feats, dtype=kind.dtype.np_dtype)
+            except (TypeError, ValueError, OverflowError) as e:
+                raise BadRecord(f"records[{i}].features: {e}") from None
+            score = r.get("score", 1.0)
+            if not isinstance(score, int | float) or isinstance(score, bool) or not math.isfinite(score):
+                raise BadRecord(f"records[{i}].score must be a finite number")
+            out.append(NewRecord(arr.tobytes(), float(score), self._meta(i, r.get("meta")),
+                                 r.get("created_ms") if isinstance(r.get("created_ms"), int) else None))
+        return kind, out
+
+    def _meta(self, i: int, meta: Any) -> dict[str, Any] | None:
+        if meta is None:
+            return None
+        if not isinstance(meta, dict):
+            raise BadRecord(f"records[{i}].meta must be an object")
+        for k, v in meta.items():
+            if k not in self.allow:
+                raise BadRecord(
+                    f"records[{i}].meta: key {k!r} is not allow-listed (endpoint.metadata_allow = "
+                    f"{sorted(self.allow)})"
+                )
+            if not isinstance(v, _SCALARS):
+                raise BadRecord(f"records[{i}].meta[{k!r}] must be a string, number, boolean or null")
+        return meta
+
+    def _parse_binary(self, q: Any, data: bytes) -> tuple[RecordKind, list[NewRecord]]:
+        try:
+            dim = int(q.get("dim", ""))
+        except ValueError:
+            raise BadRecord("query parameter 'dim' (an integer) is required") from None
+        kind = _kind(q.get("stream"), q.get("dtype", "float32"), dim, dict(q))
+        rb = kind.record_bytes
+        n, rest = divmod(len(data), 4 + rb)
+        if rest or n == 0:
+            raise BadRecord(f"body of {len(data)} bytes is not n x (4 score bytes + {rb} feature bytes)")
+        scores = np.frombuffer(data, dtype="<f4", count=n)
+        if not np.isfinite(scores).all():
+            raise BadRecord("scores must be finite")
+        off = 4 * n
+        return kind, [
+            NewRecord(data[off + i * rb: off + (i + 1) * rb], float(s)) for i, s in enumerate(scores)
+        ]
+
+    async def get_status(self, request: web.Request) -> web.Response:
+        st = await self.queue.call(self.queue.store.stats)
+        metrics.observe_queue(st)
+        return web.json_response(st.as_dict())
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,17 @@
+"""The agent's errors: each says what went wrong and where."""
+
+
+class AgentError(Exception):
+    """Base for everything the agent raises on purpose."""
+
+
+class StoreError(AgentError):
+    """The on-device queue cannot do what was asked."""
+
+
+class QueueFull(StoreError):
+    """The byte budget is spent and the policy is to block the producer."""
+
+
+class BadRecord(AgentError):
+    """A producer sent a record that cannot be queued (shape, dtype, metadata)."""

@@ -1,0 +1,261 @@
+"""Frames out, receipts in: the device end of store-and-forward.
+
+The uplink packs the oldest queued records into frames (persisted before they
+are sent, so a restart re-sends the same upload ids), keeps up to ``window``
+frames in flight, and deletes a frame's records only when the cloud's receipt
+says they are durably in JetStream. A broker's PUBACK is not enough: a broker
+may PUBACK and later drop the message when a subscriber's queue overflows.
+
+Re-sends: a frame without a receipt after ``receipt_timeout_s`` is sent again,
+with every later frame (the cloud commits one device's frames in chain order);
+after a reconnect everything in flight is sent again, oldest first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from edge_agent import metrics
+from edge_agent.config import AgentConfig
+from edge_agent.store import AsyncQueue, FrameRows
+from edge_tier import topics
+from edge_tier.mqtt import Message, MqttBridge
+from edge_tier.wire import (
+    DeviceStatus,
+    Receipt,
+    ReceiptStatus,
+    WireError,
+    decode_receipt,
+    encode_frame_parts,
+    encode_status,
+    upload_id,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class InFlight:
+    frame: FrameRows
+    payload: bytes
+    upload_id: str
+    sent_at: float | None = None  # monotonic; None = (re)send due
+    first_sent_at: float | None = None
+    hold: bool = False  # the cloud said GAP: wait for an older frame's receipt
+    sends: int = 0
+
+
+class Uplink:
+    def __init__(self, config: AgentConfig, queue: AsyncQueue, mqtt: MqttBridge) -> None:
+        self.cfg = config.uplink
+        self.tenant = config.device.tenant
+        self.device = config.device.device
+        self.queue = queue
+        self.store = queue.store
+        self.mqtt = mqtt
+        self.up_topic = topics.mqtt_topic(self.tenant, self.device, "up")
+        self.receipt_topic = topics.mqtt_topic(self.tenant, self.device, "receipt")
+        self.status_topic = topics.mqtt_topic(self.tenant, self.device, "status")
+        self.in_flight: dict[int, InFlight] = {}
+        self._wake = asyncio.Event()
+        self._session = 0
+        self.model_version: str | None = None
+        queue.on_commit.append(self._wake.set)
+
+    # -- tasks ------------------------------------------------------------
+
+    async def run(self) -> None:
+        for frame in await self.queue.call(self.store.open_frames):
+            self.in_flight[frame.first_seq] = await self._prepare(frame)
+        if self.in_flight:
+            log.info("resuming %d frames that were in flight before the restart", len(self.in_flight))
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._send_loop(), name="uplink-send")
+            tg.create_task(self._receipt_loop(), name="uplink-receipts")
+            tg.create_task(self._status_loop(), name="uplink-status")
+
+    async def _send_loop(self) -> None:
+        while True:
+            if not self.mqtt.connected.is_set():
+                await self.mqtt.connected.wait()
+            if self.mqtt.connections != self._session:
+                self._session = self.mqtt.connections
+                for f in self.in_flight.values():
+                    f.sent_at = None
+                    f.hold = False
+                await self.publish_status()
+            self._send_due()
+            while len(self.in_flight) < self.cfg.window and self.store.has_unframed:
+                frame = await self.queue.call(
+                    self.store.next_frame, self.cfg.frame_max_records, self.cfg.frame_max_bytes
+                )
+                if frame is None:
+                    break
+                f = await self._prepare(frame)
+                self.in_flight[frame.first_seq] = f
+                self._send(f)
+            self._expire()
+            metrics.FRAMES_IN_FLIGHT.set(len(self.in_flight))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._next_deadline())
+
+    async def _receipt_loop(self) -> None:
+        while True:
+            msg: Message = await self.mqtt.messages.get()
+            if msg.topic != self.receipt_topic:
+                continue
+            try:
+                receipt = decode_receipt(msg.payload)
+            except WireError as e:
+                log.warning("ignoring a malformed receipt on %s: %s", msg.topic, e)
+                continue
+            await self.handle_receipt(receipt)
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.status_interval_s)
+            if self.mqtt.connected.is_set():
+                await self.publish_status()
+
+    # -- frames -----------------------------------------------------------
+
+    async def _prepare(self, frame: FrameRows) -> InFlight:
+        payload = await self.queue.call(self._encode, frame)
+        return InFlight(frame, payload, upload_id(self.tenant, self.device, frame.first_seq, frame.last_seq))
+
+    def _encode(self, frame: FrameRows) -> bytes:
+        k = frame.kind
+        return encode_frame_parts(
+            tenant=self.tenant,
+            device=self.device,
+            prev_seq=frame.prev_seq,
+            stream=k.stream,
+            model=k.model,
+            model_version=k.model_version,
+            schema_version=k.schema_version,
+            created_ms=time.time_ns() // 1_000_000,
+            dtype=k.dtype,
+            dim=k.dim,
+            seqs=frame.seqs,
+            scores=frame.scores,
+            times_ms=frame.times_ms,
+            feature_blobs=frame.features,
+            scale=k.scale,
+            meta=frame.meta,
+            compress=self.cfg.compress,
+        )
+
+    def _send(self, f: InFlight) -> None:
+        if not self.mqtt.publish(self.up_topic, f.payload, qos=1):
+            f.sent_at = None  # no session right now; the reconnect re-sends it
+            return
+        now = time.monotonic()
+        f.sent_at = now
+        f.first_sent_at = f.first_sent_at or now
+        f.sends += 1
+        metrics.FRAMES_SENT.inc()
+        metrics.BYTES_SENT.inc(len(f.payload))
+        if f.sends > 1:
+            metrics.FRAMES_RESENT.inc()
+            log.info("re-sent upload %s (send %d)", f.upload_id, f.sends)
+
+    def _send_due(self) -> None:
+        for f in self.in_flight.values():
+            if f.sent_at is None and not f.hold:
+                self._send(f)
+
+    def _expire(self) -> None:
+        """No receipt in time: send that frame and every later one again, in order."""
+        now = time.monotonic()
+        expired = False
+        for f in self.in_flight.values():
+            if f.sent_at is not None and now - f.sent_at > self.cfg.receipt_timeout_s:
+                expired = True
+            if expired:
+                f.sent_at = None
+                f.hold = False
+        if expired:
+            log.warning("no receipt within %.1fs; re-sending", self.cfg.receipt_timeout_s)
+            self._send_due()
+
+    def _next_deadline(self) -> float:
+        sent = [f.sent_at for f in self.in_flight.values() if f.sent_at is not None]
+        if not sent:
+            return self.cfg.receipt_timeout_s
+        return max(0.01, min(sent) + self.cfg.receipt_timeout_s - time.monotonic())
+
+    # -- receipts ---------------------------------------------------------
+
+    async def handle_receipt(self, r: Receipt) -> None:
+        f = self.in_flight.get(r.first_seq)
+        if f is None or f.frame.last_seq != r.last_seq:
+            log.debug("receipt for %s matches nothing in flight (already done)", r.upload_id)
+            return
+        if r.status in (ReceiptStatus.COMMITTED, ReceiptStatus.DUPLICATE):
+            n = await self.queue.call(self.store.finish_frame, r.first_seq, r.last_seq)
+            self._done(r.first_seq)
+            metrics.DELIVERED.inc(n)
+            if f.first_sent_at is not None:
+                metrics.RECEIPT_LATENCY.observe(time.monotonic() - f.first_sent_at)
+        elif r.status is ReceiptStatus.REJECTED:
+            log.error(
+                "cloud rejected upload %s (%s); its %d records are dropped and counted as 'rejected'",
+                r.upload_id, r.reason, len(f.frame.seqs),
+            )
+            await self.queue.call(self.store.finish_frame, r.first_seq, r.last_seq, "rejected")
+            self._done(r.first_seq)
+        elif r.status is ReceiptStatus.GAP:
+            await self._on_gap(f, r)
+        await self.queue.notify_room()
+
+    def _done(self, first_seq: int) -> None:
+        self.in_flight.pop(first_seq, None)
+        for other in self.in_flight.values():
+            if other.hold:
+                other.hold = False
+                other.sent_at = None
+        self._wake.set()
+
+    async def _on_gap(self, f: InFlight, r: Receipt) -> None:
+        oldest = next(iter(self.in_flight.values()))
+        expected = r.expected_prev or 0
+        if f is oldest and expected < f.frame.prev_seq:
+            # Nothing older is left here, so the cloud lost its record of our
+            # chain (e.g. its state was wiped): join the chain where it is.
+            log.warning(
+                "cloud expects prev %d for %s but our chain says %d; re-chaining",
+                expected, f.upload_id, f.frame.prev_seq,
+            )
+            await self.queue.call(self.store.set_frame_prev, f.frame.first_seq, expected)
+            f.frame.prev_seq = expected
+            f.payload = await self.queue.call(self._encode, f.frame)
+            f.sent_at = None
+        else:
+            f.hold = True
+            f.sent_at = None
+        self._wake.set()
+
+    # -- status -----------------------------------------------------------
+
+    async def publish_status(self, state: str = "online") -> None:
+        st = await self.queue.call(self.store.stats)
+        metrics.observe_queue(st)
+        status = DeviceStatus(
+            state=state,  # type: ignore[arg-type]
+            ts_ms=time.time_ns() // 1_000_000,
+            backlog_records=st.records,
+            backlog_bytes=st.bytes,
+            oldest_age_s=st.as_dict()["oldest_age_s"],
+            evictions=st.evictions,
+            last_receipt_ms=st.last_receipt_ms,
+            model_version=self.model_version,
+        )
+        self.mqtt.publish(self.status_topic, encode_status(status), qos=1, retain=True)
+
+    def offline_status(self) -> bytes:
+        return encode_status(DeviceStatus(state="offline", ts_ms=time.time_ns() // 1_000_000))

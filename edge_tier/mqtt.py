@@ -1,0 +1,240 @@
+"""The one bridge between paho-mqtt's threads and asyncio.
+
+paho runs in a thread of ours (``client.loop()``), so that reconnects use
+exponential backoff with full jitter (paho's own reconnect has no jitter, and a
+fleet reconnecting in lock-step after a broker restart is a thundering herd).
+Everything paho reports is handed to the event loop with
+``call_soon_threadsafe``; everything the loop asks of paho (publish, ack) is
+thread-safe in paho.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+
+class MqttSettings(BaseModel):
+    """Broker connection settings, shared by the agent and the cloud services."""
+
+    model_config = {"extra": "forbid"}
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    version: Literal["3.1.1", "5"] = "5"
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    # TLS: a CA file turns TLS on; a client cert/key adds mutual TLS.
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_insecure: bool = False
+    backoff_min_s: float = Field(0.2, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    # Persistent session (QoS1 messages queued by the broker while we are away).
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    retain: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class MqttBridge:
+    """A paho client driven by its own thread, seen from asyncio.
+
+    ``messages`` receives every inbound PUBLISH; ``connected`` is set while a
+    session is up and ``connections`` counts the sessions begun, so callers can
+    tell that a reconnect happened and re-send what was in flight.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        client_id: str,
+        subscriptions: list[tuple[str, int]] | None = None,
+        will: Will | None = None,
+        manual_ack: bool = False,
+        clean: bool = False,
+        max_inflight: int = 64,
+        name: str = "mqtt",
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.subscriptions = list(subscriptions or [])
+        self.name = name
+        self.messages: asyncio.Queue[Message] = asyncio.Queue()
+        self.connected = asyncio.Event()
+        self.connections = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._stop_at = 0.0
+        self._thread: threading.Thread | None = None
+        self._state_changed = asyncio.Event()
+        v5 = settings.version == "5"
+        self._v5 = v5
+        self._clean = clean
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if v5 else clean,
+            manual_ack=manual_ack,
+        )
+        self.client.max_inflight_messages_set(max_inflight)
+        self.client.max_queued_messages_set(0)
+        if settings.username is not None:
+            self.client.username_pw_set(settings.username, settings.password)
+        if settings.tls_ca:
+            self.client.tls_set(
+                ca_certs=settings.tls_ca,
+                certfile=settings.tls_cert,
+                keyfile=settings.tls_key,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            self.client.tls_insecure_set(settings.tls_insecure)
+        if will is not None:
+            self.client.will_set(will.topic, will.payload, will.qos, will.retain)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # -- paho thread side -------------------------------------------------
+
+    def _call(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(fn, *args)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        if reason_code.is_failure:
+            log.warning("%s: broker refused connection: %s", self.name, reason_code)
+            return
+        for topic, qos in self.subscriptions:
+            client.subscribe(topic, qos)
+        self._call(self._set_connected, True)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        self._call(self._set_connected, False)
+
+    def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:  # type: ignore[no-untyped-def]
+        m = Message(msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain))
+        self._call(self.messages.put_nowait, m)
+
+    def _connect_props(self) -> Properties | None:
+        if not self._v5:
+            return None
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 0 if self._clean else self.settings.session_expiry_s
+        return props
+
+    def _run(self) -> None:
+        s = self.settings
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                if self._v5:
+                    self.client.connect(
+                        s.host, s.port, s.keepalive_s,
+                        clean_start=self._clean, properties=self._connect_props(),
+                    )
+                else:
+                    self.client.connect(s.host, s.port, s.keepalive_s)
+            except (OSError, ssl.SSLError) as e:
+                attempt += 1
+                self._backoff(attempt, f"connect to {s.host}:{s.port} failed: {e}")
+                continue
+            began = time.monotonic()
+            # Runs until the session ends; on stop() the DISCONNECT is sent and
+            # the loop ends on its own (with a deadline should the socket hang).
+            while self.client.loop(timeout=0.05) == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                if self._stop.is_set() and time.monotonic() - self._stop_at > 2.0:
+                    break
+            self._call(self._set_connected, False)
+            if self._stop.is_set():
+                break
+            # A session that lasted a while resets the backoff.
+            attempt = 1 if time.monotonic() - began > s.backoff_max_s else attempt + 1
+            self._backoff(attempt, f"connection to {s.host}:{s.port} lost")
+
+    def _backoff(self, attempt: int, why: str) -> None:
+        s = self.settings
+        cap = min(s.backoff_max_s, s.backoff_min_s * 2 ** min(attempt, 20))
+        delay = random.uniform(s.backoff_min_s, cap)  # full jitter
+        log.info("%s: %s; retrying in %.2fs", self.name, why, delay)
+        self._stop.wait(delay)
+
+    # -- asyncio side -----------------------------------------------------
+
+    def _set_connected(self, up: bool) -> None:
+        if up and not self.connected.is_set():
+            self.connections += 1
+            self.connected.set()
+            log.info("%s: connected to %s:%s", self.name, self.settings.host, self.settings.port)
+        elif not up and self.connected.is_set():
+            self.connected.clear()
+            log.warning("%s: disconnected", self.name)
+        self._state_changed.set()
+
+    async def wait_state_change(self) -> None:
+        self._state_changed.clear()
+        await self._state_changed.wait()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name=f"{self.name}-paho", daemon=True)
+        self._thread.start()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        """Queue a PUBLISH; False when there is no session (the caller re-sends later)."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def ack(self, msg: Message) -> None:
+        if msg.qos > 0:
+            self.client.ack(msg.mid, msg.qos)
+
+    async def stop(self, final: tuple[str, bytes, bool] | None = None) -> None:
+        """Disconnect cleanly, optionally after one last publish (topic, payload, retain)."""
+        if final is not None and self.connected.is_set():
+            info = self.client.publish(final[0], final[1], qos=1, retain=final[2])
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(info.wait_for_publish, 2.0)
+        self._stop_at = time.monotonic()
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self.client.disconnect()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5.0)
+        self.connected.clear()

@@ -1,0 +1,54 @@
+"""The topic and subject scheme, in one place (see docs/topics.md).
+
+MQTT:  et/{tenant}/{device}/{up|receipt|status|control|results}
+NATS:  et.features.{tenant}.{device}   (stream ET_FEATURES)
+       et.dlq.{source}.{tenant}.{device} (stream ET_DEADLETTER)
+Ids are restricted (see ``wire.validate_id``) so they are safe in both schemes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+ROOT = "et"
+Channel = Literal["up", "receipt", "status", "control", "results"]
+CHANNELS: tuple[str, ...] = ("up", "receipt", "status", "control", "results")
+
+
+def mqtt_topic(tenant: str, device: str, channel: Channel) -> str:
+    return f"{ROOT}/{tenant}/{device}/{channel}"
+
+
+def mqtt_filter(channel: Channel, tenant: str = "+", device: str = "+") -> str:
+    return f"{ROOT}/{tenant}/{device}/{channel}"
+
+
+def parse_mqtt_topic(topic: str) -> tuple[str, str, str]:
+    """``et/T/D/channel`` -> (T, D, channel); ValueError for anything else."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != ROOT or parts[3] not in CHANNELS or not parts[1] or not parts[2]:
+        raise ValueError(f"topic {topic!r} is not et/{{tenant}}/{{device}}/{{channel}}")
+    return parts[1], parts[2], parts[3]
+
+
+FEATURES_STREAM = "ET_FEATURES"
+DEADLETTER_STREAM = "ET_DEADLETTER"
+HWM_BUCKET = "et_hwm"
+
+
+def features_subject(tenant: str, device: str) -> str:
+    return f"{ROOT}.features.{tenant}.{device}"
+
+
+FEATURES_SUBJECTS = f"{ROOT}.features.>"
+
+
+def dlq_subject(source: str, tenant: str | None = None, device: str | None = None) -> str:
+    return f"{ROOT}.dlq.{source}.{tenant or '_'}.{device or '_'}"
+
+
+DLQ_SUBJECTS = f"{ROOT}.dlq.>"
+
+
+def hwm_key(tenant: str, device: str) -> str:
+    return f"{tenant}.{device}"
