@@ -124,6 +124,7 @@ class Ingest:
                 tg.create_task(self._dispatch(), name="ingest-dispatch")
                 tg.create_task(self._flush_hwm_loop(), name="ingest-hwm")
                 self.ready.set()
+                log.info("ingest ready: %s -> JetStream %s", self.subscription, topics.FEATURES_STREAM)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._flush_hwm())

@@ -45,6 +45,7 @@ class Agent:
                 tg.create_task(self.queue.run(), name="queue-commit")
                 tg.create_task(self.uplink.run(), name="uplink")
                 self.ready.set()
+                log.info("agent ready: %s/%s", dev.tenant, dev.device)
         finally:
             await self.endpoint.stop()
             with contextlib.suppress(Exception):

@@ -219,6 +219,9 @@ class BrokerProcess:
     def _command(self, exe: str) -> list[str]:
         raise NotImplementedError
 
+    def _executable(self) -> str:
+        return require_binary(self.binary)
+
     def _ports(self) -> list[int]:
         return [self.port]
 
@@ -247,7 +250,7 @@ class BrokerProcess:
         with self._lock:
             if self.running:
                 return
-            exe = require_binary(self.binary)
+            exe = self._executable()
             tries = 3 if self._auto_ports and self.starts == 0 else 1
             for attempt in range(tries):
                 try:

@@ -117,8 +117,7 @@ def validate_id(kind: str, value: str) -> str:
     """Return ``value`` if it is a valid ``kind`` id (tenant, device, stream), else WireError."""
     if not isinstance(value, str) or _ID_RE.fullmatch(value) is None:
         raise WireError(
-            f"{kind} id {_short(value)}: only letters, digits, '_' and '-' allowed "
-            f"(1..{ID_MAX_LEN} chars)"
+            f"{kind} id {_short(value)}: only letters, digits, '_' and '-' allowed (1..{ID_MAX_LEN} chars)"
         )
     return value
 
@@ -506,9 +505,7 @@ def _encode(
         bad = np.flatnonzero(seqs[1:] <= seqs[:-1])
         if bad.size:
             i = int(bad[0]) + 1
-            raise WireError(
-                f"seqs[{i}] = {int(seqs[i])} not > seqs[{i - 1}]: must strictly increase"
-            )
+            raise WireError(f"seqs[{i}] = {int(seqs[i])} not > seqs[{i - 1}]: must strictly increase")
     first, last = int(seqs[0]), int(seqs[-1])
     _check_chain(n, first, last, prev_seq)
     finite = np.isfinite(scores)
@@ -634,12 +631,10 @@ def encode_frame_parts(
         raise WireError(f"dtype {dtype!r}: unknown") from exc
     n = len(feature_blobs)
     row = _check_uint("dim", dim, _U32_MAX) * dtype.itemsize
-    # set(map(len)) runs in C; only walk the blobs in Python to name the bad one.
-    if n and set(map(len, feature_blobs)) != {row}:
+    # map(len)/count run in C; only walk the blobs in Python to name the bad one.
+    if list(map(len, feature_blobs)).count(row) != n:
         i = next(i for i, b in enumerate(feature_blobs) if len(b) != row)
-        raise WireError(
-            f"feature_blobs[{i}]: {len(feature_blobs[i])} bytes, expected dim*itemsize = {row}"
-        )
+        raise WireError(f"feature_blobs[{i}]: {len(feature_blobs[i])} bytes, expected dim*itemsize = {row}")
     return _encode(
         tenant=tenant,
         device=device,
@@ -697,9 +692,7 @@ def _check_prefix(mv: memoryview) -> None:
             UnsupportedVersion,
         )
     if len(mv) < HEADER_FIXED_SIZE:
-        raise WireError(
-            f"frame truncated: {len(mv)} bytes, fixed header needs {HEADER_FIXED_SIZE}", offset=0
-        )
+        raise WireError(f"frame truncated: {len(mv)} bytes, fixed header needs {HEADER_FIXED_SIZE}", offset=0)
 
 
 def _parse_header(mv: memoryview) -> FrameHeader:
@@ -745,13 +738,9 @@ def _parse_header(mv: memoryview) -> FrameHeader:
     strings_len = sum(str_lens)
     expected_header_len = _align8(HEADER_FIXED_SIZE + strings_len)
     if header_len != expected_header_len:
-        raise _hdr_error(
-            "header_len", f"{header_len}, but string lengths imply {expected_header_len}"
-        )
+        raise _hdr_error("header_len", f"{header_len}, but string lengths imply {expected_header_len}")
     if len(mv) < header_len:
-        raise WireError(
-            f"frame truncated: {len(mv)} bytes, header needs {header_len}", offset=len(mv)
-        )
+        raise WireError(f"frame truncated: {len(mv)} bytes, header needs {header_len}", offset=len(mv))
     values: list[str] = []
     off = HEADER_FIXED_SIZE
     for name, length in zip(_STRING_FIELDS, str_lens, strict=True):
@@ -879,9 +868,7 @@ def _decode_meta(raw: bytes | memoryview, n: int, where: str) -> tuple[dict[str,
     return tuple(items)
 
 
-def decode_frame(
-    data: bytes | bytearray | memoryview, *, limits: FrameLimits = FrameLimits()
-) -> Frame:
+def decode_frame(data: bytes | bytearray | memoryview, *, limits: FrameLimits = FrameLimits()) -> Frame:
     """Strictly parse a frame. Arrays are read-only views into ``data`` (or into the
     decompressed body). Raises only WireError (and its subclasses), for any input."""
     mv = _as_view(data)
@@ -921,9 +908,7 @@ def decode_frame(
     if h.dim > limits.max_dim:
         raise _hdr_error("dim", f"{h.dim}, limit is {limits.max_dim}", FrameTooLarge)
     if h.meta_len > limits.max_meta_bytes:
-        raise _hdr_error(
-            "meta_len", f"{h.meta_len} bytes, limit is {limits.max_meta_bytes}", FrameTooLarge
-        )
+        raise _hdr_error("meta_len", f"{h.meta_len} bytes, limit is {limits.max_meta_bytes}", FrameTooLarge)
     raw_len = h.raw_body_len
     # The hard cap keeps zlib's max_length within a C ssize_t whatever limits say.
     if raw_len > min(limits.max_body_bytes, _HARD_MAX_BODY):
@@ -1048,8 +1033,7 @@ class Receipt(BaseModel):
         _, _, first, last = parse_upload_id(self.upload_id)
         if (first, last) != (self.first_seq, self.last_seq):
             raise ValueError(
-                f"upload_id range {first}-{last} != first_seq/last_seq "
-                f"{self.first_seq}-{self.last_seq}"
+                f"upload_id range {first}-{last} != first_seq/last_seq {self.first_seq}-{self.last_seq}"
             )
         if self.status is ReceiptStatus.GAP and self.expected_prev is None:
             raise ValueError("a gap receipt needs expected_prev")
@@ -1084,9 +1068,7 @@ def _decode_json_model(cls: type[_M], data: bytes | bytearray | memoryview | str
     try:
         return cls.model_validate_json(data)
     except ValidationError as exc:
-        errs = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:5]
-        )
+        errs = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:5])
         raise WireError(f"invalid {cls.__name__}: {errs}") from exc
 
 

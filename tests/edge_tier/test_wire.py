@@ -491,6 +491,18 @@ def test_encode_frame_parts_rejects_bad_blobs() -> None:
     kw["dtype"] = 9
     with pytest.raises(WireError, match="dtype"):
         encode_frame_parts(**kw)
+    for name, value in [
+        ("seqs", [10, 11, "12"]),
+        ("seqs", [10, 11, 2**64]),
+        ("scores", [0.1, "x", 0.3]),
+        ("times_ms", [1, 2, 3.5]),
+        ("scale", "big"),
+        ("feature_blobs", []),
+    ]:
+        kw = parts_kwargs(make_frame(3, 4))
+        kw[name] = value
+        with pytest.raises(WireError, match=name.rstrip("s") if name != "feature_blobs" else None):
+            encode_frame_parts(**kw)
     kw = parts_kwargs(make_frame(3, 4))
     kw["seqs"] = [10, 11, -12]
     with pytest.raises(WireError, match="seqs"):
@@ -743,6 +755,9 @@ def test_decode_rejects_non_bytes() -> None:
             decode_frame(bad)  # type: ignore[arg-type]
         with pytest.raises(WireError):
             peek_header(bad)  # type: ignore[arg-type]
+    strided = memoryview(bytearray(SMALL * 2))[::2]
+    with pytest.raises(WireError, match="contiguous"):
+        decode_frame(strided)
     released = memoryview(SMALL)
     released.release()
     with pytest.raises(WireError):

@@ -1,0 +1,63 @@
+"""Run edge-tier's own services as child processes (tests, demo, benchmarks).
+
+They reuse the broker process machinery: a working directory with the config
+(TOML) and log, readiness by a log line plus a listening port, and SIGTERM /
+SIGKILL / restart for fault injection.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from edge_tier.brokers import BrokerProcess
+
+
+class ServiceProcess(BrokerProcess):
+    module = ""
+
+    def __init__(self, workdir: Path | str, config: dict[str, Any], *, name: str, port: int | None = None):
+        self.name = name
+        super().__init__(workdir, port)
+        self.config = config
+        self._bind_port(self.port)
+
+    def _bind_port(self, port: int) -> None:
+        """Put the port that readiness waits for into the config."""
+
+    def _executable(self) -> str:
+        return sys.executable
+
+    def _write_config(self) -> None:
+        self._bind_port(self.port)
+        self.config_path.write_bytes(tomli_w.dumps(self.config).encode())
+
+    def _command(self, exe: str) -> list[str]:
+        return [exe, "-m", self.module, "run", "--config", str(self.config_path)]
+
+
+class AgentProcess(ServiceProcess):
+    """``edge-agent run``; its port is the local enqueue endpoint."""
+
+    module = "edge_agent.cli"
+    _ready_marker = "agent ready:"
+
+    def _bind_port(self, port: int) -> None:
+        self.config.setdefault("endpoint", {})["port"] = port
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class IngestProcess(ServiceProcess):
+    """``cloud-ingest run``; its port is the Prometheus metrics port."""
+
+    module = "cloud_ingest.cli"
+    _ready_marker = "ingest ready"
+
+    def _bind_port(self, port: int) -> None:
+        self.config.setdefault("ingest", {})["metrics_port"] = port

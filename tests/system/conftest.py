@@ -1,0 +1,256 @@
+"""Helpers for whole-pipeline tests: agent and ingest as real child processes.
+
+The brokers come from ``tests/conftest.py``; here are the services on top of
+them, a producer that records which seqs the agent acknowledged, and readers
+that return every seq JetStream holds (with repeats, so duplicates show).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_tier import topics
+from edge_tier.brokers import Mosquitto, NatsServer
+from edge_tier.services import AgentProcess, IngestProcess
+from edge_tier.wire import decode_frame
+
+TENANT, DEVICE = "acme", "press-7"
+DIM = 16
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def agent_config(workdir: Path, mqtt_port: int, **sections: dict[str, Any]) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "log_level": "INFO",
+        "device": {"tenant": TENANT, "device": DEVICE},
+        "mqtt": {"port": mqtt_port, "backoff_min_s": 0.05, "backoff_max_s": 0.5},
+        "store": {"path": str(workdir / "queue.db"), "budget_bytes": 16 * 1024 * 1024},
+        "uplink": {"frame_max_records": 100, "frame_max_bytes": 256 * 1024, "window": 4,
+                   "receipt_timeout_s": 2.0, "status_interval_s": 0.5},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def ingest_config(mqtt_port: int, nats_url: str, **sections: dict[str, Any]) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "log_level": "INFO",
+        "mqtt": {"port": mqtt_port, "backoff_min_s": 0.05, "backoff_max_s": 0.5},
+        "nats": {"servers": [nats_url]},
+        "ingest": {"publish_timeout_s": 2.0},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+@dataclass
+class Producer:
+    """Enqueues records over the agent's HTTP endpoint and remembers what was acknowledged."""
+
+    port: int
+    acked: list[int] = field(default_factory=list)
+    attempted: int = 0
+    errors: int = 0
+
+    def post(self, n: int, *, score: float | None = None, seed: int = 0) -> tuple[int, int] | None:
+        rng = np.random.default_rng(seed)
+        body = {
+            "stream": "vibration",
+            "records": [
+                {"features": rng.standard_normal(DIM).round(4).tolist(),
+                 "score": float(rng.random()) if score is None else score}
+                for _ in range(n)
+            ],
+        }
+        self.attempted += n
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("POST", "/v1/records", json.dumps(body), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = json.loads(resp.read())
+        except (OSError, http.client.HTTPException, ValueError):
+            self.errors += 1
+            return None
+        finally:
+            conn.close()
+        if resp.status != 200:
+            self.errors += 1
+            return None
+        first, last = data["first_seq"], data["last_seq"]
+        self.acked.extend(range(first, last + 1))
+        return first, last
+
+    def run(self, batches: int, size: int, stop: threading.Event | None = None, pause: float = 0.0) -> None:
+        for i in range(batches):
+            if stop is not None and stop.is_set():
+                return
+            self.post(size, seed=i)
+            if pause:
+                time.sleep(pause)
+
+
+def agent_status(port: int) -> dict[str, Any] | None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/v1/status")
+        return json.loads(conn.getresponse().read())
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        conn.close()
+
+
+def drained(port: int) -> bool:
+    st = agent_status(port)
+    return st is not None and st["records"] == 0 and st["frames_in_flight"] == 0
+
+
+async def _stream_seqs(url: str, stream: str) -> list[int]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        try:
+            info = await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return []
+        seqs: list[int] = []
+        for s in range(info.state.first_seq, info.state.last_seq + 1):
+            try:
+                msg = await js.get_msg(stream, s)
+            except nats.js.errors.NotFoundError:
+                continue
+            assert msg.data is not None
+            seqs.extend(int(x) for x in decode_frame(msg.data).seqs)
+        return seqs
+    finally:
+        await nc.close()
+
+
+def stream_seqs(url: str, stream: str = topics.FEATURES_STREAM) -> list[int]:
+    """Every record seq in the features stream, in stream order, repeats kept."""
+    return asyncio.run(_stream_seqs(url, stream))
+
+
+async def _stream_messages(url: str, stream: str) -> list[Any]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        try:
+            info = await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return []
+        out = []
+        for s in range(info.state.first_seq, info.state.last_seq + 1):
+            try:
+                out.append(await js.get_msg(stream, s))
+            except nats.js.errors.NotFoundError:
+                continue
+        return out
+    finally:
+        await nc.close()
+
+
+def stream_messages(url: str, stream: str) -> list[Any]:
+    return asyncio.run(_stream_messages(url, stream))
+
+
+def assert_exactly_once(stored: list[int], expected: set[int]) -> None:
+    dups = len(stored) - len(set(stored))
+    assert dups == 0, f"{dups} records are in the stream more than once"
+    missing = expected - set(stored)
+    extra = set(stored) - expected
+    assert not missing, f"{len(missing)} acknowledged records never reached the stream, e.g. {sorted(missing)[:5]}"
+    assert not extra, f"{len(extra)} records in the stream were never enqueued, e.g. {sorted(extra)[:5]}"
+
+
+class RawClient:
+    """A plain paho client that speaks as a device: publishes frames, collects receipts."""
+
+    def __init__(self, port: int, tenant: str = TENANT, device: str = DEVICE) -> None:
+        self.receipts: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{tenant}-{device}")
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(topics.mqtt_topic(tenant, device, "receipt"), 1)
+        self.client.loop_start()
+        self.tenant, self.device = tenant, device
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self._cond:
+            self.receipts.append(json.loads(msg.payload))
+            self._cond.notify_all()
+
+    def publish(self, payload: bytes, topic: str | None = None) -> None:
+        info = self.client.publish(topic or topics.mqtt_topic(self.tenant, self.device, "up"), payload, qos=1)
+        info.wait_for_publish(5)
+
+    def wait_receipts(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: len(self.receipts) >= n, timeout)
+        assert ok, f"expected {n} receipts, got {len(self.receipts)}: {self.receipts}"
+        return list(self.receipts)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@dataclass
+class Pipeline:
+    mosquitto: Mosquitto
+    nats: NatsServer
+    agent: AgentProcess
+    ingest: IngestProcess
+    producer: Producer
+
+    def wait_drained(self, timeout: float = 60.0) -> None:
+        wait_until(lambda: drained(self.agent.port), timeout, "the agent's queue to drain")
+
+
+@pytest.fixture
+def make_pipeline(
+    tmp_path: Path, mosquitto: Mosquitto, nats_server: NatsServer
+) -> Iterator[Callable[..., Pipeline]]:
+    """Build agent + ingest processes on fresh brokers; options per section."""
+    started: list[Any] = []
+
+    def make(agent: dict[str, Any] | None = None, ingest: dict[str, Any] | None = None,
+             start: bool = True) -> Pipeline:
+        a = AgentProcess(tmp_path / "agent", agent_config(tmp_path / "agent", mosquitto.port, **(agent or {})),
+                         name="edge-agent")
+        i = IngestProcess(tmp_path / "ingest", ingest_config(mosquitto.port, nats_server.url, **(ingest or {})),
+                          name="cloud-ingest")
+        started.extend([a, i])
+        if start:
+            i.start(timeout=20)
+            a.start(timeout=20)
+        return Pipeline(mosquitto, nats_server, a, i, Producer(a.port))
+
+    yield make
+    for p in started:
+        p.stop()
