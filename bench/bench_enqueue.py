@@ -234,7 +234,13 @@ async def _run_async(
 
 
 def bench_ours_async(
-    work: Workload, n: int, base: Path | None, keep: bool, *, producers: int, batch: int,
+    work: Workload,
+    n: int,
+    base: Path | None,
+    keep: bool,
+    *,
+    producers: int,
+    batch: int,
     commit_window_ms: float,
 ) -> Result:
     """``AsyncQueue``: ``producers`` tasks, each awaiting durable ``enqueue`` of ``batch`` records."""
@@ -249,7 +255,12 @@ def bench_ours_async(
     p50, p99 = (float(x) * 1000 for x in np.percentile(np.array(lat), [50, 99]))
     return Result(
         f"ours async, {producers} producers x {batch} rec/enqueue",
-        n, secs, mode, commits=commits, p50_ms=p50, p99_ms=p99,
+        n,
+        secs,
+        mode,
+        commits=commits,
+        p50_ms=p50,
+        p99_ms=p99,
         note=f"window {commit_window_ms:g} ms, {n / max(commits, 1):.0f} rec/commit",
     )
 
@@ -282,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_enqueue", description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=50_000, help="records for our contenders (50000)")
     ap.add_argument(
-        "--baseline-records", type=int, default=10_000,
+        "--baseline-records",
+        type=int,
+        default=10_000,
         help="records for naive and persist-queue, which commit per record (10000)",
     )
     ap.add_argument("--producers", type=int, default=64, help="concurrent producers for ours async (64)")
@@ -310,12 +323,30 @@ def main(argv: list[str] | None = None) -> int:
         ("naive", lambda: bench_naive(work, n_base, args.dir, args.keep)),
         ("persist-queue", lambda: bench_persist_queue(work, n_base, args.dir, args.keep)),
         ("ours sync", lambda: bench_ours_sync(work, n_ours, args.dir, args.keep)),
-        ("ours async x1", lambda: bench_ours_async(
-            work, n_ours, args.dir, args.keep, producers=args.producers, batch=1,
-            commit_window_ms=args.commit_window_ms)),
-        (f"ours async x{args.batch}", lambda: bench_ours_async(
-            work, n_ours, args.dir, args.keep, producers=args.producers, batch=args.batch,
-            commit_window_ms=args.commit_window_ms)),
+        (
+            "ours async x1",
+            lambda: bench_ours_async(
+                work,
+                n_ours,
+                args.dir,
+                args.keep,
+                producers=args.producers,
+                batch=1,
+                commit_window_ms=args.commit_window_ms,
+            ),
+        ),
+        (
+            f"ours async x{args.batch}",
+            lambda: bench_ours_async(
+                work,
+                n_ours,
+                args.dir,
+                args.keep,
+                producers=args.producers,
+                batch=args.batch,
+                commit_window_ms=args.commit_window_ms,
+            ),
+        ),
     ]
     results: list[Result | Skipped] = []
     for label, fn in runs:
@@ -350,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             "record_bytes": DIM * 4,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "results": [
-                {**asdict(r), "records_per_s": r.rate} if isinstance(r, Result)
+                {**asdict(r), "records_per_s": r.rate}
+                if isinstance(r, Result)
                 else {**asdict(r), "skipped": True}
                 for r in results
             ],

@@ -12,13 +12,15 @@ fault-inject on them.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
 from edge_tier.brokers import BrokerError, BrokerProcess, Mosquitto, NatsServer, require_binary
+from edge_tier.services import AgentProcess, IngestProcess
+from tests.support import Pipeline, Producer, agent_config, ingest_config
 
 B = TypeVar("B", bound=BrokerProcess)
 
@@ -104,3 +106,27 @@ def nats_mqtt_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nats
     """One nats-server with JetStream and the MQTT listener for the whole session."""
     workdir = tmp_path_factory.mktemp("nats-mqtt-session")
     yield from _run(NatsServer(workdir, mqtt_port=0))
+
+
+@pytest.fixture
+def make_pipeline(
+    tmp_path: Path, mosquitto: Mosquitto, nats_server: NatsServer
+) -> Iterator[Callable[..., Pipeline]]:
+    """Agent + ingest child processes on this test's brokers; options per config section."""
+    started: list[Any] = []
+
+    def make(agent: dict[str, Any] | None = None, ingest: dict[str, Any] | None = None,
+             start: bool = True) -> Pipeline:
+        a = AgentProcess(tmp_path / "agent", agent_config(tmp_path / "agent", mosquitto.port, **(agent or {})),
+                         name="edge-agent")
+        i = IngestProcess(tmp_path / "ingest", ingest_config(mosquitto.port, nats_server.url, **(ingest or {})),
+                          name="cloud-ingest")
+        started.extend([a, i])
+        if start:
+            i.start(timeout=20)
+            a.start(timeout=20)
+        return Pipeline(mosquitto, nats_server, a, i, Producer(a.port))
+
+    yield make
+    for p in started:
+        p.stop()

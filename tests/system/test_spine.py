@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 
-from tests.system.conftest import (
+from tests.support import (
     Pipeline,
     agent_status,
     assert_exactly_once,

@@ -1,4 +1,4 @@
-"""Helpers for whole-pipeline tests: agent and ingest as real child processes.
+"""Helpers for pipeline tests: agent and ingest as real child processes, producers, readers.
 
 The brokers come from ``tests/conftest.py``; here are the services on top of
 them, a producer that records which seqs the agent acknowledged, and readers
@@ -12,7 +12,7 @@ import http.client
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ from typing import Any
 import nats
 import numpy as np
 import paho.mqtt.client as paho
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_tier import topics
@@ -137,6 +136,8 @@ async def _stream_seqs(url: str, stream: str) -> list[int]:
             info = await js.stream_info(stream)
         except nats.js.errors.NotFoundError:
             return []
+        if info.state.messages == 0:
+            return []
         seqs: list[int] = []
         for s in range(info.state.first_seq, info.state.last_seq + 1):
             try:
@@ -162,6 +163,8 @@ async def _stream_messages(url: str, stream: str) -> list[Any]:
         try:
             info = await js.stream_info(stream)
         except nats.js.errors.NotFoundError:
+            return []
+        if info.state.messages == 0:
             return []
         out = []
         for s in range(info.state.first_seq, info.state.last_seq + 1):
@@ -230,27 +233,3 @@ class Pipeline:
 
     def wait_drained(self, timeout: float = 60.0) -> None:
         wait_until(lambda: drained(self.agent.port), timeout, "the agent's queue to drain")
-
-
-@pytest.fixture
-def make_pipeline(
-    tmp_path: Path, mosquitto: Mosquitto, nats_server: NatsServer
-) -> Iterator[Callable[..., Pipeline]]:
-    """Build agent + ingest processes on fresh brokers; options per section."""
-    started: list[Any] = []
-
-    def make(agent: dict[str, Any] | None = None, ingest: dict[str, Any] | None = None,
-             start: bool = True) -> Pipeline:
-        a = AgentProcess(tmp_path / "agent", agent_config(tmp_path / "agent", mosquitto.port, **(agent or {})),
-                         name="edge-agent")
-        i = IngestProcess(tmp_path / "ingest", ingest_config(mosquitto.port, nats_server.url, **(ingest or {})),
-                          name="cloud-ingest")
-        started.extend([a, i])
-        if start:
-            i.start(timeout=20)
-            a.start(timeout=20)
-        return Pipeline(mosquitto, nats_server, a, i, Producer(a.port))
-
-    yield make
-    for p in started:
-        p.stop()

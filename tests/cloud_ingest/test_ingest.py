@@ -1,0 +1,177 @@
+"""Ingest against a device that misbehaves: raw frames from a plain MQTT client.
+
+Real mosquitto, real nats-server, ingest as a child process. Each test checks
+the receipt the device gets, what JetStream holds, and that ingest keeps going.
+"""
+
+from __future__ import annotations
+
+import http.client
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_tier import topics
+from edge_tier.services import IngestProcess
+from edge_tier.wire import Dtype, encode_frame_parts
+from tests.support import (
+    DEVICE,
+    TENANT,
+    Pipeline,
+    RawClient,
+    assert_exactly_once,
+    ingest_config,
+    stream_messages,
+    stream_seqs,
+    wait_until,
+)
+
+
+def frame(first: int, n: int, prev: int, *, tenant: str = TENANT, device: str = DEVICE, dim: int = 8) -> bytes:
+    seqs = list(range(first, first + n))
+    rng = np.random.default_rng(first)
+    return encode_frame_parts(
+        tenant=tenant, device=device, prev_seq=prev, stream="vibration", model="pf", model_version="1",
+        schema_version=1, created_ms=int(time.time() * 1000), dtype=Dtype.FLOAT32, dim=dim, seqs=seqs,
+        scores=[0.5] * n, times_ms=[int(time.time() * 1000)] * n,
+        feature_blobs=[rng.standard_normal(dim).astype("<f4").tobytes() for _ in range(n)],
+    )
+
+
+@pytest.fixture
+def ingest_only(make_pipeline):
+    def make(**ingest: Any) -> Pipeline:
+        p: Pipeline = make_pipeline(ingest=ingest, start=False)
+        p.ingest.start(timeout=20)
+        return p
+    return make
+
+
+def statuses(client: RawClient) -> list[str]:
+    return [r["status"] for r in client.receipts]
+
+
+def test_frames_commit_in_chain_order_and_gaps_are_answered(ingest_only) -> None:
+    p = ingest_only()
+    c = RawClient(p.mosquitto.port)
+    c.publish(frame(101, 10, prev=100))  # fresh device, chain starts at 100? no: prev must be <= mark (0)
+    c.publish(frame(1, 10, prev=0))
+    c.publish(frame(11, 10, prev=10))
+    c.publish(frame(101, 10, prev=100))  # still ahead of the mark (20)
+    rs = c.wait_receipts(4)
+    assert [r["status"] for r in rs] == ["gap", "committed", "committed", "gap"]
+    assert rs[0]["expected_prev"] == 0 and rs[3]["expected_prev"] == 20
+    assert_exactly_once(stream_seqs(p.nats.url), set(range(1, 21)))
+    c.close()
+
+
+def test_resend_is_dropped_inside_and_after_the_duplicate_window(ingest_only) -> None:
+    p = ingest_only(streams={"duplicate_window_s": 1})
+    c = RawClient(p.mosquitto.port)
+    f1 = frame(1, 10, prev=0)
+    c.publish(f1)
+    c.publish(f1)  # inside the window
+    c.wait_receipts(2)
+    time.sleep(1.5)
+    c.publish(f1)  # after the window: only the high-water mark can catch it
+    rs = c.wait_receipts(3)
+    assert statuses(c) == ["committed", "duplicate", "duplicate"], rs
+    assert stream_seqs(p.nats.url) == list(range(1, 11))
+    c.close()
+
+
+def test_mark_survives_the_stream_losing_the_devices_messages(ingest_only) -> None:
+    """Retention may age a device's frames out; the KV copy of the mark still stops re-sends."""
+    import asyncio
+
+    import nats
+
+    p = ingest_only(streams={"duplicate_window_s": 1})
+    c = RawClient(p.mosquitto.port)
+    c.publish(frame(1, 10, prev=0))
+    c.wait_receipts(1)
+    time.sleep(1.0)  # > hwm_flush_s, and past the duplicate window
+
+    async def purge() -> None:
+        nc = await nats.connect(p.nats.url)
+        await nc.jetstream().purge_stream(topics.FEATURES_STREAM)
+        await nc.close()
+
+    asyncio.run(purge())
+    p.ingest.kill()  # forget the cached mark too
+    p.ingest.start(timeout=20)
+    c.publish(frame(1, 10, prev=0))
+    c.wait_receipts(2)
+    assert statuses(c) == ["committed", "duplicate"]
+    assert stream_seqs(p.nats.url) == []
+    c.close()
+
+
+def test_bad_frames_go_to_the_dead_letter_stream_and_ingest_keeps_going(ingest_only) -> None:
+    p = ingest_only(ingest={"max_frame_bytes": 64 * 1024})
+    c = RawClient(p.mosquitto.port)
+    good = frame(1, 10, prev=0)
+    corrupt = bytearray(frame(1, 10, prev=0))
+    corrupt[200] ^= 0xFF  # in the body: header still readable -> REJECTED receipt
+    c.publish(b"\x00garbage\xff" * 10)
+    c.publish(bytes(corrupt))
+    c.publish(frame(1, 3000, prev=0, dim=8))  # ~ 120 KB > 64 KiB limit
+    c.publish(frame(1, 10, prev=0, device="someone-else"))  # topic says press-7
+    c.publish(good)
+    rs = c.wait_receipts(3)  # corrupt -> rejected, oversize -> rejected, good -> committed
+    assert [r["status"] for r in rs] == ["rejected", "rejected", "committed"], rs
+    assert "checksum" in rs[0]["reason"].lower() or "crc" in rs[0]["reason"].lower()
+    assert "limit" in rs[1]["reason"].lower() or "large" in rs[1]["reason"].lower()
+    dlq = stream_messages(p.nats.url, topics.DEADLETTER_STREAM)
+    reasons = [m.headers["Et-Reason"] for m in dlq]
+    assert len(dlq) == 4, reasons
+    assert any("someone-else" in r for r in reasons), "topic/frame mismatch must be dead-lettered"
+    assert all(m.headers["Et-Topic"] == topics.mqtt_topic(TENANT, DEVICE, "up") for m in dlq)
+    assert dlq[0].data.startswith(b"\x00garbage"), "the raw bytes are kept for inspection"
+    assert stream_seqs(p.nats.url) == list(range(1, 11))
+    assert p.ingest.running
+    c.close()
+
+
+def test_a_device_cannot_commit_for_another(ingest_only) -> None:
+    p = ingest_only()
+    mallory = RawClient(p.mosquitto.port, device="mallory")
+    victim = RawClient(p.mosquitto.port)  # press-7, listening for its receipts
+    mallory.publish(frame(1, 10, prev=0), topic=topics.mqtt_topic(TENANT, "mallory", "up"))
+    time.sleep(1.0)
+    assert victim.receipts == [] and mallory.receipts == []
+    assert stream_seqs(p.nats.url) == []
+    assert len(stream_messages(p.nats.url, topics.DEADLETTER_STREAM)) == 1
+    mallory.close()
+    victim.close()
+
+
+def _committed(port: int) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/metrics")
+    body = conn.getresponse().read().decode()
+    conn.close()
+    for line in body.splitlines():
+        if line.startswith('et_ingest_frames_total{outcome="committed"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_two_ingest_processes_share_the_load_exactly_once(make_pipeline, tmp_path) -> None:
+    p: Pipeline = make_pipeline(agent={"uplink": {"frame_max_records": 25, "window": 8}})
+    second = IngestProcess(
+        tmp_path / "ingest2",
+        ingest_config(p.mosquitto.port, p.nats.url, ingest={"instance": "1", "publish_timeout_s": 2.0}),
+        name="cloud-ingest-2",
+    )
+    second.start(timeout=20)
+    try:
+        p.producer.run(batches=20, size=100)
+        p.wait_drained()
+        assert_exactly_once(stream_seqs(p.nats.url), set(p.producer.acked))
+        wait_until(lambda: _committed(second.port) > 0 and _committed(p.ingest.port) > 0, 5,
+                   "both ingest processes to have committed frames")
+    finally:
+        second.stop()
