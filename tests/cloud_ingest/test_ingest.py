@@ -92,13 +92,24 @@ def test_mark_survives_the_stream_losing_the_devices_messages(ingest_only) -> No
     c = RawClient(p.mosquitto.port)
     c.publish(frame(1, 10, prev=0))
     c.wait_receipts(1)
-    time.sleep(1.0)  # > hwm_flush_s, and past the duplicate window
+
+    async def mark() -> int:
+        nc = await nats.connect(p.nats.url)
+        try:
+            kv = await nc.jetstream().key_value(topics.HWM_BUCKET)
+            return int((await kv.get(topics.hwm_key(TENANT, DEVICE))).value or b"0")
+        except nats.js.errors.KeyNotFoundError:
+            return 0
+        finally:
+            await nc.close()
 
     async def purge() -> None:
         nc = await nats.connect(p.nats.url)
         await nc.jetstream().purge_stream(topics.FEATURES_STREAM)
         await nc.close()
 
+    wait_until(lambda: asyncio.run(mark()) == 10, 10, "the mark to reach the KV bucket")
+    time.sleep(1.0)  # past the duplicate window
     asyncio.run(purge())
     p.ingest.kill()  # forget the cached mark too
     p.ingest.start(timeout=20)
