@@ -8,7 +8,9 @@ restart unchanged, and a corrupt file is kept aside, never deleted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import itertools
 import logging
 import os
 import random
@@ -116,7 +118,7 @@ def test_seqs_strictly_increase_across_calls_batches_and_reopen(tmp_path: Path) 
     with opened(st) as s:
         a = ok(s.append_many([(K4, recs(2))])[0])
         ranges.append((a.first_seq, a.last_seq))
-    for (_, last), (first, _) in zip(ranges, ranges[1:], strict=False):
+    for (_, last), (first, _) in itertools.pairwise(ranges):
         assert first == last + 1, ranges
     assert handed_out == list(range(ranges[0][0], ranges[-2][1] + 1))
 
@@ -168,7 +170,7 @@ def test_seqfloor_keeps_seqs_above_a_corrupt_queue_when_the_clock_is_behind(
         assert s.stats().corrupt_resets == 1
     assert new.first_seq > last
     # the control: without the side file the clock alone would have reused numbers
-    assert 5_000_000_000 // 1000 < last
+    assert last > 5_000_000_000 // 1000
 
 
 # -- group commit -----------------------------------------------------------------------------
@@ -202,7 +204,7 @@ def test_group_commit_shares_transactions_and_gives_each_caller_its_own_range(tm
         for seq in range(r.first_seq, r.last_seq + 1):
             assert by_seq[seq] == feats(i), f"caller {i} got seq {seq} holding someone else's record"
     spans.sort()
-    for (_, last), (first, _) in zip(spans, spans[1:], strict=False):
+    for (_, last), (first, _) in itertools.pairwise(spans):
         assert first > last
     assert len(by_seq) == sum(i % 3 + 1 for i in range(50))
 
@@ -401,7 +403,7 @@ def test_next_frame_takes_seq_order_one_kind_and_respects_limits(tmp_path: Path)
         ]
         assert [f.kind for f in frames] == [K4, K4, K4, K4, K4B, K4]
         assert frames[0].prev_seq == 0
-        for prev, f in zip(frames, frames[1:], strict=False):
+        for prev, f in itertools.pairwise(frames):
             assert f.prev_seq == prev.last_seq
             assert (f.first_seq, f.last_seq) == (f.seqs[0], f.seqs[-1])
         assert all(f.nbytes == per * len(f.seqs) for f in frames)
@@ -546,10 +548,9 @@ def test_locked_queue_is_not_treated_as_corrupt(tmp_path: Path, monkeypatch: pyt
         fast.__dict__.update(vars(sqlite3))
         fast.connect = functools.partial(sqlite3.connect, timeout=0.1)  # type: ignore[attr-defined]
         monkeypatch.setattr(store_mod, "sqlite3", fast)
-        try:
+        # refusing to start is fine; moving the queue aside is not
+        with contextlib.suppress(sqlite3.OperationalError):
             Store(st).close()
-        except sqlite3.OperationalError:
-            pass  # refusing to start is fine; moving the queue aside is not
     finally:
         holder.close()
     assert not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
@@ -611,6 +612,22 @@ def test_disk_full_batch_that_can_never_fit_raises_and_loses_nothing_silently(tm
         b = ok(s.append_many([(kind, recs(5, kind=kind))])[0])
         assert b.first_seq == a.last_seq + 1  # the failed batch consumed no numbers
         bookkeeping(s, 105)
+
+
+@pytest.mark.xfail(strict=True, raises=sqlite3.OperationalError, reason=(
+    "BUG: store.py append_many: on SQLITE_FULL the whole group transaction is retried once and "
+    "the OperationalError escapes for every batch, so one producer's oversized batch fails the "
+    "small batches grouped with it (which fit after the disk_full eviction), contrary to "
+    "'each batch gets its own result ... without failing the others'"
+))
+def test_disk_full_fails_only_the_batch_that_cannot_fit(tmp_path: Path) -> None:
+    kind = RecordKind("vib", Dtype.FLOAT32, 256)
+    with opened(settings(tmp_path, budget_bytes=64 << 20, policy="oldest")) as s:
+        ok(s.append_many([(kind, recs(300, kind=kind))])[0])
+        _fill_to_page_limit(s, 40)
+        small, huge = s.append_many([(kind, recs(5, kind=kind)), (kind, recs(2000, kind=kind))])
+        assert isinstance(ok(small), Appended)
+        assert isinstance(huge, Exception)
 
 
 def test_async_queue_reports_a_failed_commit_to_every_producer(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ printed line is an acknowledgement: what it reports must survive the kill.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
@@ -179,7 +180,8 @@ def test_frames_and_receipts_survive_kill_9(tmp_path: Path, seed: int) -> None:
         st = store.stats()
         assert st.delivered == sum(n for *_, n in done) + (len(maybe) if not maybe & present else 0)
 
-        frames = store.db.execute("SELECT first_seq, last_seq, prev_seq, n FROM frames ORDER BY first_seq").fetchall()
+        frames = store.db.execute(
+            "SELECT first_seq, last_seq, prev_seq, n FROM frames ORDER BY first_seq").fetchall()
         chain_last = store.db.execute("SELECT value FROM meta WHERE key='chain_last'").fetchone()[0]
         covered: set[int] = set()
         for first, last, prev, n in frames:
@@ -190,7 +192,7 @@ def test_frames_and_receipts_survive_kill_9(tmp_path: Path, seed: int) -> None:
             if first in framed:
                 assert framed[first][1:] == (last, prev), "a frame changed across the kill"
             assert (first, last) not in {(d[0], d[1]) for d in done}
-        for (_, last, _, _), (_, _, prev, _) in zip(frames, frames[1:], strict=False):
+        for (_, last, _, _), (_, _, prev, _) in itertools.pairwise(frames):
             assert prev == last, "the frame chain is broken"
         # every printed frame that was not finished is still there
         finished_firsts = {d[0] for d in done} | {p[0] for p in pending}
