@@ -26,7 +26,7 @@ from edge_agent import metrics
 from edge_agent.config import AgentConfig
 from edge_agent.errors import BadRecord, QueueFull, StoreError
 from edge_agent.store import AsyncQueue, NewRecord, RecordKind
-from edge_tier.wire import Dtype, WireError, validate_id
+from edge_tier.wire import Dtype, WireError, check_kind, check_meta
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +42,47 @@ def _problem(status: int, title: str, detail: str, **headers: str) -> web.Respon
     )
 
 
-def _kind(stream: Any, dtype: Any, dim: int, body: dict[str, Any]) -> RecordKind:
-    if not isinstance(stream, str):
-        raise BadRecord("'stream' must be a string")
-    try:
-        validate_id("stream", stream)
-    except WireError as e:
-        raise BadRecord(str(e)) from None
-    if dtype not in _DTYPES:
-        raise BadRecord(f"'dtype' must be one of {sorted(_DTYPES)}, not {dtype!r}")
+def _field(body: dict[str, Any], name: str, types: type | tuple[type, ...], default: Any) -> Any:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise BadRecord(f"{name!r} must be {_TYPE_NAMES.get(types, 'of another type')}, not {value!r:.40}")
+    return value
+
+
+_TYPE_NAMES: dict[Any, str] = {str: "a string", int: "an integer", (int, float): "a number"}
+
+
+def _kind(body: dict[str, Any], dim: int) -> RecordKind:
+    """What the request's records share; refused here if a frame header could not carry it."""
     if not 1 <= dim <= 65536:
         raise BadRecord(f"'dim' must be 1..65536, not {dim}")
-    return RecordKind(
-        stream=stream,
+    dtype = body.get("dtype", "float32")
+    if dtype not in _DTYPES:
+        raise BadRecord(f"'dtype' must be one of {sorted(_DTYPES)}, not {dtype!r:.40}")
+    kind = RecordKind(
+        stream=_field(body, "stream", str, None),
         dtype=_DTYPES[dtype],
         dim=dim,
-        model=str(body.get("model", "")),
-        model_version=str(body.get("model_version", "")),
-        schema_version=int(body.get("schema_version", 1)),
-        scale=float(body.get("scale", 1.0)),
+        model=_field(body, "model", str, ""),
+        model_version=_field(body, "model_version", str, ""),
+        schema_version=_field(body, "schema_version", int, 1),
+        scale=float(_field(body, "scale", (int, float), 1.0)),
     )
+    try:
+        check_kind(stream=kind.stream, model=kind.model, model_version=kind.model_version,
+                   schema_version=kind.schema_version, dtype=kind.dtype, dim=dim, scale=kind.scale)
+    except (WireError, OverflowError) as e:
+        raise BadRecord(str(e)) from None
+    return kind
+
+
+def _score(i: int, value: Any) -> float:
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError
+        return float(value)
+    except (ValueError, OverflowError):
+        raise BadRecord(f"records[{i}].score must be a finite number, not {value!r:.40}") from None
 
 
 class Endpoint:
@@ -135,7 +156,7 @@ class Endpoint:
         first = recs[0].get("features") if isinstance(recs[0], dict) else None
         if not isinstance(first, list) or not first:
             raise BadRecord("records[0].features must be a non-empty list of numbers")
-        kind = _kind(body.get("stream"), body.get("dtype", "float32"), len(first), body)
+        kind = _kind(body, len(first))
         out = []
         for i, r in enumerate(recs):
             if not isinstance(r, dict):
@@ -143,15 +164,21 @@ class Endpoint:
             feats = r.get("features")
             if not isinstance(feats, list) or len(feats) != kind.dim:
                 raise BadRecord(f"records[{i}].features must be a list of {kind.dim} numbers")
+            for j, x in enumerate(feats):
+                if isinstance(x, bool) or not isinstance(x, int | float):
+                    raise BadRecord(f"records[{i}].features[{j}] must be a number, not {x!r:.40}")
             try:
                 arr = np.asarray(feats, dtype=kind.dtype.np_dtype)
             except (TypeError, ValueError, OverflowError) as e:
                 raise BadRecord(f"records[{i}].features: {e}") from None
-            score = r.get("score", 1.0)
-            if not isinstance(score, int | float) or isinstance(score, bool) or not math.isfinite(score):
-                raise BadRecord(f"records[{i}].score must be a finite number")
-            out.append(NewRecord(arr.tobytes(), float(score), self._meta(i, r.get("meta")),
-                                 r.get("created_ms") if isinstance(r.get("created_ms"), int) else None))
+            if kind.dtype is not Dtype.INT8 and not np.isfinite(arr).all():
+                raise BadRecord(f"records[{i}].features: values must be finite in {kind.dtype.name.lower()}")
+            created = r.get("created_ms")
+            if created is not None and (isinstance(created, bool) or not isinstance(created, int)
+                                        or not 0 <= created < 2**63):
+                raise BadRecord(f"records[{i}].created_ms must be milliseconds since the epoch")
+            out.append(NewRecord(arr.tobytes(), _score(i, r.get("score", 1.0)), self._meta(i, r.get("meta")),
+                                 created))
         return kind, out
 
     def _meta(self, i: int, meta: Any) -> dict[str, Any] | None:
@@ -167,14 +194,23 @@ class Endpoint:
                 )
             if not isinstance(v, _SCALARS):
                 raise BadRecord(f"records[{i}].meta[{k!r}] must be a string, number, boolean or null")
+        try:
+            check_meta(meta)
+        except WireError as e:
+            raise BadRecord(f"records[{i}].meta: {e}") from None
         return meta
 
     def _parse_binary(self, q: Any, data: bytes) -> tuple[RecordKind, list[NewRecord]]:
+        body: dict[str, Any] = dict(q)
         try:
             dim = int(q.get("dim", ""))
+            for name, conv in (("schema_version", int), ("scale", float)):
+                if name in body:
+                    body[name] = conv(body[name])
         except ValueError:
-            raise BadRecord("query parameter 'dim' (an integer) is required") from None
-        kind = _kind(q.get("stream"), q.get("dtype", "float32"), dim, dict(q))
+            raise BadRecord("query parameters 'dim' (required) and 'schema_version' must be integers, "
+                            "'scale' a number") from None
+        kind = _kind(body, dim)
         rb = kind.record_bytes
         n, rest = divmod(len(data), 4 + rb)
         if rest or n == 0:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 ROW_OVERHEAD = 64  # bytes charged per record on top of its payload: row header, index entries
 SEQ_FLOOR_STEP = 1 << 20  # the side file is rewritten once per this many sequence numbers
+CORRUPTION_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -172,10 +173,7 @@ class Store:
         self._kinds: dict[RecordKind, int] = {}
         self._kinds_by_id: dict[int, RecordKind] = {}
         if readonly:
-            if not self.path.exists():
-                raise StoreError(f"{self.path}: no queue file")
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
-            self._load_kinds()
+            self._open_readonly()
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = self._open_checked()
@@ -196,10 +194,23 @@ class Store:
         db.execute("PRAGMA journal_size_limit=4194304")
         return db
 
+    def _open_readonly(self) -> None:
+        if not self.path.exists():
+            raise StoreError(f"{self.path}: no queue file")
+        try:
+            self.db = sqlite3.connect(
+                self.path.absolute().as_uri() + "?mode=ro", uri=True, isolation_level=None
+            )
+            self._load_kinds()
+            self.db.execute("SELECT count(*) FROM records").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: cannot read the queue: {e}") from None
+
     def _open_checked(self) -> sqlite3.Connection:
-        fresh = not self.path.exists()
-        if not fresh:
-            problem = None
+        """Open the queue; move a corrupt file aside (never delete it) and start afresh."""
+        if self.path.exists():
+            db: sqlite3.Connection | None = None
+            problem: str | None = None
             try:
                 db = self._connect()
                 rows = db.execute("PRAGMA quick_check").fetchall()
@@ -207,40 +218,55 @@ class Store:
                     problem = "; ".join(str(r[0]) for r in rows[:5])
                 else:
                     db.executescript(SCHEMA)
-                    self._check_schema(db)
-                    self.db = db
-                    self._load_kinds()
-                    return db
-                db.close()
+                    problem = self._schema_problem(db)
             except sqlite3.DatabaseError as e:
+                if sqlite3_errorcode(e) not in CORRUPTION_CODES:
+                    # Locked, unreadable, out of space...: not corruption. Refuse to
+                    # start rather than set a healthy queue aside.
+                    if db is not None:
+                        db.close()
+                    raise StoreError(f"{self.path}: cannot open the queue: {e}") from None
                 problem = str(e)
-                with contextlib.suppress(Exception):
-                    db.close()
+            if problem is None and db is not None:
+                self.db = db
+                self._load_kinds()
+                self._seed_sequence(db)
+                return db
+            if db is not None:
+                db.close()
             self._quarantine(problem or "unknown")
-            fresh = True
         db = self._connect()
         db.executescript(SCHEMA)
-        seed = max(time.time_ns() // 1000, self._read_floor())
-        with db:
-            db.execute("BEGIN IMMEDIATE")
-            db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('records', ?)", (seed,))
-            if self.corrupt_reset:
-                db.execute("INSERT INTO meta(key, value) VALUES ('corrupt_resets', 1)")
         self.db = db
+        self._seed_sequence(db)
+        if self.corrupt_reset:
+            db.execute("INSERT INTO meta(key, value) VALUES ('corrupt_resets', 1)")
         return db
 
-    def _check_schema(self, db: sqlite3.Connection) -> None:
+    def _seed_sequence(self, db: sqlite3.Connection) -> None:
+        """A queue without a sequence row (new, or emptied) starts above anything handed out."""
+        if db.execute("SELECT 1 FROM sqlite_sequence WHERE name='records'").fetchone():
+            return
+        top = db.execute("SELECT max(seq) FROM records").fetchone()[0] or 0
+        seed = max(time.time_ns() // 1000, self._read_floor(), top)
+        db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('records', ?)", (seed,))
+
+    def _schema_problem(self, db: sqlite3.Connection) -> str | None:
         cols = {r[1] for r in db.execute("PRAGMA table_info(records)")}
-        if "kind" not in cols or "nbytes" not in cols:
-            raise sqlite3.DatabaseError("records table has an unknown layout")
+        return None if {"kind", "nbytes"} <= cols else "records table has an unknown layout"
 
     def _quarantine(self, problem: str) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        base = f"{self.path}.corrupt-{stamp}"
+        n = 0
+        while any(Path(base + s).exists() for s in ("", "-wal", "-shm")):
+            n += 1
+            base = f"{self.path}.corrupt-{stamp}-{n}"
         moved = []
         for suffix in ("", "-wal", "-shm"):
             src = Path(str(self.path) + suffix)
             if src.exists():
-                dst = Path(f"{self.path}.corrupt-{stamp}{suffix}")
+                dst = Path(base + suffix)
                 os.replace(src, dst)
                 moved.append(dst.name)
         self.corrupt_reset = True
@@ -309,58 +335,85 @@ class Store:
         return kid
 
     def append_many(
-        self, batches: Sequence[tuple[RecordKind, Sequence[NewRecord]]]
+        self,
+        batches: Sequence[tuple[RecordKind, Sequence[NewRecord]]],
+        write_behind: Sequence[bool] | None = None,
     ) -> list[Appended | Exception]:
         """Append several producers' batches in ONE transaction (group commit).
 
         Each batch gets its own result: its seq range, or the exception that
-        refused it (``QueueFull`` under the block policy) without failing the others.
+        refused it (``QueueFull`` under the block policy, ``StoreError`` when
+        the disk is too full for it) without failing the others. A refused
+        batch whose producer is not waiting (``write_behind``) is counted as
+        lost, reason ``refused``: nobody else would hear of it.
         """
-        try:
-            results = self._append_txn(batches)
-        except sqlite3.OperationalError as e:
-            if sqlite3_errorcode(e) != sqlite3.SQLITE_FULL:
+        failed: dict[int, Exception] = {}
+        made_room = False
+        while True:
+            snapshot = self._snapshot()
+            results: dict[int, Appended | Exception] = {}
+            current: int | None = None
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                for i, (kind, records) in enumerate(batches):
+                    if i not in failed:
+                        current = i
+                        results[i] = self._append_one(kind, records)
+                current = None
+                results.update(failed)
+                for i, r in results.items():
+                    if isinstance(r, Exception) and write_behind is not None and write_behind[i]:
+                        kind, records = batches[i]
+                        self._count_loss("refused", len(records), len(records) * (kind.record_bytes + ROW_OVERHEAD))
+                        log.error("write-behind batch of %d records refused: %s", len(records), r)
+                self.db.execute("COMMIT")
+                break
+            except sqlite3.OperationalError as e:
+                # SQLite may roll a transaction back by itself on SQLITE_FULL, so the
+                # whole group is redone: once after making room, then without the
+                # batch that still does not fit.
+                self._rollback(snapshot)
+                if sqlite3_errorcode(e) != sqlite3.SQLITE_FULL or current is None:
+                    raise
+                if not made_room:
+                    need = sum(len(r) * (k.record_bytes + ROW_OVERHEAD) for k, r in batches) * 2
+                    self._make_room_on_disk(max(need, 256 * 1024))
+                    made_room = True
+                else:
+                    failed[current] = StoreError(
+                        f"{self.path}: disk full: a batch of {len(batches[current][1])} records does not "
+                        "fit even after evicting by policy"
+                    )
+            except BaseException:
+                self._rollback(snapshot)
                 raise
-            # The disk filled before the budget did: free pages inside the file
-            # (SQLite reuses them) by the eviction policy, counted, and retry once.
-            need = sum(len(b[1]) for b in batches) * (batches[0][0].record_bytes + ROW_OVERHEAD) * 2
-            freed = self._evict_for_disk(max(need, 256 * 1024))
-            log.error("disk full while writing %s; evicted %d records to make room", self.path, freed)
-            results = self._append_txn(batches)
         self.commits += 1
         if self._next_seq + SEQ_FLOOR_STEP // 2 > self._floor_written:
             self._write_floor(self._next_seq + SEQ_FLOOR_STEP)
-        return results
+        return [results[i] for i in range(len(batches))]
 
-    def _append_txn(
-        self, batches: Sequence[tuple[RecordKind, Sequence[NewRecord]]]
-    ) -> list[Appended | Exception]:
-        results: list[Appended | Exception] = []
-        next_seq0, bytes0, kinds0 = self._next_seq, self._bytes, dict(self._kinds)
+    def _snapshot(self) -> tuple[int, int, dict[RecordKind, int]]:
+        return self._next_seq, self._bytes, dict(self._kinds)
+
+    def _rollback(self, snap: tuple[int, int, dict[RecordKind, int]]) -> None:
+        if self.db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+        self._next_seq, self._bytes, self._kinds = snap[0], snap[1], dict(snap[2])
+        self._kinds_by_id = {v: k for k, v in self._kinds.items()}
+
+    def _make_room_on_disk(self, nbytes: int) -> None:
+        """The disk filled before the budget did: evict by policy (counted as ``disk_full``);
+        SQLite reuses the freed pages."""
+        snap = self._snapshot()
         try:
             self.db.execute("BEGIN IMMEDIATE")
-            for kind, records in batches:
-                results.append(self._append_one(kind, records))
+            freed = self._evict(nbytes, "disk_full")
             self.db.execute("COMMIT")
         except BaseException:
-            with contextlib.suppress(Exception):
-                self.db.execute("ROLLBACK")
-            self._next_seq, self._bytes = next_seq0, bytes0
-            self._kinds = kinds0
-            self._kinds_by_id = {v: k for k, v in kinds0.items()}
+            self._rollback(snap)
             raise
-        return results
-
-    def _evict_for_disk(self, nbytes: int) -> int:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            count = self._evict(nbytes, "disk_full")
-            self.db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.db.execute("ROLLBACK")
-            raise
-        return count
+        log.error("disk full while writing %s; evicted %d records to make room", self.path, freed)
 
     def _append_one(self, kind: RecordKind, records: Sequence[NewRecord]) -> Appended | Exception:
         if not records:
@@ -584,6 +637,7 @@ class _Pending:
     kind: RecordKind
     records: Sequence[NewRecord]
     future: asyncio.Future[Appended]
+    write_behind: bool = False
 
 
 class AsyncQueue:
@@ -618,10 +672,11 @@ class AsyncQueue:
         deadline = time.monotonic() + self.settings.block_timeout_s
         while True:
             fut: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
-            self._pending.append(_Pending(kind, records, fut))
+            write_behind = not durable and self._pending_records < self.settings.commit_max_records
+            self._pending.append(_Pending(kind, records, fut, write_behind))
             self._pending_records += len(records)
             self._wake.set()
-            if not durable and self._pending_records < self.settings.commit_max_records:
+            if write_behind:
                 fut.add_done_callback(_log_write_behind_failure)
                 return None
             try:
@@ -662,7 +717,11 @@ class AsyncQueue:
         if not batch:
             return
         work = asyncio.ensure_future(
-            self.call(self.store.append_many, [(p.kind, p.records) for p in batch])
+            self.call(
+                self.store.append_many,
+                [(p.kind, p.records) for p in batch],
+                [p.write_behind for p in batch],
+            )
         )
         try:
             try:

@@ -70,7 +70,9 @@ class Uplink:
 
     async def run(self) -> None:
         for frame in await self.queue.call(self.store.open_frames):
-            self.in_flight[frame.first_seq] = await self._prepare(frame)
+            prepared = await self._prepare(frame)
+            if prepared is not None:
+                self.in_flight[frame.first_seq] = prepared
         if self.in_flight:
             log.info("resuming %d frames that were in flight before the restart", len(self.in_flight))
         async with asyncio.TaskGroup() as tg:
@@ -96,8 +98,9 @@ class Uplink:
                 if frame is None:
                     break
                 f = await self._prepare(frame)
-                self.in_flight[frame.first_seq] = f
-                self._send(f)
+                if f is not None:
+                    self.in_flight[frame.first_seq] = f
+                    self._send(f)
             self._expire()
             metrics.FRAMES_IN_FLIGHT.set(len(self.in_flight))
             self._wake.clear()
@@ -124,9 +127,18 @@ class Uplink:
 
     # -- frames -----------------------------------------------------------
 
-    async def _prepare(self, frame: FrameRows) -> InFlight:
-        payload = await self.queue.call(self._encode, frame)
-        return InFlight(frame, payload, upload_id(self.tenant, self.device, frame.first_seq, frame.last_seq))
+    async def _prepare(self, frame: FrameRows) -> InFlight | None:
+        uid = upload_id(self.tenant, self.device, frame.first_seq, frame.last_seq)
+        try:
+            payload = await self.queue.call(self._encode, frame)
+        except WireError as e:
+            # The endpoint refuses what cannot be encoded, so this is a bug or a damaged
+            # queue; dropping the frame (counted) beats blocking the queue behind it.
+            log.error("upload %s cannot be encoded (%s); its %d records are dropped as 'unencodable'",
+                      uid, e, len(frame.seqs))
+            await self.queue.call(self.store.finish_frame, frame.first_seq, frame.last_seq, "unencodable")
+            return None
+        return InFlight(frame, payload, uid)
 
     def _encode(self, frame: FrameRows) -> bytes:
         k = frame.kind

@@ -6,6 +6,7 @@ Env wins over the file so that one bundle can be adjusted per host
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,10 +40,16 @@ class ServiceSettings(BaseSettings):
 S = TypeVar("S", bound=ServiceSettings)
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err: ValidationError, env_prefix: str) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        # Name the environment variable when one holds the value (it wins over the file).
+        for depth in range(len(e["loc"]), 0, -1):
+            var = (env_prefix + "__".join(str(p) for p in e["loc"][:depth])).upper()
+            if var in os.environ:
+                where += f" (from ${var})"
+                break
         lines.append(f"  {where}: {e['msg']}")
     return "\n".join(lines)
 
@@ -65,4 +72,5 @@ def load_config(cls: type[S], path: str | Path | None) -> S:
     try:
         return cls(**data)
     except ValidationError as e:
-        raise ConfigError(f"{where}: invalid config:\n{_describe(e)}") from None
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        raise ConfigError(f"{where}: invalid config:\n{_describe(e, prefix)}") from None

@@ -395,6 +395,34 @@ def _check_scale(dtype: Dtype, scale: float) -> None:
         raise WireError(f"scale {scale!r}: must be 1.0 for {dtype.name.lower()} features")
 
 
+def check_kind(
+    *, stream: str, model: str, model_version: str, schema_version: int, dtype: Dtype, dim: int,
+    scale: float, limits: FrameLimits | None = None,
+) -> None:
+    """What one frame's records share must fit a frame header; WireError says which field.
+
+    The device checks this when records arrive, so that nothing it accepts can
+    later fail to encode (a frame that cannot be encoded would block its queue).
+    """
+    validate_id("stream", stream)
+    _validate_printable("model", model)
+    _validate_printable("model_version", model_version)
+    _check_uint("schema_version", schema_version, 0xFFFF)
+    max_dim = (limits or FrameLimits()).max_dim
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= max_dim:
+        raise WireError(f"dim {dim!r}: must be 1..{max_dim}")
+    _check_scale(Dtype(dtype), float(scale))
+
+
+def check_meta(item: Mapping[str, MetaValue]) -> None:
+    """One record's metadata must be a flat object of strict-JSON scalars."""
+    _check_meta_item(0, item)
+    try:
+        json.dumps(item, allow_nan=False)
+    except (ValueError, TypeError) as exc:
+        raise WireError(f"meta not encodable as strict JSON: {exc}", field="meta") from exc
+
+
 def _check_chain(n: int, first: int, last: int, prev: int) -> None:
     if first > last or last - first < n - 1:
         raise WireError(f"seq range {first}-{last} cannot hold {n} strictly increasing seqs")

@@ -150,11 +150,6 @@ def test_budget_must_hold_twice_the_send_window(tmp_path: Path) -> None:
     assert load_agent_config(p).store.budget_bytes == need
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG (minor): edge_tier/config.py load_config blames the file for every validation error; "
-    "a bad EDGE_AGENT_* value is reported as '<file>: invalid config' without naming the "
-    "environment variable that actually holds it"
-))
 def test_bad_env_value_names_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     p = write(tmp_path, "[store]\npolicy = 'oldest'\n")
     monkeypatch.setenv("EDGE_AGENT_STORE__BUDGET_BYTES", "-5")
@@ -284,11 +279,6 @@ def test_status_with_a_bad_config_exits_2(
         assert needle in captured.err
 
 
-@pytest.mark.xfail(strict=True, raises=sqlite3.DatabaseError, reason=(
-    "BUG: store.py Store.__init__(readonly=True) raises sqlite3.DatabaseError for a damaged "
-    "queue file; edge_agent/cli.py main only catches ConfigError/AgentError, so 'edge-agent "
-    "status' crashes with a traceback instead of exit code 2 and a message"
-))
 def test_status_on_a_damaged_queue_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "q.db"
     db.write_bytes(b"this is not a database" * 1000)
