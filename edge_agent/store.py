@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from edge_agent.config import EvictionPolicy, StoreSettings
 from edge_agent.errors import QueueFull, StoreError
-from edge_tier.wire import Dtype
+from edge_tier.wire import Dtype, WireError, check_kind
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,8 @@ class Store:
                 for i, r in results.items():
                     if isinstance(r, Exception) and write_behind is not None and write_behind[i]:
                         kind, records = batches[i]
-                        self._count_loss("refused", len(records), len(records) * (kind.record_bytes + ROW_OVERHEAD))
+                        nbytes = len(records) * (kind.record_bytes + ROW_OVERHEAD)
+                        self._count_loss("refused", len(records), nbytes)
                         log.error("write-behind batch of %d records refused: %s", len(records), r)
                 self.db.execute("COMMIT")
                 break
@@ -418,19 +419,29 @@ class Store:
     def _append_one(self, kind: RecordKind, records: Sequence[NewRecord]) -> Appended | Exception:
         if not records:
             return Appended(0, 0, 0)
+        if kind not in self._kinds:
+            # Whatever is queued must encode as a frame later, or it would block the queue.
+            try:
+                check_kind(stream=kind.stream, model=kind.model, model_version=kind.model_version,
+                           schema_version=kind.schema_version, dtype=kind.dtype, dim=kind.dim,
+                           scale=kind.scale)
+            except WireError as e:
+                return StoreError(f"stream {kind.stream!r}: {e}")
         size = kind.record_bytes
         rows = []
         seq = self._next_seq
         added = 0
         ts = now_ms()
-        kid = None
         for r in records:
             if len(r.features) != size:
                 return StoreError(
                     f"record {len(rows)} of stream {kind.stream!r}: {len(r.features)} feature bytes, "
                     f"expected {size} ({kind.dim} x {kind.dtype.name.lower()})"
                 )
-            meta = json.dumps(r.meta, separators=(",", ":")) if r.meta else None
+            try:
+                meta = json.dumps(r.meta, separators=(",", ":"), allow_nan=False) if r.meta else None
+            except (TypeError, ValueError) as e:
+                return StoreError(f"record {len(rows)} of stream {kind.stream!r}: metadata: {e}")
             nbytes = size + (len(meta) if meta else 0) + ROW_OVERHEAD
             added += nbytes
             rows.append((seq, r.created_ms or ts, r.score, r.features, meta, nbytes))
@@ -566,7 +577,7 @@ class Store:
     def set_frame_prev(self, first_seq: int, prev_seq: int) -> None:
         self.db.execute("UPDATE frames SET prev_seq=? WHERE first_seq=?", (prev_seq, first_seq))
 
-    def finish_frame(self, first_seq: int, last_seq: int, *, loss_reason: str | None = None) -> int:
+    def finish_frame(self, first_seq: int, last_seq: int, loss_reason: str | None = None) -> int:
         """Remove a frame's records: delivered (receipt) or, with a reason, counted as lost."""
         self.db.execute("BEGIN IMMEDIATE")
         try:

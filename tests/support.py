@@ -75,13 +75,15 @@ class Producer:
     attempted: int = 0
     errors: int = 0
 
-    def post(self, n: int, *, score: float | None = None, seed: int = 0) -> tuple[int, int] | None:
+    def post(self, n: int, *, score: float | None = None, seed: int = 0,
+             meta: dict[str, Any] | None = None) -> tuple[int, int] | None:
         rng = np.random.default_rng(seed)
         body = {
             "stream": "vibration",
             "records": [
                 {"features": rng.standard_normal(DIM).round(4).tolist(),
-                 "score": float(rng.random()) if score is None else score}
+                 "score": float(rng.random()) if score is None else score,
+                 **({"meta": meta} if meta else {})}
                 for _ in range(n)
             ],
         }
@@ -103,11 +105,12 @@ class Producer:
         self.acked.extend(range(first, last + 1))
         return first, last
 
-    def run(self, batches: int, size: int, stop: threading.Event | None = None, pause: float = 0.0) -> None:
+    def run(self, batches: int, size: int, stop: threading.Event | None = None, pause: float = 0.0,
+            seed_base: int = 0) -> None:
         for i in range(batches):
             if stop is not None and stop.is_set():
                 return
-            self.post(size, seed=i)
+            self.post(size, seed=seed_base + i)
             if pause:
                 time.sleep(pause)
 

@@ -15,6 +15,7 @@ from tests.support import (
     Pipeline,
     agent_status,
     assert_exactly_once,
+    stream_messages,
     stream_seqs,
     wait_until,
 )
@@ -153,3 +154,47 @@ def test_corrupt_queue_is_moved_aside_and_the_agent_starts(make_pipeline, tmp_pa
     p.producer.run(batches=3, size=100)
     p.wait_drained()
     assert_exactly_once(stream_seqs(p.nats.url), set(p.producer.acked))
+
+
+def test_a_damaged_frame_is_dropped_counted_and_does_not_block_the_queue(make_pipeline, tmp_path) -> None:
+    p: Pipeline = make_pipeline()
+    p.mosquitto.stop()  # nothing may leave before the damage
+    p.producer.run(batches=2, size=100)
+    p.agent.kill()
+    p.mosquitto.restart()
+    # Damage the queue behind the agent's back: one kind's scale no frame header can carry.
+    db = sqlite3.connect(tmp_path / "agent" / "queue.db")
+    db.execute("UPDATE kinds SET scale = 2.0")
+    db.commit()
+    db.close()
+    damaged = set(p.producer.acked)
+    p.agent.start(timeout=20)
+    p.producer.acked.clear()
+    p.producer.run(batches=2, size=100, seed_base=100)  # a new kind row: scale 1.0 again
+    p.wait_drained()
+    st = agent_status(p.agent.port)
+    assert st is not None and st["evictions"].get("unencodable") == len(damaged)
+    assert "cannot be encoded" in p.agent.log_path.read_text()
+    assert_exactly_once(stream_seqs(p.nats.url), set(p.producer.acked))
+
+
+def test_rejected_frames_are_counted_and_the_chain_recovers(make_pipeline) -> None:
+    """Ingest refuses the big frames (size limit): the device drops and counts them, re-chains, goes on."""
+    p: Pipeline = make_pipeline(
+        agent={"uplink": {"frame_max_records": 40, "window": 2}},
+        ingest={"ingest": {"max_frame_bytes": 4096}},
+    )
+    p.mosquitto.pause()  # let both batches queue up so the frames are cut as intended
+    big = p.producer.post(80, meta={"label": "x" * 100})
+    assert big is not None
+    rejected = set(p.producer.acked)
+    p.producer.acked.clear()
+    p.producer.run(batches=3, size=40, seed_base=10)
+    p.mosquitto.resume()
+    p.wait_drained()
+    st = agent_status(p.agent.port)
+    assert st is not None and st["evictions"].get("rejected") == len(rejected) == 80
+    assert_exactly_once(stream_seqs(p.nats.url), set(p.producer.acked))
+    dlq = stream_messages(p.nats.url, "ET_DEADLETTER")
+    assert len(dlq) == 2 and all("limit" in m.headers["Et-Reason"] or "large" in m.headers["Et-Reason"]
+                                 for m in dlq)
