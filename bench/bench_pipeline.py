@@ -3,16 +3,17 @@
 Every record is 128 float32 features (512 bytes) and a float32 score. A record
 counts only once the cloud's receipt for it has reached the device and the
 device has deleted it: the figure is *records receipted per second*, from the
-first enqueue until the device's queue is empty. Both contenders run in this
-process's run, one after the other, each on a fresh pair of real brokers on
-loopback (mosquitto and ``nats-server -js``, file store) in a temp dir.
+first enqueue until the device's queue is empty. Both contenders run in the
+same invocation, one after the other, each on a fresh pair of real brokers on
+loopback (mosquitto and ``nats-server -js``, file store) in a temp dir, and
+each rate is divided by naive's.
 
 * ``ours``: the agent (``edge-agent run``) and the ingest (``cloud-ingest run``)
   as child processes, configured through their TOML config only. Load
   generator threads here POST the compact binary form
   (``application/x-edge-tier-features``, ``durable=1``) to the agent's
-  endpoint as fast as the agent answers (saturating), then wait until
-  ``GET /v1/status`` says ``records == 0`` and ``frames_in_flight == 0``.
+  endpoint as fast as the agent answers (saturating, ``--repeat`` times), then
+  wait until ``GET /v1/status`` says ``records == 0`` and ``frames_in_flight == 0``.
   At the end the ``Et-Records`` headers of the ET_FEATURES stream must add up
   to the number of records enqueued, and their seq ranges must be exactly the
   ranges the agent acknowledged (no loss, no overlap).
@@ -23,8 +24,8 @@ loopback (mosquitto and ``nats-server -js``, file store) in a temp dir.
   arrives. The ingest (a child process) is a paho subscriber that, per
   message, awaits one ``js.publish(..., headers={"Nats-Msg-Id": ...})`` and
   then publishes one receipt.
-* ``ours @ half load``: ours again with paced posters offering half the rate
-  measured by ``ours``; latency per record = time its receipt reached a paho
+* ``ours @ half load``: ours again with paced posters offering half the median
+  rate of the saturating runs; latency per record = time its receipt reached a paho
   subscriber on the device's receipt topic (in this process) minus the time
   the POST that enqueued it returned (durable). p50/p99/max reported.
 
@@ -57,7 +58,6 @@ from pathlib import Path
 from typing import Any
 
 import nats
-import nats.js.errors
 import numpy as np
 import paho.mqtt.client as paho
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
@@ -233,7 +233,7 @@ def agent_config(d: Path, mqtt_port: int, args: argparse.Namespace) -> dict[str,
             "path": str(d / "queue.db"),
             "budget_bytes": args.budget_mb * 1024 * 1024,
             "policy": args.policy,
-            "synchronous": "FULL",
+            "synchronous": args.synchronous,
             "commit_window_ms": args.commit_window_ms,
             "commit_max_records": args.commit_max_records,
         },
@@ -401,9 +401,9 @@ def record_latencies(posts: list[Post], watcher: ReceiptWatcher) -> tuple[np.nda
 
 
 def run_ours(
-    args: argparse.Namespace, *, records: int, rate: float | None, label: str
+    args: argparse.Namespace, *, records: int, rate: float | None, label: str, batch: int
 ) -> Result:
-    batch, nposters = args.batch, args.posters
+    nposters = args.posters
     posts_total = max(1, records // batch)
     records = posts_total * batch
     bodies = make_bodies(batch)
@@ -670,12 +670,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="length of the half-load run in seconds of offered load (6); 0 skips it")
     ap.add_argument("--load-fraction", type=float, default=0.5, help="offered load of the latency run (0.5)")
     ap.add_argument("--batch", type=int, default=1000, help="records per POST (1000)")
+    ap.add_argument("--latency-batch", type=int, default=0,
+                    help="records per POST in the half-load run (default: --batch)")
     ap.add_argument("--posters", type=int, default=4, help="concurrent posting threads (4)")
     ap.add_argument("--frame-records", type=int, default=4096, help="uplink.frame_max_records (4096)")
     ap.add_argument("--frame-bytes", type=int, default=4 * 1024 * 1024, help="uplink.frame_max_bytes (4 MiB)")
     ap.add_argument("--window", type=int, default=8, help="uplink.window, frames in flight (8)")
     ap.add_argument("--policy", default="oldest", choices=["oldest", "lowest_score", "block"],
                     help="store.policy (oldest)")
+    ap.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL", "EXTRA"],
+                    help="store.synchronous (FULL: survives power loss; NORMAL only for diagnosis)")
     ap.add_argument("--budget-mb", type=int, default=2048,
                     help="store.budget_bytes in MiB (2048: no eviction in these runs)")
     ap.add_argument("--commit-window-ms", type=float, default=0.0, help="store.commit_window_ms (0)")
@@ -699,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     probe = Path(args.dir or tempfile.gettempdir())
     config = {
         "uplink.frame_max_records": args.frame_records, "uplink.frame_max_bytes": args.frame_bytes,
-        "uplink.window": args.window, "store.policy": args.policy, "store.synchronous": "FULL",
+        "uplink.window": args.window, "store.policy": args.policy, "store.synchronous": args.synchronous,
         "store.budget_bytes": args.budget_mb * 1024 * 1024, "store.commit_window_ms": args.commit_window_ms,
         "store.commit_max_records": args.commit_max_records,
         "mosquitto": f"max_queued_messages {args.mosquitto_max_queued}, "
@@ -724,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.repeat):
         label = "ours (saturating)" if args.repeat == 1 else f"ours (saturating) #{i + 1}"
         print(f"# running {label} ({args.records} records) ...", file=sys.stderr, flush=True)
-        r = run_ours(args, records=args.records, rate=None, label=label)
+        r = run_ours(args, records=args.records, rate=None, label=label, batch=args.batch)
         saturating.append(r)
         print(f"#   {r.rate:,.0f} features/s", file=sys.stderr, flush=True)
     results += saturating
@@ -734,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         n = int(rate * args.latency_seconds)
         print(f"# running ours at {args.load_fraction:g} of the median max ({rate:,.0f}/s offered, "
               f"{n} records) ...", file=sys.stderr, flush=True)
-        half = run_ours(args, records=n, rate=rate, label=f"ours @ {args.load_fraction:g} load (paced)")
+        half = run_ours(args, records=n, rate=rate, label=f"ours @ {args.load_fraction:g} load (paced)",
+                        batch=args.latency_batch or args.batch)
         results.append(half)
         print(f"#   p50 {half.latency_ms['p50']:.1f} ms, p99 {half.latency_ms['p99']:.1f} ms",
               file=sys.stderr, flush=True)
@@ -776,4 +781,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print("# interrupted; every child process was stopped", file=sys.stderr)
+        raise SystemExit(130) from None
