@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from edge_agent import metrics
 from edge_agent.config import AgentConfig
 from edge_agent.errors import BadRecord, QueueFull, StoreError
-from edge_agent.store import AsyncQueue, NewRecord, RecordKind
+from edge_agent.store import AsyncQueue, NewRecord, RecordBatch, RecordKind
 from edge_tier.wire import Dtype, WireError, check_kind, check_meta
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class Endpoint:
             raise BadRecord(f"records[{i}].meta: {e}") from None
         return meta
 
-    def _parse_binary(self, q: Any, data: bytes) -> tuple[RecordKind, list[NewRecord]]:
+    def _parse_binary(self, q: Any, data: bytes) -> tuple[RecordKind, RecordBatch]:
         body: dict[str, Any] = dict(q)
         try:
             dim = int(q.get("dim", ""))
@@ -218,10 +218,10 @@ class Endpoint:
         scores = np.frombuffer(data, dtype="<f4", count=n)
         if not np.isfinite(scores).all():
             raise BadRecord("scores must be finite")
-        off = 4 * n
-        return kind, [
-            NewRecord(data[off + i * rb: off + (i + 1) * rb], float(s)) for i, s in enumerate(scores)
-        ]
+        features = memoryview(data)[4 * n:]
+        if kind.dtype is not Dtype.INT8 and not np.isfinite(np.frombuffer(features, kind.dtype.np_dtype)).all():
+            raise BadRecord(f"features must be finite {kind.dtype.name.lower()} values")
+        return kind, RecordBatch(features=bytes(features), scores=scores)
 
     async def get_status(self, request: web.Request) -> web.Response:
         st = await self.queue.call(self.queue.store.stats)

@@ -1,16 +1,23 @@
 """The device's durable queue: SQLite in WAL mode, group-committed, byte-budgeted.
 
-A record is one kept feature vector. Its sequence number is unique per device
-forever: SQLite's AUTOINCREMENT never reuses one, a new queue file starts at
-the current time in microseconds, and a small side file keeps a floor that
-survives the queue file itself (a device without a real-time clock that loses
-its queue to corruption must still not reuse a number the cloud has seen).
+A record is one kept feature vector. Records are stored column-wise in
+*chunks*: one row holds one producer batch (up to a frame's worth) with its
+seqs, scores, times, features and metadata as blobs, so the per-record cost of
+SQLite (row headers, index entries, per-row Python) is paid per batch. A chunk
+row's key is the seq of its first record when it was written; eviction may
+later remove records from inside a chunk, so its ``seqs`` blob is the truth.
 
-Records are grouped into *frames* (see ``uplink.py``) in sequence order. A
-frame's rows are persisted before it is sent, so a restart re-sends exactly
-the same uploads with the same upload ids; records in a frame are never
-evicted. Records leave the queue only by a cloud receipt (delivered), by the
-eviction policy, or by a rejection receipt; the last two are counted by reason.
+A record's sequence number is unique per device forever: it only grows, is
+persisted in the same transaction as the records, a new queue file starts at
+the current time in microseconds, and a side file keeps a floor that survives
+the queue file itself (a device without a real-time clock that loses its queue
+to corruption must still not reuse a number the cloud has seen).
+
+Chunks are grouped into *frames* (see ``uplink.py``) in seq order, whole
+chunks only. A frame is persisted before it is sent, so a restart re-sends the
+same uploads with the same upload ids; records in a frame are never evicted.
+Records leave the queue only by a cloud receipt (delivered), by the eviction
+policy, or by a rejection; the last two are counted by reason.
 
 ``Store`` is synchronous and owns the connection; ``AsyncQueue`` runs it on one
 thread of its own and batches producers' enqueues into one transaction.
@@ -20,16 +27,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
 
 from edge_agent.config import EvictionPolicy, StoreSettings
 from edge_agent.errors import QueueFull, StoreError
@@ -37,19 +47,25 @@ from edge_tier.wire import Dtype, WireError, check_kind
 
 log = logging.getLogger(__name__)
 
-ROW_OVERHEAD = 64  # bytes charged per record on top of its payload: row header, index entries
+ROW_OVERHEAD = 64  # bytes charged per record on top of its payload (seq, score, time, row share)
 SEQ_FLOOR_STEP = 1 << 20  # the side file is rewritten once per this many sequence numbers
 CORRUPTION_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+U64, F32 = np.dtype("<u8"), np.dtype("<f4")
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
-    created_ms     INTEGER NOT NULL,
+CREATE TABLE IF NOT EXISTS chunks (
+    key            INTEGER PRIMARY KEY,  -- seq of the first record when written
+    last_seq       INTEGER NOT NULL,     -- seq of the last record still held
+    n              INTEGER NOT NULL,
     kind           INTEGER NOT NULL REFERENCES kinds(id),
-    score          REAL    NOT NULL,
-    features       BLOB    NOT NULL,
-    meta           TEXT,
-    nbytes         INTEGER NOT NULL
+    created_ms     INTEGER NOT NULL,     -- oldest record's creation time
+    min_score      REAL    NOT NULL,
+    nbytes         INTEGER NOT NULL,     -- charged to the budget
+    seqs           BLOB    NOT NULL,     -- u64[n]
+    scores         BLOB    NOT NULL,     -- f32[n]
+    times          BLOB    NOT NULL,     -- u64[n], ms since the epoch
+    features       BLOB    NOT NULL,     -- n x kind's record bytes
+    meta           TEXT                  -- JSON list of n objects, or NULL
 );
 CREATE TABLE IF NOT EXISTS kinds (
     id             INTEGER PRIMARY KEY,
@@ -66,6 +82,7 @@ CREATE TABLE IF NOT EXISTS frames (
     first_seq      INTEGER PRIMARY KEY,
     last_seq       INTEGER NOT NULL,
     prev_seq       INTEGER NOT NULL,
+    chunk_lo       INTEGER NOT NULL,     -- key of its first chunk
     n              INTEGER NOT NULL,
     nbytes         INTEGER NOT NULL,
     created_ms     INTEGER NOT NULL
@@ -81,6 +98,8 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
+_CHUNK_COLS = "key, last_seq, n, kind, created_ms, min_score, nbytes, seqs, scores, times, features, meta"
+
 
 def sqlite3_errorcode(e: sqlite3.Error) -> int:
     return getattr(e, "sqlite_errorcode", -1) & 0xFF
@@ -88,6 +107,10 @@ def sqlite3_errorcode(e: sqlite3.Error) -> int:
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +138,99 @@ class NewRecord:
     created_ms: int | None = None
 
 
+@dataclass(slots=True)
+class RecordBatch:
+    """Records column-wise, as producers in a hurry hand them over (no object per record)."""
+
+    features: bytes  # n x record bytes
+    scores: np.ndarray  # float32[n]
+    meta: list[dict[str, Any]] | None = None
+    created_ms: np.ndarray | None = None  # uint64[n]; None: now
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @classmethod
+    def of(cls, records: Sequence[NewRecord] | RecordBatch, record_bytes: int) -> RecordBatch:
+        if isinstance(records, RecordBatch):
+            if len(records.features) != len(records) * record_bytes:
+                raise StoreError(
+                    f"{len(records.features)} feature bytes for {len(records)} records of "
+                    f"{record_bytes} bytes"
+                )
+            return records
+        for i, r in enumerate(records):
+            if len(r.features) != record_bytes:
+                raise StoreError(f"record {i}: {len(r.features)} feature bytes, expected {record_bytes}")
+        metas = [r.meta or {} for r in records]
+        created = [r.created_ms for r in records]
+        return cls(
+            features=b"".join(r.features for r in records),
+            scores=np.array([r.score for r in records], dtype=F32),
+            meta=metas if any(metas) else None,
+            created_ms=None if all(c is None for c in created) else np.array(
+                [c if c is not None else now_ms() for c in created], dtype=U64
+            ),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Appended:
     first_seq: int
     last_seq: int
     evicted: int  # records of the queue (possibly of this batch) evicted to make room
+
+
+@dataclass(slots=True)
+class Columns:
+    """Records of one kind, column-wise: what a chunk row or a frame holds."""
+
+    seqs: np.ndarray  # uint64[n]
+    scores: np.ndarray  # float32[n]
+    times: np.ndarray  # uint64[n]
+    features: bytes
+    meta: list[dict[str, Any]] | None
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def sizes(self, record_bytes: int) -> np.ndarray:
+        """What each record is charged against the budget."""
+        base = np.full(len(self), record_bytes + ROW_OVERHEAD, dtype=np.int64)
+        if self.meta is not None:
+            base += np.array([len(_json(m)) if m else 0 for m in self.meta], dtype=np.int64)
+        return base
+
+    def take(self, keep: np.ndarray, record_bytes: int) -> Columns:
+        feats = np.frombuffer(self.features, dtype=np.uint8).reshape(len(self), record_bytes)
+        return Columns(
+            self.seqs[keep], self.scores[keep], self.times[keep], feats[keep].tobytes(),
+            None if self.meta is None else [m for m, k in zip(self.meta, keep, strict=True) if k],
+        )
+
+    def slice(self, lo: int, hi: int, record_bytes: int) -> Columns:
+        if (lo, hi) == (0, len(self)):
+            return self
+        return Columns(
+            self.seqs[lo:hi], self.scores[lo:hi], self.times[lo:hi],
+            self.features[lo * record_bytes:hi * record_bytes],
+            None if self.meta is None else self.meta[lo:hi],
+        )
+
+    @classmethod
+    def concat(cls, parts: list[Columns]) -> Columns:
+        if len(parts) == 1:
+            return parts[0]
+        metas = None
+        if any(p.meta is not None for p in parts):
+            metas = [m for p in parts for m in (p.meta if p.meta is not None else [{}] * len(p))]
+        return cls(
+            np.concatenate([p.seqs for p in parts]),
+            np.concatenate([p.scores for p in parts]),
+            np.concatenate([p.times for p in parts]),
+            b"".join(p.features for p in parts),
+            metas,
+        )
 
 
 @dataclass(slots=True)
@@ -130,12 +241,34 @@ class FrameRows:
     last_seq: int
     prev_seq: int
     kind: RecordKind
-    seqs: list[int]
-    scores: list[float]
-    times_ms: list[int]
-    features: list[bytes]
-    meta: list[dict[str, Any]] | None
+    records: Columns
     nbytes: int
+
+    @property
+    def n(self) -> int:
+        return len(self.records)
+
+    # Per-record views, for diagnostics and tests; the uplink encodes ``records`` directly.
+    @property
+    def seqs(self) -> list[int]:
+        return self.records.seqs.tolist()
+
+    @property
+    def scores(self) -> list[float]:
+        return self.records.scores.tolist()
+
+    @property
+    def times_ms(self) -> list[int]:
+        return self.records.times.tolist()
+
+    @property
+    def features(self) -> list[bytes]:
+        rb, f = self.kind.record_bytes, self.records.features
+        return [f[i * rb:(i + 1) * rb] for i in range(self.n)]
+
+    @property
+    def meta(self) -> list[dict[str, Any]] | None:
+        return self.records.meta
 
 
 @dataclass(slots=True)
@@ -161,13 +294,26 @@ class QueueStats:
 
 
 class Store:
-    """The queue file. Not thread-safe: one thread uses it (``AsyncQueue`` sees to that)."""
+    """The queue file. Not thread-safe: one thread uses it (``AsyncQueue`` sees to that).
 
-    def __init__(self, settings: StoreSettings, *, readonly: bool = False) -> None:
+    ``chunk_max_records`` / ``chunk_max_bytes`` cap a chunk so that whole chunks
+    always fit a frame: pass the uplink's frame limits.
+    """
+
+    def __init__(
+        self,
+        settings: StoreSettings,
+        *,
+        readonly: bool = False,
+        chunk_max_records: int = 1024,
+        chunk_max_bytes: int = 1024 * 1024,
+    ) -> None:
         self.settings = settings
         self.path = Path(settings.path)
         self.floor_path = self.path.with_name(self.path.name + ".seqfloor")
         self.readonly = readonly
+        self.chunk_max_records = chunk_max_records
+        self.chunk_max_bytes = chunk_max_bytes
         self.corrupt_reset = False
         self.commits = 0  # group commits done (benchmarks and tests read it)
         self._kinds: dict[RecordKind, int] = {}
@@ -177,8 +323,8 @@ class Store:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = self._open_checked()
-        self._bytes = int(self.db.execute("SELECT total(nbytes) FROM records").fetchone()[0])
-        self._next_seq = self._read_next_seq()
+        self._bytes = int(self.db.execute("SELECT total(nbytes) FROM chunks").fetchone()[0])
+        self._next_seq = self._meta("next_seq", 1)
         self._floor_written = self._read_floor()
         self._chain_last = self._meta("chain_last", 0)
         self._sync_score_index()
@@ -202,7 +348,7 @@ class Store:
                 self.path.absolute().as_uri() + "?mode=ro", uri=True, isolation_level=None
             )
             self._load_kinds()
-            self.db.execute("SELECT count(*) FROM records").fetchone()
+            self.db.execute("SELECT count(*) FROM chunks").fetchone()
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path}: cannot read the queue: {e}") from None
 
@@ -244,16 +390,16 @@ class Store:
         return db
 
     def _seed_sequence(self, db: sqlite3.Connection) -> None:
-        """A queue without a sequence row (new, or emptied) starts above anything handed out."""
-        if db.execute("SELECT 1 FROM sqlite_sequence WHERE name='records'").fetchone():
+        """A queue without a sequence (new, or emptied) starts above anything handed out."""
+        if db.execute("SELECT 1 FROM meta WHERE key='next_seq'").fetchone():
             return
-        top = db.execute("SELECT max(seq) FROM records").fetchone()[0] or 0
-        seed = max(time.time_ns() // 1000, self._read_floor(), top)
-        db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('records', ?)", (seed,))
+        top = db.execute("SELECT max(last_seq) FROM chunks").fetchone()[0] or 0
+        seed = max(time.time_ns() // 1000, self._read_floor(), top + 1)
+        db.execute("INSERT INTO meta(key, value) VALUES ('next_seq', ?)", (seed,))
 
     def _schema_problem(self, db: sqlite3.Connection) -> str | None:
-        cols = {r[1] for r in db.execute("PRAGMA table_info(records)")}
-        return None if {"kind", "nbytes"} <= cols else "records table has an unknown layout"
+        cols = {r[1] for r in db.execute("PRAGMA table_info(chunks)")}
+        return None if {"seqs", "features", "nbytes"} <= cols else "chunks table has an unknown layout"
 
     def _quarantine(self, problem: str) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -286,18 +432,20 @@ class Store:
     def _sync_score_index(self) -> None:
         # The index only pays for itself under the score policy.
         if self.settings.policy is EvictionPolicy.LOWEST_SCORE:
-            self.db.execute("CREATE INDEX IF NOT EXISTS records_by_score ON records(score, seq)")
+            self.db.execute("CREATE INDEX IF NOT EXISTS chunks_by_score ON chunks(min_score, key)")
         else:
-            self.db.execute("DROP INDEX IF EXISTS records_by_score")
+            self.db.execute("DROP INDEX IF EXISTS chunks_by_score")
 
     def _meta(self, key: str, default: int) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return default if row is None or row[0] is None else int(row[0])
 
-    def _read_next_seq(self) -> int:
-        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()
-        top = self.db.execute("SELECT max(seq) FROM records").fetchone()[0]
-        return max(row[0] if row else 0, top or 0) + 1
+    def _set_meta(self, key: str, value: int) -> None:
+        self.db.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     def _read_floor(self) -> int:
         try:
@@ -336,16 +484,16 @@ class Store:
 
     def append_many(
         self,
-        batches: Sequence[tuple[RecordKind, Sequence[NewRecord]]],
+        batches: Sequence[tuple[RecordKind, Sequence[NewRecord] | RecordBatch]],
         write_behind: Sequence[bool] | None = None,
     ) -> list[Appended | Exception]:
         """Append several producers' batches in ONE transaction (group commit).
 
         Each batch gets its own result: its seq range, or the exception that
-        refused it (``QueueFull`` under the block policy, ``StoreError`` when
-        the disk is too full for it) without failing the others. A refused
-        batch whose producer is not waiting (``write_behind``) is counted as
-        lost, reason ``refused``: nobody else would hear of it.
+        refused it (``QueueFull`` under the block policy, ``StoreError`` for a
+        bad batch or one the full disk cannot take) without failing the others.
+        A refused batch whose producer is not waiting (``write_behind``) is
+        counted as lost, reason ``refused``: nobody else would hear of it.
         """
         failed: dict[int, Exception] = {}
         made_room = False
@@ -364,9 +512,10 @@ class Store:
                 for i, r in results.items():
                     if isinstance(r, Exception) and write_behind is not None and write_behind[i]:
                         kind, records = batches[i]
-                        nbytes = len(records) * (kind.record_bytes + ROW_OVERHEAD)
-                        self._count_loss("refused", len(records), nbytes)
-                        log.error("write-behind batch of %d records refused: %s", len(records), r)
+                        n = len(records)
+                        self._count_loss("refused", n, n * (kind.record_bytes + ROW_OVERHEAD))
+                        log.error("write-behind batch of %d records refused: %s", n, r)
+                self._set_meta("next_seq", self._next_seq)
                 self.db.execute("COMMIT")
                 break
             except sqlite3.OperationalError as e:
@@ -416,8 +565,9 @@ class Store:
             raise
         log.error("disk full while writing %s; evicted %d records to make room", self.path, freed)
 
-    def _append_one(self, kind: RecordKind, records: Sequence[NewRecord]) -> Appended | Exception:
-        if not records:
+    def _append_one(self, kind: RecordKind, records: Sequence[NewRecord] | RecordBatch) -> Appended | Exception:
+        n = len(records)
+        if not n:
             return Appended(0, 0, 0)
         if kind not in self._kinds:
             # Whatever is queued must encode as a frame later, or it would block the queue.
@@ -427,72 +577,148 @@ class Store:
                            scale=kind.scale)
             except WireError as e:
                 return StoreError(f"stream {kind.stream!r}: {e}")
-        size = kind.record_bytes
-        rows = []
-        seq = self._next_seq
-        added = 0
-        ts = now_ms()
-        for r in records:
-            if len(r.features) != size:
-                return StoreError(
-                    f"record {len(rows)} of stream {kind.stream!r}: {len(r.features)} feature bytes, "
-                    f"expected {size} ({kind.dim} x {kind.dtype.name.lower()})"
-                )
-            try:
-                meta = json.dumps(r.meta, separators=(",", ":"), allow_nan=False) if r.meta else None
-            except (TypeError, ValueError) as e:
-                return StoreError(f"record {len(rows)} of stream {kind.stream!r}: metadata: {e}")
-            nbytes = size + (len(meta) if meta else 0) + ROW_OVERHEAD
-            added += nbytes
-            rows.append((seq, r.created_ms or ts, r.score, r.features, meta, nbytes))
-            seq += 1
+        rb = kind.record_bytes
+        try:
+            batch = RecordBatch.of(records, rb)
+            cols = Columns(
+                seqs=np.arange(self._next_seq, self._next_seq + n, dtype=U64),
+                scores=np.asarray(batch.scores, dtype=F32),
+                times=(np.full(n, now_ms(), dtype=U64) if batch.created_ms is None
+                       else np.asarray(batch.created_ms, dtype=U64)),
+                features=batch.features,
+                meta=batch.meta,
+            )
+            sizes = cols.sizes(rb)
+        except (StoreError, TypeError, ValueError) as e:
+            return StoreError(f"stream {kind.stream!r}: {e} ({kind.dim} x {kind.dtype.name.lower()})")
+        if batch.meta is not None and len(batch.meta) != n:
+            return StoreError(f"stream {kind.stream!r}: {len(batch.meta)} metadata objects for {n} records")
+        added = int(sizes.sum())
         budget = self.settings.budget_bytes
         if self.settings.policy is EvictionPolicy.BLOCK and self._bytes + added > budget:
             return QueueFull(
                 f"queue {self.path} is full ({self._bytes} of {budget} bytes) and the policy is "
-                f"'block': {len(rows)} records refused"
+                f"'block': {n} records refused"
             )
         kid = self._kind_id(kind)
-        self.db.executemany(
-            "INSERT INTO records(seq, created_ms, kind, score, features, meta, nbytes) "
-            f"VALUES (?, ?, {kid}, ?, ?, ?, ?)",
-            rows,
-        )
+        # Split into chunks that a frame can always carry whole.
+        bounds = [0]
+        total = 0
+        for i, size in enumerate(sizes.tolist()):
+            if i > bounds[-1] and (i - bounds[-1] >= self.chunk_max_records
+                                   or total + size > self.chunk_max_bytes):
+                bounds.append(i)
+                total = 0
+            total += size
+        bounds.append(n)
+        rows = [
+            self._chunk_row(kid, cols.slice(lo, hi, rb), int(sizes[lo:hi].sum()))
+            for lo, hi in itertools.pairwise(bounds)
+        ]
+        self.db.executemany(f"INSERT INTO chunks({_CHUNK_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
         first = self._next_seq
-        self._next_seq = seq
+        self._next_seq += n
         self._bytes += added
-        evicted = self._evict_to_budget() if self._bytes > budget else 0
-        return Appended(first, seq - 1, evicted)
+        evicted = self._evict(self._bytes - budget, self.settings.policy.value) if self._bytes > budget else 0
+        return Appended(first, first + n - 1, evicted)
 
-    def _evict_to_budget(self) -> int:
-        """Delete unframed records by policy until the queue fits its budget; count them."""
-        return self._evict(self._bytes - self.settings.budget_bytes, self.settings.policy.value)
+    @staticmethod
+    def _chunk_row(kid: int, c: Columns, nbytes: int, key: int | None = None) -> tuple[Any, ...]:
+        return (
+            int(c.seqs[0]) if key is None else key, int(c.seqs[-1]), len(c), kid, int(c.times.min()),
+            float(c.scores.min()), nbytes, c.seqs.astype(U64).tobytes(), c.scores.astype(F32).tobytes(),
+            c.times.astype(U64).tobytes(), c.features, None if c.meta is None else _json(c.meta),
+        )
+
+    @staticmethod
+    def _columns(row: Sequence[Any]) -> Columns:
+        """A chunk row (``_CHUNK_COLS`` order) back into columns."""
+        return Columns(
+            np.frombuffer(row[7], dtype=U64), np.frombuffer(row[8], dtype=F32),
+            np.frombuffer(row[9], dtype=U64), row[10], None if row[11] is None else json.loads(row[11]),
+        )
+
+    # -- eviction ---------------------------------------------------------
 
     def _evict(self, excess: int, reason: str) -> int:
-        """Delete at least ``excess`` bytes of unframed records, in policy order; count them."""
-        policy = self.settings.policy
-        order = "score ASC, seq ASC" if policy is EvictionPolicy.LOWEST_SCORE else "seq ASC"
-        freed = count = 0
-        while freed < excess:
-            victims = self.db.execute(
-                f"SELECT seq, nbytes FROM records WHERE seq > ? ORDER BY {order} LIMIT 512",
-                (self._chain_last,),
-            ).fetchall()
-            if not victims:
-                break
-            doomed = []
-            for seq, nbytes in victims:
-                doomed.append((seq,))
-                freed += nbytes
-                count += 1
-                if freed >= excess:
-                    break
-            self.db.executemany("DELETE FROM records WHERE seq = ?", doomed)
+        """Remove at least ``excess`` bytes of unframed records, in policy order; count them."""
+        if excess <= 0:
+            return 0
+        if self.settings.policy is EvictionPolicy.LOWEST_SCORE:
+            doomed = self._pick_lowest_scores(excess)
+        else:
+            doomed = self._pick_oldest(excess)
+        count = freed = 0
+        for row, drop in doomed:
+            kind = self._kinds_by_id[row[3]]
+            cols = self._columns(row)
+            sizes = cols.sizes(kind.record_bytes)
+            count += int(drop.sum())
+            freed += int(sizes[drop].sum())
+            if drop.all():
+                self.db.execute("DELETE FROM chunks WHERE key=?", (row[0],))
+                continue
+            keep = ~drop
+            rest = cols.take(keep, kind.record_bytes)
+            new = self._chunk_row(row[3], rest, int(sizes[keep].sum()), key=row[0])
+            self.db.execute(
+                f"UPDATE chunks SET ({_CHUNK_COLS}) = (?,?,?,?,?,?,?,?,?,?,?,?) WHERE key=?", (*new, row[0])
+            )
         if count:
             self._count_loss(reason, count, freed)
             self._bytes -= freed
             log.warning("queue: evicted %d records (%d bytes), reason %s", count, freed, reason)
         return count
+
+    def _unframed(self, order: str) -> Iterator[tuple[Any, ...]]:
+        yield from self.db.execute(
+            f"SELECT {_CHUNK_COLS} FROM chunks WHERE key > ? ORDER BY {order}", (self._chain_last,)
+        )
+
+    def _pick_oldest(self, excess: int) -> list[tuple[tuple[Any, ...], np.ndarray]]:
+        picked = []
+        for row in self._unframed("key"):
+            sizes = self._columns(row).sizes(self._kinds_by_id[row[3]].record_bytes)
+            drop = np.cumsum(sizes) - sizes < excess  # records until the excess is covered
+            picked.append((row, drop))
+            excess -= int(sizes[drop].sum())
+            if excess <= 0:
+                break
+        return picked
+
+    def _pick_lowest_scores(self, excess: int) -> list[tuple[tuple[Any, ...], np.ndarray]]:
+        """The records with the lowest (score, seq) whose sizes cover ``excess``, across chunks."""
+        rows: list[tuple[Any, ...]] = []
+        scores: list[np.ndarray] = []
+        seqs: list[np.ndarray] = []
+        sizes: list[np.ndarray] = []
+        for row in self._unframed("min_score, key"):
+            if rows:
+                # Enough already among records scoring below anything not yet loaded?
+                s, z = np.concatenate(scores), np.concatenate(sizes)
+                if int(z[s < row[5]].sum()) >= excess:
+                    break
+            cols = self._columns(row)
+            rows.append(row)
+            scores.append(cols.scores)
+            seqs.append(cols.seqs)
+            sizes.append(cols.sizes(self._kinds_by_id[row[3]].record_bytes))
+        if not rows:
+            return []
+        all_scores, all_seqs, all_sizes = np.concatenate(scores), np.concatenate(seqs), np.concatenate(sizes)
+        order = np.lexsort((all_seqs, all_scores))
+        covered = np.cumsum(all_sizes[order])
+        k = int(np.searchsorted(covered, excess)) + 1
+        drop_all = np.zeros(len(all_scores), dtype=bool)
+        drop_all[order[:k]] = True
+        picked = []
+        at = 0
+        for row, sc in zip(rows, scores, strict=True):
+            drop = drop_all[at:at + len(sc)]
+            at += len(sc)
+            if drop.any():
+                picked.append((row, drop))
+        return picked
 
     def _count_loss(self, reason: str, records: int, nbytes: int) -> None:
         self.db.execute(
@@ -505,36 +731,34 @@ class Store:
     # -- frames -----------------------------------------------------------
 
     def next_frame(self, max_records: int, max_bytes: int) -> FrameRows | None:
-        """Assign the oldest unframed records to a new frame and persist it, or None."""
-        rows = self.db.execute(
-            "SELECT seq, created_ms, kind, score, features, meta, nbytes FROM records "
-            "WHERE seq > ? ORDER BY seq LIMIT ?",
-            (self._chain_last, max_records),
+        """Assign the oldest unframed chunks (whole, one kind) to a new frame and persist it."""
+        heads = self.db.execute(
+            "SELECT key, n, kind, nbytes FROM chunks WHERE key > ? ORDER BY key LIMIT 256",
+            (self._chain_last,),
         ).fetchall()
-        if not rows:
+        if not heads:
             return None
-        kid = rows[0][2]
-        take = 0
-        total = 0
-        for r in rows:
-            if r[2] != kid or (take and total + r[6] > max_bytes):
+        kid = heads[0][2]
+        take = n = total = 0
+        for _key, cn, ck, cb in heads:
+            if ck != kid or (take and (n + cn > max_records or total + cb > max_bytes)):
                 break
-            total += r[6]
             take += 1
-        rows = rows[:take]
-        frame = self._frame_from_rows(self._chain_last, rows)
+            n += cn
+            total += cb
+        lo, hi = heads[0][0], heads[take - 1][0]
+        rows = self.db.execute(
+            f"SELECT {_CHUNK_COLS} FROM chunks WHERE key BETWEEN ? AND ? ORDER BY key", (lo, hi)
+        ).fetchall()
+        frame = self._frame(self._chain_last, rows)
         self.db.execute("BEGIN IMMEDIATE")
         try:
             self.db.execute(
-                "INSERT INTO frames(first_seq, last_seq, prev_seq, n, nbytes, created_ms) "
-                "VALUES (?,?,?,?,?,?)",
-                (frame.first_seq, frame.last_seq, frame.prev_seq, len(rows), total, now_ms()),
+                "INSERT INTO frames(first_seq, last_seq, prev_seq, chunk_lo, n, nbytes, created_ms) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (frame.first_seq, frame.last_seq, frame.prev_seq, lo, n, total, now_ms()),
             )
-            self.db.execute(
-                "INSERT INTO meta(key, value) VALUES ('chain_last', ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (frame.last_seq,),
-            )
+            self._set_meta("chain_last", frame.last_seq)
             self.db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
@@ -543,35 +767,28 @@ class Store:
         self._chain_last = frame.last_seq
         return frame
 
-    def _frame_from_rows(self, prev_seq: int, rows: list[tuple[Any, ...]]) -> FrameRows:
-        kind = self._kinds_by_id[rows[0][2]]
-        metas = [json.loads(r[5]) if r[5] else {} for r in rows]
+    def _frame(self, prev_seq: int, rows: list[tuple[Any, ...]]) -> FrameRows:
+        cols = Columns.concat([self._columns(r) for r in rows])
         return FrameRows(
-            first_seq=rows[0][0],
-            last_seq=rows[-1][0],
+            first_seq=int(cols.seqs[0]),
+            last_seq=int(cols.seqs[-1]),
             prev_seq=prev_seq,
-            kind=kind,
-            seqs=[r[0] for r in rows],
-            scores=[r[3] for r in rows],
-            times_ms=[r[1] for r in rows],
-            features=[r[4] for r in rows],
-            meta=metas if any(metas) else None,
+            kind=self._kinds_by_id[rows[0][3]],
+            records=cols,
             nbytes=sum(r[6] for r in rows),
         )
 
     def open_frames(self) -> list[FrameRows]:
         """Frames assigned and not yet receipted, oldest first (to re-send after a restart)."""
         frames = []
-        for first, last, prev in self.db.execute(
-            "SELECT first_seq, last_seq, prev_seq FROM frames ORDER BY first_seq"
+        for _first, last, prev, lo in self.db.execute(
+            "SELECT first_seq, last_seq, prev_seq, chunk_lo FROM frames ORDER BY first_seq"
         ).fetchall():
             rows = self.db.execute(
-                "SELECT seq, created_ms, kind, score, features, meta, nbytes FROM records "
-                "WHERE seq BETWEEN ? AND ? ORDER BY seq",
-                (first, last),
+                f"SELECT {_CHUNK_COLS} FROM chunks WHERE key BETWEEN ? AND ? ORDER BY key", (lo, last)
             ).fetchall()
             if rows:
-                frames.append(self._frame_from_rows(prev, rows))
+                frames.append(self._frame(prev, rows))
         return frames
 
     def set_frame_prev(self, first_seq: int, prev_seq: int) -> None:
@@ -581,54 +798,63 @@ class Store:
         """Remove a frame's records: delivered (receipt) or, with a reason, counted as lost."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
+            row = self.db.execute("SELECT chunk_lo FROM frames WHERE first_seq=?", (first_seq,)).fetchone()
+            lo = row[0] if row else first_seq
             freed = self.db.execute(
-                "DELETE FROM records WHERE seq BETWEEN ? AND ? RETURNING nbytes", (first_seq, last_seq)
+                "DELETE FROM chunks WHERE key BETWEEN ? AND ? RETURNING n, nbytes", (lo, last_seq)
             ).fetchall()
             self.db.execute("DELETE FROM frames WHERE first_seq=?", (first_seq,))
-            nbytes = sum(r[0] for r in freed)
+            n = sum(r[0] for r in freed)
+            nbytes = sum(r[1] for r in freed)
             if loss_reason is not None:
-                self._count_loss(loss_reason, len(freed), nbytes)
+                self._count_loss(loss_reason, n, nbytes)
             else:
                 self.db.execute(
                     "INSERT INTO meta(key, value) VALUES ('delivered', ?) "
                     "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
-                    (len(freed),),
+                    (n,),
                 )
-                self.db.execute(
-                    "INSERT INTO meta(key, value) VALUES ('last_receipt_ms', ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    (now_ms(),),
-                )
+                self._set_meta("last_receipt_ms", now_ms())
             self.db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
                 self.db.execute("ROLLBACK")
             raise
         self._bytes -= nbytes
-        return len(freed)
+        return n
 
     # -- reading ----------------------------------------------------------
 
+    def records(self) -> Iterator[tuple[int, int, RecordKind, float, bytes, dict[str, Any] | None]]:
+        """Every queued record, in seq order: (seq, created_ms, kind, score, features, meta)."""
+        for row in self.db.execute(f"SELECT {_CHUNK_COLS} FROM chunks ORDER BY key").fetchall():
+            kind = self._kinds_by_id[row[3]]
+            cols = self._columns(row)
+            rb = kind.record_bytes
+            for i in range(len(cols)):
+                yield (int(cols.seqs[i]), int(cols.times[i]), kind, float(cols.scores[i]),
+                       cols.features[i * rb:(i + 1) * rb], cols.meta[i] or None if cols.meta else None)
+
     def stats(self) -> QueueStats:
         db = self.db
-        count, nbytes = db.execute("SELECT count(*), total(nbytes) FROM records").fetchone()
-        oldest = db.execute("SELECT created_ms FROM records ORDER BY seq LIMIT 1").fetchone()
+        count, nbytes, oldest = db.execute(
+            "SELECT total(n), total(nbytes), min(created_ms) FROM chunks"
+        ).fetchone()
         ev = db.execute("SELECT reason, records, bytes FROM evictions").fetchall()
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         frames = db.execute("SELECT count(*) FROM frames").fetchone()[0]
-        seq_row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()
         return QueueStats(
-            records=count,
+            records=int(count),
             bytes=int(nbytes),
             budget_bytes=self.settings.budget_bytes,
-            oldest_created_ms=oldest[0] if oldest else None,
+            oldest_created_ms=oldest,
             frames_in_flight=frames,
             evictions={r[0]: r[1] for r in ev},
             evicted_bytes={r[0]: r[2] for r in ev},
             last_receipt_ms=meta.get("last_receipt_ms"),
             delivered=int(meta.get("delivered") or 0),
             corrupt_resets=int(meta.get("corrupt_resets") or 0),
-            next_seq=(seq_row[0] + 1) if seq_row else 0,
+            next_seq=int(meta.get("next_seq") or 0),
         )
 
     @property
@@ -646,7 +872,7 @@ T = TypeVar("T")
 @dataclass(slots=True)
 class _Pending:
     kind: RecordKind
-    records: Sequence[NewRecord]
+    records: Sequence[NewRecord] | RecordBatch
     future: asyncio.Future[Appended]
     write_behind: bool = False
 
@@ -676,7 +902,7 @@ class AsyncQueue:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def enqueue(
-        self, kind: RecordKind, records: Sequence[NewRecord], *, durable: bool = True
+        self, kind: RecordKind, records: Sequence[NewRecord] | RecordBatch, *, durable: bool = True
     ) -> Appended | None:
         if self._closed:
             raise StoreError("queue is closed")

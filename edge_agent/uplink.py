@@ -19,6 +19,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from edge_agent import metrics
 from edge_agent.config import AgentConfig
 from edge_agent.store import AsyncQueue, FrameRows
@@ -26,11 +28,12 @@ from edge_tier import topics
 from edge_tier.mqtt import Message, MqttBridge
 from edge_tier.wire import (
     DeviceStatus,
+    Frame,
     Receipt,
     ReceiptStatus,
     WireError,
     decode_receipt,
-    encode_frame_parts,
+    encode_frame,
     encode_status,
     upload_id,
 )
@@ -130,35 +133,35 @@ class Uplink:
     async def _prepare(self, frame: FrameRows) -> InFlight | None:
         uid = upload_id(self.tenant, self.device, frame.first_seq, frame.last_seq)
         try:
-            payload = await self.queue.call(self._encode, frame)
+            payload = await asyncio.to_thread(self._encode, frame)
         except WireError as e:
             # The endpoint refuses what cannot be encoded, so this is a bug or a damaged
             # queue; dropping the frame (counted) beats blocking the queue behind it.
             log.error("upload %s cannot be encoded (%s); its %d records are dropped as 'unencodable'",
-                      uid, e, len(frame.seqs))
+                      uid, e, frame.n)
             await self.queue.call(self.store.finish_frame, frame.first_seq, frame.last_seq, "unencodable")
             return None
         return InFlight(frame, payload, uid)
 
     def _encode(self, frame: FrameRows) -> bytes:
-        k = frame.kind
-        return encode_frame_parts(
-            tenant=self.tenant,
-            device=self.device,
-            prev_seq=frame.prev_seq,
-            stream=k.stream,
-            model=k.model,
-            model_version=k.model_version,
-            schema_version=k.schema_version,
-            created_ms=time.time_ns() // 1_000_000,
-            dtype=k.dtype,
-            dim=k.dim,
-            seqs=frame.seqs,
-            scores=frame.scores,
-            times_ms=frame.times_ms,
-            feature_blobs=frame.features,
-            scale=k.scale,
-            meta=frame.meta,
+        k, r = frame.kind, frame.records
+        return encode_frame(
+            Frame(
+                tenant=self.tenant,
+                device=self.device,
+                prev_seq=frame.prev_seq,
+                stream=k.stream,
+                model=k.model,
+                model_version=k.model_version,
+                schema_version=k.schema_version,
+                created_ms=time.time_ns() // 1_000_000,
+                seqs=r.seqs,
+                scores=r.scores,
+                times_ms=r.times,
+                features=np.frombuffer(r.features, dtype=k.dtype.np_dtype).reshape(len(r), k.dim),
+                scale=k.scale,
+                meta=None if r.meta is None else tuple(r.meta),
+            ),
             compress=self.cfg.compress,
         )
 
@@ -217,7 +220,7 @@ class Uplink:
         elif r.status is ReceiptStatus.REJECTED:
             log.error(
                 "cloud rejected upload %s (%s); its %d records are dropped and counted as 'rejected'",
-                r.upload_id, r.reason, len(f.frame.seqs),
+                r.upload_id, r.reason, f.frame.n,
             )
             await self.queue.call(self.store.finish_frame, r.first_seq, r.last_seq, "rejected")
             self._done(r.first_seq)
@@ -245,7 +248,7 @@ class Uplink:
             )
             await self.queue.call(self.store.set_frame_prev, f.frame.first_seq, expected)
             f.frame.prev_seq = expected
-            f.payload = await self.queue.call(self._encode, f.frame)
+            f.payload = await asyncio.to_thread(self._encode, f.frame)
             f.sent_at = None
         else:
             f.hold = True

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -223,7 +222,7 @@ window = 8
 frame_max_bytes = 4096
 """)
     cfg = load_agent_config(p)
-    store = Store(cfg.store)
+    store = Store(cfg.store, chunk_max_records=1)
     try:
         feats = b"\0" * 4096
         for _ in range(4):

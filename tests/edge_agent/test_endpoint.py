@@ -53,8 +53,8 @@ class Agent:
         def snap() -> tuple[Any, ...]:
             db = self.store.db
             return (
-                db.execute("SELECT count(*) FROM records").fetchone()[0],
-                db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone(),
+                db.execute("SELECT total(n) FROM chunks").fetchone()[0],
+                db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone(),
                 db.execute("SELECT count(*) FROM kinds").fetchone()[0],
                 self.store.bytes_used,
             )
@@ -64,9 +64,11 @@ class Agent:
 
     async def records(self) -> list[tuple[Any, ...]]:
         await self.queue.flush()
-        return await self.queue.call(lambda: self.store.db.execute(
-            "SELECT r.seq, r.score, r.features, r.meta, k.stream, k.dtype, k.dim "
-            "FROM records r JOIN kinds k ON k.id = r.kind ORDER BY r.seq").fetchall())
+        return await self.queue.call(lambda: [
+            (seq, score, feats, json.dumps(meta, separators=(",", ":")) if meta else None,
+             k.stream, int(k.dtype), k.dim)
+            for seq, _, k, score, feats, meta in self.store.records()
+        ])
 
 
 @asynccontextmanager

@@ -8,7 +8,6 @@ restart unchanged, and a corrupt file is kept aside, never deleted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
 import logging
@@ -68,7 +67,7 @@ def opened(s: StoreSettings, **kw: Any) -> Iterator[Store]:
 
 
 def rows(store: Store) -> list[tuple[int, float, bytes]]:
-    return store.db.execute("SELECT seq, score, features FROM records ORDER BY seq").fetchall()
+    return [(seq, score, feats) for seq, _, _, score, feats, _ in store.records()]
 
 
 def seqs(store: Store) -> list[int]:
@@ -321,8 +320,12 @@ def test_budget_holds_after_every_append_and_everything_is_counted(tmp_path: Pat
         assert st.evicted_bytes[policy] == st.evictions[policy] * BIG_NBYTES
 
 
+# The frame tests below use one record per chunk, so frames can be cut at any record; chunks of
+# many records are covered by the eviction tests and the system tests.
+
+
 def test_records_in_a_frame_are_never_evicted(tmp_path: Path) -> None:
-    with opened(settings(tmp_path, budget_bytes=MIN_BUDGET, policy="lowest_score")) as s:
+    with opened(settings(tmp_path, budget_bytes=MIN_BUDGET, policy="lowest_score"), chunk_max_records=1) as s:
         ok(s.append_many([(BIG, recs(5, kind=BIG, scores=[0.0] * 5))])[0])
         frame = s.next_frame(5, 1 << 20)
         assert frame is not None and len(frame.seqs) == 5
@@ -371,7 +374,7 @@ def test_disk_use_stays_bounded_under_20x_budget(tmp_path: Path) -> None:
 
 
 def test_next_frame_takes_seq_order_one_kind_and_respects_limits(tmp_path: Path) -> None:
-    with opened(settings(tmp_path)) as s:
+    with opened(settings(tmp_path), chunk_max_records=1) as s:
         a1 = ok(s.append_many([(K4, recs(10))])[0])
         b = ok(s.append_many([(K4B, recs(3, start=10))])[0])
         a2 = ok(s.append_many([(K4, recs(5, start=13))])[0])
@@ -405,12 +408,12 @@ def test_next_frame_takes_seq_order_one_kind_and_respects_limits(tmp_path: Path)
 
 def test_frames_persist_across_reopen(tmp_path: Path) -> None:
     st = settings(tmp_path)
-    with opened(st) as s:
+    with opened(st, chunk_max_records=1) as s:
         batch = [NewRecord(feats(i), i / 10, {"site": f"s{i}"} if i % 2 else None) for i in range(9)]
         ok(s.append_many([(K4, batch)])[0])
         made = [s.next_frame(4, 1 << 20) for _ in range(2)]
         assert s.stats().frames_in_flight == 2
-    with opened(st) as s:
+    with opened(st, chunk_max_records=1) as s:
         again = s.open_frames()
         assert [(f.first_seq, f.last_seq, f.prev_seq) for f in again] == [
             (f.first_seq, f.last_seq, f.prev_seq) for f in made  # type: ignore[union-attr]
@@ -426,7 +429,7 @@ def test_frames_persist_across_reopen(tmp_path: Path) -> None:
 
 
 def test_finish_frame_deletes_exactly_its_range_and_counts(tmp_path: Path) -> None:
-    with opened(settings(tmp_path)) as s:
+    with opened(settings(tmp_path), chunk_max_records=1) as s:
         ok(s.append_many([(K4, recs(12))])[0])
         f1, f2, f3 = (s.next_frame(4, 1 << 20) for _ in range(3))
         assert f1 and f2 and f3
@@ -448,13 +451,13 @@ def test_finish_frame_deletes_exactly_its_range_and_counts(tmp_path: Path) -> No
 
 def test_set_frame_prev_persists(tmp_path: Path) -> None:
     st = settings(tmp_path)
-    with opened(st) as s:
+    with opened(st, chunk_max_records=1) as s:
         ok(s.append_many([(K4, recs(6))])[0])
         s.next_frame(3, 1 << 20)
         f2 = s.next_frame(3, 1 << 20)
         assert f2 is not None
         s.set_frame_prev(f2.first_seq, 12345)
-    with opened(st) as s:
+    with opened(st, chunk_max_records=1) as s:
         assert [f.prev_seq for f in s.open_frames()] == [0, 12345]
 
 
@@ -637,7 +640,7 @@ def test_readonly_store_reads_stats_of_an_existing_queue(tmp_path: Path) -> None
     with opened(st, readonly=True) as ro:
         after = ro.stats()
         with pytest.raises(sqlite3.OperationalError):
-            ro.db.execute("DELETE FROM records")
+            ro.db.execute("DELETE FROM chunks")
     for got in (live, after):
         assert (got.records, got.bytes, got.evictions) == (15, 15 * BIG_NBYTES, {"oldest": 3})
 

@@ -132,7 +132,7 @@ def test_acknowledged_appends_survive_kill_9(tmp_path: Path, seed: int) -> None:
     assert len(acked) >= 3, f"only {len(acked)} appends acknowledged in {delay:.2f} s"
     store = reopen(db)
     try:
-        rows = store.db.execute("SELECT seq, features FROM records ORDER BY seq").fetchall()
+        rows = [(seq, feats) for seq, _, _, _, feats, _ in store.records()]
         got = [seq for seq, _ in rows]
         first, last_acked = acked[0][0], acked[-1][1]
         assert got[0] == first
@@ -168,7 +168,7 @@ def test_frames_and_receipts_survive_kill_9(tmp_path: Path, seed: int) -> None:
     assert len(pending) <= 1
     store = reopen(db)
     try:
-        present = {r[0] for r in store.db.execute("SELECT seq FROM records")}
+        present = {r[0] for r in store.records()}
         finished = {s for first, last, _ in done for s in range(first, last + 1)}
         maybe = {s for first, last in pending for s in range(first, last + 1)}
         assert not present & finished, "a receipted record came back"

@@ -11,6 +11,8 @@ import sqlite3
 import threading
 import time
 
+from edge_agent.config import StoreSettings
+from edge_agent.store import Store
 from tests.support import (
     Pipeline,
     agent_status,
@@ -57,9 +59,9 @@ def test_agent_kill9_during_enqueue(make_pipeline, tmp_path) -> None:
     stop.set()
     t.join(10)
     # What the queue committed: acknowledged or not, it must now be delivered exactly once.
-    db = sqlite3.connect(tmp_path / "agent" / "queue.db")
-    queued = {r[0] for r in db.execute("SELECT seq FROM records")}
-    db.close()
+    store = Store(StoreSettings(path=tmp_path / "agent" / "queue.db"), readonly=True)
+    queued = {r[0] for r in store.records()}
+    store.close()
     before = set(stream_seqs(p.nats.url))
     p.agent.start(timeout=20)
     p.wait_drained()
