@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -115,6 +116,17 @@ class Ingest:
 
     async def run(self) -> None:
         self.nc = await connect_nats(self.cfg, f"et-ingest-{self.cfg.ingest.instance}")
+        room = self.nc.max_payload - 4096  # headers ride in the same message
+        if self.limits.max_frame_bytes > room:
+            # A frame JetStream cannot take would be retried forever; refuse it at decode
+            # instead, with a reason the device and the dead-letter stream can show.
+            log.warning(
+                "ingest.max_frame_bytes (%d) exceeds what the NATS server accepts (max_payload %d); "
+                "frames over %d bytes will be rejected. Raise max_payload in the NATS config, or "
+                "lower uplink.frame_max_bytes on the devices.",
+                self.limits.max_frame_bytes, self.nc.max_payload, room,
+            )
+            self.limits = dataclasses.replace(self.limits, max_frame_bytes=room)
         self.js = self.nc.jetstream(timeout=self.cfg.ingest.publish_timeout_s)
         self.kv = await ensure_streams(self.js, self.cfg.streams)
         await self.mqtt.start()

@@ -55,7 +55,7 @@ class StoreSettings(BaseModel):
 
 class UplinkSettings(BaseModel):
     model_config = {"extra": "forbid"}
-    frame_max_records: int = Field(1024, ge=1, le=65536)
+    frame_max_records: int = Field(4096, ge=1, le=65536)
     frame_max_bytes: int = Field(1024 * 1024, ge=1024, le=16 * 1024 * 1024)
     window: int = Field(8, ge=1, le=256, description="frames sent and not yet receipted")
     receipt_timeout_s: float = Field(15.0, gt=0)

@@ -46,6 +46,7 @@ class Agent:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.queue.run(), name="queue-commit")
+                tg.create_task(self.queue.checkpoints(), name="queue-checkpoint")
                 tg.create_task(self.uplink.run(), name="uplink")
                 self.ready.set()
                 log.info("agent ready: %s/%s", dev.tenant, dev.device)

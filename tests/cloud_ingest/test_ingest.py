@@ -186,3 +186,24 @@ def test_two_ingest_processes_share_the_load_exactly_once(make_pipeline, tmp_pat
                    "both ingest processes to have committed frames")
     finally:
         second.stop()
+
+
+def test_frames_over_the_nats_max_payload_are_rejected_not_retried_forever(mosquitto, tmp_path) -> None:
+    from edge_tier.brokers import NatsServer
+
+    small = NatsServer(tmp_path / "nats-small", max_payload=64 * 1024)
+    small.start()
+    ingest = IngestProcess(tmp_path / "ingest", ingest_config(mosquitto.port, small.url), name="cloud-ingest")
+    try:
+        ingest.start(timeout=20)
+        c = RawClient(mosquitto.port)
+        c.publish(frame(1, 3000, prev=0))  # ~ 120 KB: over the server's max_payload
+        c.publish(frame(1, 10, prev=0))
+        rs = c.wait_receipts(2)
+        assert [r["status"] for r in rs] == ["rejected", "committed"], rs
+        assert "max_payload" in ingest.log_path.read_text()
+        assert stream_seqs(small.url) == list(range(1, 11))
+        c.close()
+    finally:
+        ingest.stop()
+        small.stop()
