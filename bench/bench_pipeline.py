@@ -279,8 +279,15 @@ class Poster(threading.Thread):
     """POSTs ``count`` bodies over one keep-alive connection; paced when ``interval`` > 0."""
 
     def __init__(
-        self, port: int, bodies: list[bytes], count: int, stop: threading.Event, *,
-        start_at: float = 0.0, interval: float = 0.0, offset: int = 0,
+        self,
+        port: int,
+        bodies: list[bytes],
+        count: int,
+        stop: threading.Event,
+        *,
+        start_at: float = 0.0,
+        interval: float = 0.0,
+        offset: int = 0,
     ) -> None:
         super().__init__(daemon=True, name=f"poster-{offset}")
         self.port, self.bodies, self.count, self.stop = port, bodies, count, stop
@@ -356,9 +363,11 @@ async def _stream_ranges(url: str, stream: str) -> list[tuple[int, int, int]]:
         if not total:
             return out
         sub = await js.pull_subscribe(
-            topics.FEATURES_SUBJECTS, stream=stream,
-            config=ConsumerConfig(headers_only=True, ack_policy=AckPolicy.NONE,
-                                  deliver_policy=DeliverPolicy.ALL),
+            topics.FEATURES_SUBJECTS,
+            stream=stream,
+            config=ConsumerConfig(
+                headers_only=True, ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL
+            ),
         )
         while len(out) < total:
             for m in await sub.fetch(min(512, total - len(out)), timeout=10):
@@ -400,9 +409,7 @@ def record_latencies(posts: list[Post], watcher: ReceiptWatcher) -> tuple[np.nda
     return rt - ret, rt - beg
 
 
-def run_ours(
-    args: argparse.Namespace, *, records: int, rate: float | None, label: str, batch: int
-) -> Result:
+def run_ours(args: argparse.Namespace, *, records: int, rate: float | None, label: str, batch: int) -> Result:
     nposters = args.posters
     posts_total = max(1, records // batch)
     records = posts_total * batch
@@ -426,14 +433,28 @@ def run_ours(
         wait_for(lambda: drained(agent.port), 30, "the warm-up to drain", 0.02)
         warm_frames = len(watcher.ranges)
 
-        meter = CpuMeter({"agent": agent.pid, "ingest": ingest.pid, "mosquitto": mosq.pid,
-                          "nats-server": nsrv.pid, "bench": os.getpid()})
+        meter = CpuMeter(
+            {
+                "agent": agent.pid,
+                "ingest": ingest.pid,
+                "mosquitto": mosq.pid,
+                "nats-server": nsrv.pid,
+                "bench": os.getpid(),
+            }
+        )
         stop = threading.Event()
         start_at = time.monotonic() + 0.05
         interval = nposters * batch / rate if rate else 0.0
         posters = [
-            Poster(agent.port, bodies, posts_total // nposters + (1 if i < posts_total % nposters else 0),
-                   stop, start_at=start_at + i * interval / nposters, interval=interval, offset=i)
+            Poster(
+                agent.port,
+                bodies,
+                posts_total // nposters + (1 if i < posts_total % nposters else 0),
+                stop,
+                start_at=start_at + i * interval / nposters,
+                interval=interval,
+                offset=i,
+            )
             for i in range(nposters)
         ]
         meter.start()
@@ -485,10 +506,14 @@ async def _naive_ingest(mqtt_port: int, nats_url: str, ready: multiprocessing.sy
     inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    await js.add_stream(StreamConfig(
-        name=NAIVE_STREAM, subjects=["naive.features.>"], storage=StorageType.FILE,
-        duplicate_window=7200.0,
-    ))
+    await js.add_stream(
+        StreamConfig(
+            name=NAIVE_STREAM,
+            subjects=["naive.features.>"],
+            storage=StorageType.FILE,
+            duplicate_window=7200.0,
+        )
+    )
     subscribed = threading.Event()
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id="naive-ingest")
 
@@ -538,8 +563,9 @@ def run_naive(args: argparse.Namespace) -> Result:
         mosq, nsrv = start_brokers(stack, d, args)
         ctx = multiprocessing.get_context("spawn")
         ready = ctx.Event()
-        child = ctx.Process(target=naive_ingest_main, args=(mosq.port, nsrv.url, ready),
-                            name="naive-ingest", daemon=True)
+        child = ctx.Process(
+            target=naive_ingest_main, args=(mosq.port, nsrv.url, ready), name="naive-ingest", daemon=True
+        )
         child.start()
 
         def _stop_child() -> None:
@@ -588,8 +614,9 @@ def run_naive(args: argparse.Namespace) -> Result:
             raise TimeoutError("naive device: no SUBACK")
         up = f"naive/{DEVICE}/up"
 
-        meter = CpuMeter({"agent": os.getpid(), "ingest": child.pid, "mosquitto": mosq.pid,
-                          "nats-server": nsrv.pid})
+        meter = CpuMeter(
+            {"agent": os.getpid(), "ingest": child.pid, "mosquitto": mosq.pid, "nats-server": nsrv.pid}
+        )
         meter.start()
         t0 = time.monotonic()
         for i in range(n):
@@ -664,31 +691,60 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=400_000, help="records for ours, saturating (400000)")
     ap.add_argument("--naive-records", type=int, default=6_000, help="records for naive (6000)")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="saturating runs of ours (3); the half-load run offers a fraction of their median")
-    ap.add_argument("--latency-seconds", type=float, default=6.0,
-                    help="length of the half-load run in seconds of offered load (6); 0 skips it")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="saturating runs of ours (3); the half-load run offers a fraction of their median",
+    )
+    ap.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=6.0,
+        help="length of the half-load run in seconds of offered load (6); 0 skips it",
+    )
     ap.add_argument("--load-fraction", type=float, default=0.5, help="offered load of the latency run (0.5)")
     ap.add_argument("--batch", type=int, default=1000, help="records per POST (1000)")
-    ap.add_argument("--latency-batch", type=int, default=0,
-                    help="records per POST in the half-load run (default: --batch)")
+    ap.add_argument(
+        "--latency-batch",
+        type=int,
+        default=0,
+        help="records per POST in the half-load run (default: --batch)",
+    )
     ap.add_argument("--posters", type=int, default=4, help="concurrent posting threads (4)")
     ap.add_argument("--frame-records", type=int, default=4096, help="uplink.frame_max_records (4096)")
     ap.add_argument("--frame-bytes", type=int, default=4 * 1024 * 1024, help="uplink.frame_max_bytes (4 MiB)")
     ap.add_argument("--window", type=int, default=8, help="uplink.window, frames in flight (8)")
-    ap.add_argument("--policy", default="oldest", choices=["oldest", "lowest_score", "block"],
-                    help="store.policy (oldest)")
-    ap.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL", "EXTRA"],
-                    help="store.synchronous (FULL: survives power loss; NORMAL only for diagnosis)")
-    ap.add_argument("--budget-mb", type=int, default=2048,
-                    help="store.budget_bytes in MiB (2048: no eviction in these runs)")
+    ap.add_argument(
+        "--policy",
+        default="oldest",
+        choices=["oldest", "lowest_score", "block"],
+        help="store.policy (oldest)",
+    )
+    ap.add_argument(
+        "--synchronous",
+        default="FULL",
+        choices=["FULL", "NORMAL", "EXTRA"],
+        help="store.synchronous (FULL: survives power loss; NORMAL only for diagnosis)",
+    )
+    ap.add_argument(
+        "--budget-mb",
+        type=int,
+        default=2048,
+        help="store.budget_bytes in MiB (2048: no eviction in these runs)",
+    )
     ap.add_argument("--commit-window-ms", type=float, default=0.0, help="store.commit_window_ms (0)")
     ap.add_argument("--commit-max-records", type=int, default=8192, help="store.commit_max_records (8192)")
-    ap.add_argument("--mosquitto-autosave-s", type=int, default=60,
-                    help="mosquitto autosave_interval (60; the class default of 1 s rewrites its "
-                         "whole in-memory store every second)")
-    ap.add_argument("--mosquitto-max-queued", type=int, default=1_000_000,
-                    help="mosquitto max_queued_messages (1000000)")
+    ap.add_argument(
+        "--mosquitto-autosave-s",
+        type=int,
+        default=60,
+        help="mosquitto autosave_interval (60; the class default of 1 s rewrites its "
+        "whole in-memory store every second)",
+    )
+    ap.add_argument(
+        "--mosquitto-max-queued", type=int, default=1_000_000, help="mosquitto max_queued_messages (1000000)"
+    )
     ap.add_argument("--drain-timeout-s", type=float, default=120.0)
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--dir", type=Path, default=None, help="parent of the temp dirs (default: system temp)")
@@ -702,12 +758,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     probe = Path(args.dir or tempfile.gettempdir())
     config = {
-        "uplink.frame_max_records": args.frame_records, "uplink.frame_max_bytes": args.frame_bytes,
-        "uplink.window": args.window, "store.policy": args.policy, "store.synchronous": args.synchronous,
-        "store.budget_bytes": args.budget_mb * 1024 * 1024, "store.commit_window_ms": args.commit_window_ms,
+        "uplink.frame_max_records": args.frame_records,
+        "uplink.frame_max_bytes": args.frame_bytes,
+        "uplink.window": args.window,
+        "store.policy": args.policy,
+        "store.synchronous": args.synchronous,
+        "store.budget_bytes": args.budget_mb * 1024 * 1024,
+        "store.commit_window_ms": args.commit_window_ms,
         "store.commit_max_records": args.commit_max_records,
         "mosquitto": f"max_queued_messages {args.mosquitto_max_queued}, "
-                     f"autosave_interval {args.mosquitto_autosave_s}",
+        f"autosave_interval {args.mosquitto_autosave_s}",
     }
     print(
         f"# pipeline: {DIM}-dim float32 records ({RECORD_BYTES} B) + score, agent -> mosquitto -> ingest "
@@ -736,13 +796,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.latency_seconds > 0:
         rate = max_rate * args.load_fraction
         n = int(rate * args.latency_seconds)
-        print(f"# running ours at {args.load_fraction:g} of the median max ({rate:,.0f}/s offered, "
-              f"{n} records) ...", file=sys.stderr, flush=True)
-        half = run_ours(args, records=n, rate=rate, label=f"ours @ {args.load_fraction:g} load (paced)",
-                        batch=args.latency_batch or args.batch)
+        print(
+            f"# running ours at {args.load_fraction:g} of the median max ({rate:,.0f}/s offered, "
+            f"{n} records) ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        half = run_ours(
+            args,
+            records=n,
+            rate=rate,
+            label=f"ours @ {args.load_fraction:g} load (paced)",
+            batch=args.latency_batch or args.batch,
+        )
         results.append(half)
-        print(f"#   p50 {half.latency_ms['p50']:.1f} ms, p99 {half.latency_ms['p99']:.1f} ms",
-              file=sys.stderr, flush=True)
+        print(
+            f"#   p50 {half.latency_ms['p50']:.1f} ms, p99 {half.latency_ms['p99']:.1f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
     if naive is not None:
         for r in results:
             r.ratio = r.rate / naive.rate

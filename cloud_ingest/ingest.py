@@ -124,7 +124,9 @@ class Ingest:
                 "ingest.max_frame_bytes (%d) exceeds what the NATS server accepts (max_payload %d); "
                 "frames over %d bytes will be rejected. Raise max_payload in the NATS config, or "
                 "lower uplink.frame_max_bytes on the devices.",
-                self.limits.max_frame_bytes, self.nc.max_payload, room,
+                self.limits.max_frame_bytes,
+                self.nc.max_payload,
+                room,
             )
             self.limits = dataclasses.replace(self.limits, max_frame_bytes=room)
         self.js = self.nc.jetstream(timeout=self.cfg.ingest.publish_timeout_s)
@@ -186,8 +188,9 @@ class Ingest:
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as e:
                 # JetStream unreachable or slow: keep the message unacked and try
                 # again; nothing is receipted until it is durably stored.
-                log.warning("JetStream unavailable while handling %s (%s); retrying in %.1fs",
-                            msg.topic, e, delay)
+                log.warning(
+                    "JetStream unavailable while handling %s (%s); retrying in %.1fs", msg.topic, e, delay
+                )
                 metrics.JS_RETRIES.inc()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -212,7 +215,8 @@ class Ingest:
             await self.dead_letter(
                 msg,
                 f"topic {msg.topic} carries a frame of tenant {frame.tenant!r} device {frame.device!r}",
-                tenant, device,
+                tenant,
+                device,
             )
             return
         await self.commit(frame, msg.payload)
@@ -229,8 +233,12 @@ class Ingest:
                 return
             if frame.prev_seq > ledger.last_seq:
                 metrics.FRAMES.labels("gap").inc()
-                log.info("upload %s arrived before its predecessor (prev %d, committed %d)",
-                         frame.upload_id, frame.prev_seq, ledger.last_seq)
+                log.info(
+                    "upload %s arrived before its predecessor (prev %d, committed %d)",
+                    frame.upload_id,
+                    frame.prev_seq,
+                    ledger.last_seq,
+                )
                 self.receipt(frame, ReceiptStatus.GAP, expected_prev=ledger.last_seq)
                 return
             if frame.first_seq <= ledger.last_seq:
@@ -247,7 +255,9 @@ class Ingest:
             t0 = time.perf_counter()
             try:
                 ack = await self.js.publish(
-                    topics.features_subject(*key), payload, headers=headers,
+                    topics.features_subject(*key),
+                    payload,
+                    headers=headers,
                     timeout=self.cfg.ingest.publish_timeout_s,
                 )
             except nats.js.errors.APIError as e:
@@ -293,12 +303,22 @@ class Ingest:
     # -- answers ----------------------------------------------------------
 
     def receipt(
-        self, frame: Frame, status: ReceiptStatus, *, stream_seq: int | None = None,
-        expected_prev: int | None = None, reason: str | None = None,
+        self,
+        frame: Frame,
+        status: ReceiptStatus,
+        *,
+        stream_seq: int | None = None,
+        expected_prev: int | None = None,
+        reason: str | None = None,
     ) -> None:
         r = Receipt(
-            upload_id=frame.upload_id, status=status, first_seq=frame.first_seq, last_seq=frame.last_seq,
-            stream_seq=stream_seq, expected_prev=expected_prev, reason=reason,
+            upload_id=frame.upload_id,
+            status=status,
+            first_seq=frame.first_seq,
+            last_seq=frame.last_seq,
+            stream_seq=stream_seq,
+            expected_prev=expected_prev,
+            reason=reason,
         )
         self.mqtt.publish(topics.mqtt_topic(frame.tenant, frame.device, "receipt"), encode_receipt(r), qos=1)
 
@@ -315,16 +335,26 @@ class Ingest:
                 upload = hdr
         except WireError:
             pass
-        await self.dead_letter(msg, f"bad frame: {err}", tenant, device,
-                               upload_id=upload.upload_id if upload else None)
+        await self.dead_letter(
+            msg, f"bad frame: {err}", tenant, device, upload_id=upload.upload_id if upload else None
+        )
         if upload is not None:
             # The device can be told which upload failed, so it stops re-sending it.
-            r = Receipt(upload_id=upload.upload_id, status=ReceiptStatus.REJECTED,
-                        first_seq=upload.first_seq, last_seq=upload.last_seq, reason=str(err)[:500])
+            r = Receipt(
+                upload_id=upload.upload_id,
+                status=ReceiptStatus.REJECTED,
+                first_seq=upload.first_seq,
+                last_seq=upload.last_seq,
+                reason=str(err)[:500],
+            )
             self.mqtt.publish(topics.mqtt_topic(tenant, device, "receipt"), encode_receipt(r), qos=1)
 
     async def dead_letter(
-        self, msg: Message, reason: str, tenant: str | None, device: str | None,
+        self,
+        msg: Message,
+        reason: str,
+        tenant: str | None,
+        device: str | None,
         upload_id: str | None = None,
     ) -> None:
         assert self.js is not None and self.nc is not None

@@ -38,8 +38,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"device        {cfg.device.tenant}/{cfg.device.device}")
     print(f"queue         {cfg.store.path}")
-    print(f"backlog       {st.records} records, {st.bytes} of {st.budget_bytes} bytes "
-          f"({100 * st.bytes / st.budget_bytes:.1f}%)")
+    print(
+        f"backlog       {st.records} records, {st.bytes} of {st.budget_bytes} bytes "
+        f"({100 * st.bytes / st.budget_bytes:.1f}%)"
+    )
     age = d["oldest_age_s"]
     print(f"oldest        {'-' if age is None else f'{age:.1f}s'}")
     print(f"in flight     {st.frames_in_flight} frames")

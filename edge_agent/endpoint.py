@@ -38,7 +38,9 @@ _SCALARS = (str, int, float, bool, type(None))
 def _problem(status: int, title: str, detail: str, **headers: str) -> web.Response:
     return web.json_response(
         {"type": "about:blank", "title": title, "status": status, "detail": detail},
-        status=status, content_type="application/problem+json", headers=headers or None,
+        status=status,
+        content_type="application/problem+json",
+        headers=headers or None,
     )
 
 
@@ -69,8 +71,15 @@ def _kind(body: dict[str, Any], dim: int) -> RecordKind:
         scale=float(_field(body, "scale", (int, float), 1.0)),
     )
     try:
-        check_kind(stream=kind.stream, model=kind.model, model_version=kind.model_version,
-                   schema_version=kind.schema_version, dtype=kind.dtype, dim=dim, scale=kind.scale)
+        check_kind(
+            stream=kind.stream,
+            model=kind.model,
+            model_version=kind.model_version,
+            schema_version=kind.schema_version,
+            dtype=kind.dtype,
+            dim=dim,
+            scale=kind.scale,
+        )
     except (WireError, OverflowError) as e:
         raise BadRecord(str(e)) from None
     return kind
@@ -91,12 +100,14 @@ class Endpoint:
         self.queue = queue
         self.allow = set(self.cfg.metadata_allow)
         self.app = web.Application(client_max_size=self.cfg.max_body_bytes)
-        self.app.add_routes([
-            web.post("/v1/records", self.post_records),
-            web.get("/v1/status", self.get_status),
-            web.get("/healthz", self.healthz),
-            web.get("/metrics", self.metrics),
-        ])
+        self.app.add_routes(
+            [
+                web.post("/v1/records", self.post_records),
+                web.get("/v1/status", self.get_status),
+                web.get("/healthz", self.healthz),
+                web.get("/metrics", self.metrics),
+            ]
+        )
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -110,8 +121,12 @@ class Endpoint:
             self.port = server.sockets[0].getsockname()[1]
         if self.cfg.unix_socket is not None:
             await web.UnixSite(self._runner, str(self.cfg.unix_socket)).start()
-        log.info("enqueue endpoint on http://%s:%s%s", self.cfg.host, self.port,
-                 f" and {self.cfg.unix_socket}" if self.cfg.unix_socket else "")
+        log.info(
+            "enqueue endpoint on http://%s:%s%s",
+            self.cfg.host,
+            self.port,
+            f" and {self.cfg.unix_socket}" if self.cfg.unix_socket else "",
+        )
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -131,8 +146,11 @@ class Endpoint:
                     raise BadRecord(f"body is not valid JSON: {e}") from None
                 kind, records = self._parse_json(body)
             else:
-                return _problem(415, "Unsupported Media Type",
-                                f"send application/json or {BINARY_TYPE}, not {request.content_type}")
+                return _problem(
+                    415,
+                    "Unsupported Media Type",
+                    f"send application/json or {BINARY_TYPE}, not {request.content_type}",
+                )
             result = await self.queue.enqueue(kind, records, durable=durable)
         except BadRecord as e:
             return _problem(400, "Bad Request", str(e))
@@ -144,10 +162,15 @@ class Endpoint:
         metrics.ENQUEUED.inc(len(records))
         if result is None:
             return web.json_response({"accepted": len(records), "durable": False}, status=202)
-        return web.json_response({
-            "accepted": len(records), "durable": True, "first_seq": result.first_seq,
-            "last_seq": result.last_seq, "evicted": result.evicted,
-        })
+        return web.json_response(
+            {
+                "accepted": len(records),
+                "durable": True,
+                "first_seq": result.first_seq,
+                "last_seq": result.last_seq,
+                "evicted": result.evicted,
+            }
+        )
 
     def _parse_json(self, body: Any) -> tuple[RecordKind, list[NewRecord]]:
         if not isinstance(body, dict) or not isinstance(body.get("records"), list) or not body["records"]:
@@ -174,11 +197,15 @@ class Endpoint:
             if kind.dtype is not Dtype.INT8 and not np.isfinite(arr).all():
                 raise BadRecord(f"records[{i}].features: values must be finite in {kind.dtype.name.lower()}")
             created = r.get("created_ms")
-            if created is not None and (isinstance(created, bool) or not isinstance(created, int)
-                                        or not 0 <= created < 2**63):
+            if created is not None and (
+                isinstance(created, bool) or not isinstance(created, int) or not 0 <= created < 2**63
+            ):
                 raise BadRecord(f"records[{i}].created_ms must be milliseconds since the epoch")
-            out.append(NewRecord(arr.tobytes(), _score(i, r.get("score", 1.0)), self._meta(i, r.get("meta")),
-                                 created))
+            out.append(
+                NewRecord(
+                    arr.tobytes(), _score(i, r.get("score", 1.0)), self._meta(i, r.get("meta")), created
+                )
+            )
         return kind, out
 
     def _meta(self, i: int, meta: Any) -> dict[str, Any] | None:
@@ -208,8 +235,9 @@ class Endpoint:
                 if name in body:
                     body[name] = conv(body[name])
         except ValueError:
-            raise BadRecord("query parameters 'dim' (required) and 'schema_version' must be integers, "
-                            "'scale' a number") from None
+            raise BadRecord(
+                "query parameters 'dim' (required) and 'schema_version' must be integers, 'scale' a number"
+            ) from None
         kind = _kind(body, dim)
         rb = kind.record_bytes
         n, rest = divmod(len(data), 4 + rb)
@@ -218,8 +246,11 @@ class Endpoint:
         scores = np.frombuffer(data, dtype="<f4", count=n)
         if not np.isfinite(scores).all():
             raise BadRecord("scores must be finite")
-        features = memoryview(data)[4 * n:]
-        if kind.dtype is not Dtype.INT8 and not np.isfinite(np.frombuffer(features, kind.dtype.np_dtype)).all():
+        features = memoryview(data)[4 * n :]
+        if (
+            kind.dtype is not Dtype.INT8
+            and not np.isfinite(np.frombuffer(features, kind.dtype.np_dtype)).all()
+        ):
             raise BadRecord(f"features must be finite {kind.dtype.name.lower()} values")
         return kind, RecordBatch(features=bytes(features), scores=scores)
 

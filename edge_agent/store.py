@@ -168,9 +168,9 @@ class RecordBatch:
             features=b"".join(r.features for r in records),
             scores=np.array([r.score for r in records], dtype=F32),
             meta=metas if any(metas) else None,
-            created_ms=None if all(c is None for c in created) else np.array(
-                [c if c is not None else now_ms() for c in created], dtype=U64
-            ),
+            created_ms=None
+            if all(c is None for c in created)
+            else np.array([c if c is not None else now_ms() for c in created], dtype=U64),
         )
 
 
@@ -204,7 +204,10 @@ class Columns:
     def take(self, keep: np.ndarray, record_bytes: int) -> Columns:
         feats = np.frombuffer(self.features, dtype=np.uint8).reshape(len(self), record_bytes)
         return Columns(
-            self.seqs[keep], self.scores[keep], self.times[keep], feats[keep].tobytes(),
+            self.seqs[keep],
+            self.scores[keep],
+            self.times[keep],
+            feats[keep].tobytes(),
             None if self.meta is None else [m for m, k in zip(self.meta, keep, strict=True) if k],
         )
 
@@ -212,8 +215,10 @@ class Columns:
         if (lo, hi) == (0, len(self)):
             return self
         return Columns(
-            self.seqs[lo:hi], self.scores[lo:hi], self.times[lo:hi],
-            self.features[lo * record_bytes:hi * record_bytes],
+            self.seqs[lo:hi],
+            self.scores[lo:hi],
+            self.times[lo:hi],
+            self.features[lo * record_bytes : hi * record_bytes],
             None if self.meta is None else self.meta[lo:hi],
         )
 
@@ -264,7 +269,7 @@ class FrameRows:
     @property
     def features(self) -> list[bytes]:
         rb, f = self.kind.record_bytes, self.records.features
-        return [f[i * rb:(i + 1) * rb] for i in range(self.n)]
+        return [f[i * rb : (i + 1) * rb] for i in range(self.n)]
 
     @property
     def meta(self) -> list[dict[str, Any]] | None:
@@ -437,7 +442,9 @@ class Store:
         self.corrupt_reset = True
         log.error(
             "queue %s failed its integrity check (%s); moved aside as %s and starting a fresh queue",
-            self.path, problem, ", ".join(moved),
+            self.path,
+            problem,
+            ", ".join(moved),
         )
 
     def _load_kinds(self) -> None:
@@ -498,8 +505,15 @@ class Store:
             cur = self.db.execute(
                 "INSERT INTO kinds(stream, model, model_version, schema_version, dtype, dim, scale) "
                 "VALUES (?,?,?,?,?,?,?)",
-                (kind.stream, kind.model, kind.model_version, kind.schema_version,
-                 int(kind.dtype), kind.dim, kind.scale),
+                (
+                    kind.stream,
+                    kind.model,
+                    kind.model_version,
+                    kind.schema_version,
+                    int(kind.dtype),
+                    kind.dim,
+                    kind.scale,
+                ),
             )
             kid = int(cur.lastrowid or 0)
             self._kinds[kind] = kid
@@ -589,16 +603,24 @@ class Store:
             raise
         log.error("disk full while writing %s; evicted %d records to make room", self.path, freed)
 
-    def _append_one(self, kind: RecordKind, records: Sequence[NewRecord] | RecordBatch) -> Appended | Exception:
+    def _append_one(
+        self, kind: RecordKind, records: Sequence[NewRecord] | RecordBatch
+    ) -> Appended | Exception:
         n = len(records)
         if not n:
             return Appended(0, 0, 0)
         if kind not in self._kinds:
             # Whatever is queued must encode as a frame later, or it would block the queue.
             try:
-                check_kind(stream=kind.stream, model=kind.model, model_version=kind.model_version,
-                           schema_version=kind.schema_version, dtype=kind.dtype, dim=kind.dim,
-                           scale=kind.scale)
+                check_kind(
+                    stream=kind.stream,
+                    model=kind.model,
+                    model_version=kind.model_version,
+                    schema_version=kind.schema_version,
+                    dtype=kind.dtype,
+                    dim=kind.dim,
+                    scale=kind.scale,
+                )
             except WireError as e:
                 return StoreError(f"stream {kind.stream!r}: {e}")
         rb = kind.record_bytes
@@ -607,8 +629,11 @@ class Store:
             cols = Columns(
                 seqs=np.arange(self._next_seq, self._next_seq + n, dtype=U64),
                 scores=np.asarray(batch.scores, dtype=F32),
-                times=(np.full(n, now_ms(), dtype=U64) if batch.created_ms is None
-                       else np.asarray(batch.created_ms, dtype=U64)),
+                times=(
+                    np.full(n, now_ms(), dtype=U64)
+                    if batch.created_ms is None
+                    else np.asarray(batch.created_ms, dtype=U64)
+                ),
                 features=batch.features,
                 meta=batch.meta,
             )
@@ -629,8 +654,9 @@ class Store:
         bounds = [0]
         total = 0
         for i, size in enumerate(sizes.tolist()):
-            if i > bounds[-1] and (i - bounds[-1] >= self.chunk_max_records
-                                   or total + size > self.chunk_max_bytes):
+            if i > bounds[-1] and (
+                i - bounds[-1] >= self.chunk_max_records or total + size > self.chunk_max_bytes
+            ):
                 bounds.append(i)
                 total = 0
             total += size
@@ -649,17 +675,29 @@ class Store:
     @staticmethod
     def _chunk_row(kid: int, c: Columns, nbytes: int, key: int | None = None) -> tuple[Any, ...]:
         return (
-            int(c.seqs[0]) if key is None else key, int(c.seqs[-1]), len(c), kid, int(c.times.min()),
-            float(c.scores.min()), nbytes, c.seqs.astype(U64).tobytes(), c.scores.astype(F32).tobytes(),
-            c.times.astype(U64).tobytes(), c.features, None if c.meta is None else _json(c.meta),
+            int(c.seqs[0]) if key is None else key,
+            int(c.seqs[-1]),
+            len(c),
+            kid,
+            int(c.times.min()),
+            float(c.scores.min()),
+            nbytes,
+            c.seqs.astype(U64).tobytes(),
+            c.scores.astype(F32).tobytes(),
+            c.times.astype(U64).tobytes(),
+            c.features,
+            None if c.meta is None else _json(c.meta),
         )
 
     @staticmethod
     def _columns(row: Sequence[Any]) -> Columns:
         """A chunk row (``_CHUNK_COLS`` order) back into columns."""
         return Columns(
-            np.frombuffer(row[7], dtype=U64), np.frombuffer(row[8], dtype=F32),
-            np.frombuffer(row[9], dtype=U64), row[10], None if row[11] is None else json.loads(row[11]),
+            np.frombuffer(row[7], dtype=U64),
+            np.frombuffer(row[8], dtype=F32),
+            np.frombuffer(row[9], dtype=U64),
+            row[10],
+            None if row[11] is None else json.loads(row[11]),
         )
 
     # -- eviction ---------------------------------------------------------
@@ -738,7 +776,7 @@ class Store:
         picked = []
         at = 0
         for row, sc in zip(rows, scores, strict=True):
-            drop = drop_all[at:at + len(sc)]
+            drop = drop_all[at : at + len(sc)]
             at += len(sc)
             if drop.any():
                 picked.append((row, drop))
@@ -868,8 +906,14 @@ class Store:
             cols = self._columns(row)
             rb = kind.record_bytes
             for i in range(len(cols)):
-                yield (int(cols.seqs[i]), int(cols.times[i]), kind, float(cols.scores[i]),
-                       cols.features[i * rb:(i + 1) * rb], cols.meta[i] or None if cols.meta else None)
+                yield (
+                    int(cols.seqs[i]),
+                    int(cols.times[i]),
+                    kind,
+                    float(cols.scores[i]),
+                    cols.features[i * rb : (i + 1) * rb],
+                    cols.meta[i] or None if cols.meta else None,
+                )
 
     def stats(self) -> QueueStats:
         db = self.db

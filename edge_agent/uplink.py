@@ -137,8 +137,12 @@ class Uplink:
         except WireError as e:
             # The endpoint refuses what cannot be encoded, so this is a bug or a damaged
             # queue; dropping the frame (counted) beats blocking the queue behind it.
-            log.error("upload %s cannot be encoded (%s); its %d records are dropped as 'unencodable'",
-                      uid, e, frame.n)
+            log.error(
+                "upload %s cannot be encoded (%s); its %d records are dropped as 'unencodable'",
+                uid,
+                e,
+                frame.n,
+            )
             await self.queue.call(self.store.finish_frame, frame.first_seq, frame.last_seq, "unencodable")
             return None
         return InFlight(frame, payload, uid)
@@ -220,7 +224,9 @@ class Uplink:
         elif r.status is ReceiptStatus.REJECTED:
             log.error(
                 "cloud rejected upload %s (%s); its %d records are dropped and counted as 'rejected'",
-                r.upload_id, r.reason, f.frame.n,
+                r.upload_id,
+                r.reason,
+                f.frame.n,
             )
             await self.queue.call(self.store.finish_frame, r.first_seq, r.last_seq, "rejected")
             self._done(r.first_seq)
@@ -244,7 +250,9 @@ class Uplink:
             # chain (e.g. its state was wiped): join the chain where it is.
             log.warning(
                 "cloud expects prev %d for %s but our chain says %d; re-chaining",
-                expected, f.upload_id, f.frame.prev_seq,
+                expected,
+                f.upload_id,
+                f.frame.prev_seq,
             )
             await self.queue.call(self.store.set_frame_prev, f.frame.first_seq, expected)
             f.frame.prev_seq = expected

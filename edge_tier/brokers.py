@@ -392,9 +392,7 @@ class BrokerProcess:
         return all(_accepts(self.host, p) for p in self._ports()) and self._extra_ready()
 
 
-_AUTH_OPTIONS = re.compile(
-    r"^\s*(allow_anonymous|password_file|plugin|auth_plugin)\b", re.MULTILINE
-)
+_AUTH_OPTIONS = re.compile(r"^\s*(allow_anonymous|password_file|plugin|auth_plugin)\b", re.MULTILINE)
 _HOISTED_OPTIONS = re.compile(r"^\s*per_listener_settings\b.*$", re.MULTILINE)
 
 

@@ -35,8 +35,12 @@ DIM = 128
 def _post(port: int, payload: bytes, n: int) -> tuple[int, int] | None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        conn.request("POST", f"/v1/records?stream=vibration&dim={DIM}", payload,
-                     {"Content-Type": "application/x-edge-tier-features"})
+        conn.request(
+            "POST",
+            f"/v1/records?stream=vibration&dim={DIM}",
+            payload,
+            {"Content-Type": "application/x-edge-tier-features"},
+        )
         resp = conn.getresponse()
         body = json.loads(resp.read())
         return (body["first_seq"], body["last_seq"]) if resp.status == 200 else None
@@ -97,39 +101,51 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="edge-tier-demo-"))
     procs: list[Any] = []
     try:
-        print(f"edge-tier demo: {args.devices} devices x {args.rate} records/s x {args.seconds:.0f}s; files in {work}")
+        print(
+            f"edge-tier demo: {args.devices} devices x {args.rate} records/s x {args.seconds:.0f}s; "
+            f"files in {work}"
+        )
         server = NatsServer(work / "nats", mqtt_port=0, server_name="et-demo")
         server.start()
         procs.append(server)
         mqtt = {"port": server.mqtt_port, "version": "3.1.1", "backoff_min_s": 0.1, "backoff_max_s": 2.0}
-        ingest = IngestProcess(work / "ingest", {"mqtt": mqtt, "nats": {"servers": [server.url]}},
-                               name="cloud-ingest")
+        ingest = IngestProcess(
+            work / "ingest", {"mqtt": mqtt, "nats": {"servers": [server.url]}}, name="cloud-ingest"
+        )
         ingest.start(timeout=30)
         procs.append(ingest)
         agents = []
         for i in range(args.devices):
             d = work / f"device-{i}"
-            a = AgentProcess(d, {
-                "device": {"tenant": "demo", "device": f"device-{i}"},
-                "mqtt": mqtt,
-                "store": {"path": str(d / "queue.db")},
-            }, name=f"edge-agent-{i}")
+            a = AgentProcess(
+                d,
+                {
+                    "device": {"tenant": "demo", "device": f"device-{i}"},
+                    "mqtt": mqtt,
+                    "store": {"path": str(d / "queue.db")},
+                },
+                name=f"edge-agent-{i}",
+            )
             a.start(timeout=30)
             procs.append(a)
             agents.append(a)
         print(f"  nats-server  {server.url} (MQTT {server.mqtt_url}), ingest, {len(agents)} agents: running")
         acked: list[list[int]] = [[] for _ in agents]
-        threads = [threading.Thread(target=_produce, args=(a.port, args.seconds, args.rate, acked[i], i))
-                   for i, a in enumerate(agents)]
+        threads = [
+            threading.Thread(target=_produce, args=(a.port, args.seconds, args.rate, acked[i], i))
+            for i, a in enumerate(agents)
+        ]
         t0 = time.monotonic()
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
             time.sleep(1.0)
             sts = [_status(a.port) or {} for a in agents]
-            print(f"  t={time.monotonic() - t0:5.1f}s  enqueued={sum(map(len, acked)):>8}  "
-                  f"delivered={sum(s.get('delivered', 0) for s in sts):>8}  "
-                  f"backlog={sum(s.get('records', 0) for s in sts):>6}")
+            print(
+                f"  t={time.monotonic() - t0:5.1f}s  enqueued={sum(map(len, acked)):>8}  "
+                f"delivered={sum(s.get('delivered', 0) for s in sts):>8}  "
+                f"backlog={sum(s.get('records', 0) for s in sts):>6}"
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             sts = [_status(a.port) or {} for a in agents]
@@ -149,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  evicted      {evicted}")
         print(f"  lost         {lost}")
         print(f"  duplicated   {dup}")
-        print("\nnext: `edge-agent status --config DIR/device-0/edge-agent.conf` with --workdir DIR, "
-              "and `make test` for the fault tests")
+        print(
+            "\nnext: `edge-agent status --config DIR/device-0/edge-agent.conf` with --workdir DIR, "
+            "and `make test` for the fault tests"
+        )
         return 0 if lost == 0 and dup == 0 else 1
     except KeyboardInterrupt:
         return 130

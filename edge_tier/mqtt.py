@@ -166,8 +166,11 @@ class MqttBridge:
             try:
                 if self._v5:
                     self.client.connect(
-                        s.host, s.port, s.keepalive_s,
-                        clean_start=self._clean, properties=self._connect_props(),
+                        s.host,
+                        s.port,
+                        s.keepalive_s,
+                        clean_start=self._clean,
+                        properties=self._connect_props(),
                     )
                 else:
                     self.client.connect(s.host, s.port, s.keepalive_s)

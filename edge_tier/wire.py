@@ -396,8 +396,15 @@ def _check_scale(dtype: Dtype, scale: float) -> None:
 
 
 def check_kind(
-    *, stream: str, model: str, model_version: str, schema_version: int, dtype: Dtype, dim: int,
-    scale: float, limits: FrameLimits | None = None,
+    *,
+    stream: str,
+    model: str,
+    model_version: str,
+    schema_version: int,
+    dtype: Dtype,
+    dim: int,
+    scale: float,
+    limits: FrameLimits | None = None,
 ) -> None:
     """What one frame's records share must fit a frame header; WireError says which field.
 

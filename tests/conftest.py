@@ -115,12 +115,19 @@ def make_pipeline(
     """Agent + ingest child processes on this test's brokers; options per config section."""
     started: list[Any] = []
 
-    def make(agent: dict[str, Any] | None = None, ingest: dict[str, Any] | None = None,
-             start: bool = True) -> Pipeline:
-        a = AgentProcess(tmp_path / "agent", agent_config(tmp_path / "agent", mosquitto.port, **(agent or {})),
-                         name="edge-agent")
-        i = IngestProcess(tmp_path / "ingest", ingest_config(mosquitto.port, nats_server.url, **(ingest or {})),
-                          name="cloud-ingest")
+    def make(
+        agent: dict[str, Any] | None = None, ingest: dict[str, Any] | None = None, start: bool = True
+    ) -> Pipeline:
+        a = AgentProcess(
+            tmp_path / "agent",
+            agent_config(tmp_path / "agent", mosquitto.port, **(agent or {})),
+            name="edge-agent",
+        )
+        i = IngestProcess(
+            tmp_path / "ingest",
+            ingest_config(mosquitto.port, nats_server.url, **(ingest or {})),
+            name="cloud-ingest",
+        )
         started.extend([a, i])
         if start:
             i.start(timeout=20)

@@ -46,8 +46,13 @@ def agent_config(workdir: Path, mqtt_port: int, **sections: dict[str, Any]) -> d
         "device": {"tenant": TENANT, "device": DEVICE},
         "mqtt": {"port": mqtt_port, "backoff_min_s": 0.05, "backoff_max_s": 0.5},
         "store": {"path": str(workdir / "queue.db"), "budget_bytes": 16 * 1024 * 1024},
-        "uplink": {"frame_max_records": 100, "frame_max_bytes": 256 * 1024, "window": 4,
-                   "receipt_timeout_s": 2.0, "status_interval_s": 0.5},
+        "uplink": {
+            "frame_max_records": 100,
+            "frame_max_bytes": 256 * 1024,
+            "window": 4,
+            "receipt_timeout_s": 2.0,
+            "status_interval_s": 0.5,
+        },
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
@@ -75,15 +80,18 @@ class Producer:
     attempted: int = 0
     errors: int = 0
 
-    def post(self, n: int, *, score: float | None = None, seed: int = 0,
-             meta: dict[str, Any] | None = None) -> tuple[int, int] | None:
+    def post(
+        self, n: int, *, score: float | None = None, seed: int = 0, meta: dict[str, Any] | None = None
+    ) -> tuple[int, int] | None:
         rng = np.random.default_rng(seed)
         body = {
             "stream": "vibration",
             "records": [
-                {"features": rng.standard_normal(DIM).round(4).tolist(),
-                 "score": float(rng.random()) if score is None else score,
-                 **({"meta": meta} if meta else {})}
+                {
+                    "features": rng.standard_normal(DIM).round(4).tolist(),
+                    "score": float(rng.random()) if score is None else score,
+                    **({"meta": meta} if meta else {}),
+                }
                 for _ in range(n)
             ],
         }
@@ -105,8 +113,14 @@ class Producer:
         self.acked.extend(range(first, last + 1))
         return first, last
 
-    def run(self, batches: int, size: int, stop: threading.Event | None = None, pause: float = 0.0,
-            seed_base: int = 0) -> None:
+    def run(
+        self,
+        batches: int,
+        size: int,
+        stop: threading.Event | None = None,
+        pause: float = 0.0,
+        seed_base: int = 0,
+    ) -> None:
         for i in range(batches):
             if stop is not None and stop.is_set():
                 return
@@ -189,7 +203,9 @@ def assert_exactly_once(stored: list[int], expected: set[int]) -> None:
     assert dups == 0, f"{dups} records are in the stream more than once"
     missing = expected - set(stored)
     extra = set(stored) - expected
-    assert not missing, f"{len(missing)} acknowledged records never reached the stream, e.g. {sorted(missing)[:5]}"
+    assert not missing, (
+        f"{len(missing)} acknowledged records never reached the stream, e.g. {sorted(missing)[:5]}"
+    )
     assert not extra, f"{len(extra)} records in the stream were never enqueued, e.g. {sorted(extra)[:5]}"
 
 

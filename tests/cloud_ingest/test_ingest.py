@@ -29,13 +29,25 @@ from tests.support import (
 )
 
 
-def frame(first: int, n: int, prev: int, *, tenant: str = TENANT, device: str = DEVICE, dim: int = 8) -> bytes:
+def frame(
+    first: int, n: int, prev: int, *, tenant: str = TENANT, device: str = DEVICE, dim: int = 8
+) -> bytes:
     seqs = list(range(first, first + n))
     rng = np.random.default_rng(first)
     return encode_frame_parts(
-        tenant=tenant, device=device, prev_seq=prev, stream="vibration", model="pf", model_version="1",
-        schema_version=1, created_ms=int(time.time() * 1000), dtype=Dtype.FLOAT32, dim=dim, seqs=seqs,
-        scores=[0.5] * n, times_ms=[int(time.time() * 1000)] * n,
+        tenant=tenant,
+        device=device,
+        prev_seq=prev,
+        stream="vibration",
+        model="pf",
+        model_version="1",
+        schema_version=1,
+        created_ms=int(time.time() * 1000),
+        dtype=Dtype.FLOAT32,
+        dim=dim,
+        seqs=seqs,
+        scores=[0.5] * n,
+        times_ms=[int(time.time() * 1000)] * n,
         feature_blobs=[rng.standard_normal(dim).astype("<f4").tobytes() for _ in range(n)],
     )
 
@@ -46,6 +58,7 @@ def ingest_only(make_pipeline):
         p: Pipeline = make_pipeline(ingest=ingest, start=False)
         p.ingest.start(timeout=20)
         return p
+
     return make
 
 
@@ -182,8 +195,11 @@ def test_two_ingest_processes_share_the_load_exactly_once(make_pipeline, tmp_pat
         p.producer.run(batches=20, size=100)
         p.wait_drained()
         assert_exactly_once(stream_seqs(p.nats.url), set(p.producer.acked))
-        wait_until(lambda: _committed(second.port) > 0 and _committed(p.ingest.port) > 0, 5,
-                   "both ingest processes to have committed frames")
+        wait_until(
+            lambda: _committed(second.port) > 0 and _committed(p.ingest.port) > 0,
+            5,
+            "both ingest processes to have committed frames",
+        )
     finally:
         second.stop()
 

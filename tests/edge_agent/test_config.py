@@ -53,7 +53,9 @@ def test_defaults_without_a_file() -> None:
 
 
 def test_toml_values_are_applied(tmp_path: Path) -> None:
-    p = write(tmp_path, f"""
+    p = write(
+        tmp_path,
+        f"""
 log_level = "DEBUG"
 [device]
 tenant = "acme"
@@ -62,7 +64,7 @@ device = "pump-7"
 host = "broker.local"
 port = 8883
 [store]
-path = "{tmp_path / 'q.db'}"
+path = "{tmp_path / "q.db"}"
 budget_bytes = 33554432
 policy = "oldest"
 synchronous = "normal"
@@ -71,7 +73,8 @@ window = 4
 frame_max_bytes = 65536
 [endpoint]
 metadata_allow = ["site"]
-""")
+""",
+    )
     cfg = load_agent_config(p)
     assert (cfg.device.tenant, cfg.device.device) == ("acme", "pump-7")
     assert (cfg.mqtt.host, cfg.mqtt.port) == ("broker.local", 8883)
@@ -95,11 +98,14 @@ def test_env_beats_the_file_and_keeps_the_rest_of_the_section(
     assert load_agent_config(None).mqtt.port == 1999
 
 
-@pytest.mark.parametrize("text, field", [
-    ("[store]\nbogus = 1\n", "store.bogus"),
-    ("[nope]\nx = 1\n", "nope"),
-    ("colour = 'red'\n", "colour"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("[store]\nbogus = 1\n", "store.bogus"),
+        ("[nope]\nx = 1\n", "nope"),
+        ("colour = 'red'\n", "colour"),
+    ],
+)
 def test_unknown_key_is_refused_naming_key_and_file(tmp_path: Path, text: str, field: str) -> None:
     p = write(tmp_path, text)
     msg = config_error(load_agent_config, p)
@@ -107,17 +113,20 @@ def test_unknown_key_is_refused_naming_key_and_file(tmp_path: Path, text: str, f
     assert f"{field}:" in msg
 
 
-@pytest.mark.parametrize("text, field", [
-    ("[store]\nbudget_bytes = -1\n", "store.budget_bytes"),
-    ("[store]\nbudget_bytes = 1000\n", "store.budget_bytes"),
-    ("[store]\npolicy = 'random'\n", "store.policy"),
-    ("[store]\nsynchronous = 'OFF'\n", "store.synchronous"),
-    ("[device]\ndevice = 'a/b'\n", "device.device"),
-    ("[device]\ntenant = ''\n", "device.tenant"),
-    ("[mqtt]\nport = 70000\n", "mqtt.port"),
-    ("[uplink]\ncompress = 'lz4'\n", "uplink.compress"),
-    ("[endpoint]\nport = 'http'\n", "endpoint.port"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("[store]\nbudget_bytes = -1\n", "store.budget_bytes"),
+        ("[store]\nbudget_bytes = 1000\n", "store.budget_bytes"),
+        ("[store]\npolicy = 'random'\n", "store.policy"),
+        ("[store]\nsynchronous = 'OFF'\n", "store.synchronous"),
+        ("[device]\ndevice = 'a/b'\n", "device.device"),
+        ("[device]\ntenant = ''\n", "device.tenant"),
+        ("[mqtt]\nport = 70000\n", "mqtt.port"),
+        ("[uplink]\ncompress = 'lz4'\n", "uplink.compress"),
+        ("[endpoint]\nport = 'http'\n", "endpoint.port"),
+    ],
+)
 def test_bad_value_is_refused_naming_file_and_field(tmp_path: Path, text: str, field: str) -> None:
     p = write(tmp_path, text)
     msg = config_error(load_agent_config, p)
@@ -163,7 +172,9 @@ def test_bad_env_value_names_the_variable(tmp_path: Path, monkeypatch: pytest.Mo
 def test_ingest_defaults_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_ingest_config(None)
     assert cfg.nats.servers == ["nats://127.0.0.1:4222"] and cfg.mqtt.port == 1883
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
 [nats]
 servers = ["nats://a:4222", "nats://b:4222"]
 [mqtt]
@@ -174,7 +185,9 @@ instance = "3"
 shared_group = "g"
 [streams]
 replicas = 3
-""", "ingest.toml")
+""",
+        "ingest.toml",
+    )
     cfg = load_ingest_config(p)
     assert cfg.nats.servers == ["nats://a:4222", "nats://b:4222"]
     assert (cfg.ingest.instance, cfg.ingest.shared_group, cfg.streams.replicas) == ("3", "g", 3)
@@ -184,12 +197,15 @@ replicas = 3
     assert (cfg.mqtt.host, cfg.mqtt.port) == ("broker", 1999)
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("[ingest]\nbogus = 1\n", "ingest.bogus:"),
-    ("[streams]\nreplicas = 9\n", "streams.replicas:"),
-    ("[nats]\nconnect_timeout_s = 0\n", "nats.connect_timeout_s:"),
-    ("[ingest\n", "TOML"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[ingest]\nbogus = 1\n", "ingest.bogus:"),
+        ("[streams]\nreplicas = 9\n", "streams.replicas:"),
+        ("[nats]\nconnect_timeout_s = 0\n", "nats.connect_timeout_s:"),
+        ("[ingest\n", "TOML"),
+    ],
+)
 def test_ingest_bad_config_names_file_and_field(tmp_path: Path, text: str, needle: str) -> None:
     p = write(tmp_path, text, "ingest.toml")
     msg = config_error(load_ingest_config, p)
@@ -209,7 +225,9 @@ KIND = RecordKind("vib", Dtype.FLOAT32, 1024)  # 4160 bytes per record
 
 def _queue_with_history(tmp_path: Path) -> tuple[Path, Path]:
     db = tmp_path / "q.db"
-    p = write(tmp_path, f"""
+    p = write(
+        tmp_path,
+        f"""
 [device]
 tenant = "acme"
 device = "pump-7"
@@ -220,7 +238,8 @@ policy = "oldest"
 [uplink]
 window = 8
 frame_max_bytes = 4096
-""")
+""",
+    )
     cfg = load_agent_config(p)
     store = Store(cfg.store, chunk_max_records=1)
     try:

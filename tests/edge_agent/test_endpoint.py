@@ -37,11 +37,15 @@ class Agent:
     def store(self) -> Store:
         return self.queue.store
 
-    async def post(self, body: Any, *, query: str = "", headers: dict[str, str] | None = None,
-                   ) -> tuple[int, dict[str, str], Any]:
+    async def post(
+        self,
+        body: Any,
+        *,
+        query: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], Any]:
         data = body if isinstance(body, str | bytes) else json.dumps(body)
-        async with self.http.post(f"{self.url}/v1/records{query}", data=data,
-                                  headers=headers or JSON) as r:
+        async with self.http.post(f"{self.url}/v1/records{query}", data=data, headers=headers or JSON) as r:
             text = await r.text()
             try:
                 parsed: Any = json.loads(text)
@@ -64,11 +68,20 @@ class Agent:
 
     async def records(self) -> list[tuple[Any, ...]]:
         await self.queue.flush()
-        return await self.queue.call(lambda: [
-            (seq, score, feats, json.dumps(meta, separators=(",", ":")) if meta else None,
-             k.stream, int(k.dtype), k.dim)
-            for seq, _, k, score, feats, meta in self.store.records()
-        ])
+        return await self.queue.call(
+            lambda: [
+                (
+                    seq,
+                    score,
+                    feats,
+                    json.dumps(meta, separators=(",", ":")) if meta else None,
+                    k.stream,
+                    int(k.dtype),
+                    k.dim,
+                )
+                for seq, _, k, score, feats, meta in self.store.records()
+            ]
+        )
 
 
 @asynccontextmanager
@@ -76,7 +89,8 @@ async def agent(tmp_path: Path, **store: Any) -> AsyncIterator[Agent]:
     uplink = {"window": 8, "frame_max_bytes": 4096}
     cfg = AgentConfig(
         store={"path": str(tmp_path / "q.db"), "synchronous": "NORMAL", **store},
-        uplink=uplink, endpoint={"port": 0},
+        uplink=uplink,
+        endpoint={"port": 0},
     )
     queue = AsyncQueue(Store(cfg.store))
     committer = asyncio.create_task(queue.run())
@@ -122,7 +136,10 @@ def check_three(rows: list[tuple[Any, ...]], first: int, last: int, with_meta: b
     assert {(r[4], r[5], r[6]) for r in rows} == {("vib", int(Dtype.FLOAT32), 4)}
     if with_meta:
         assert [json.loads(r[3]) if r[3] else None for r in rows] == [
-            {"site": "a", "sensor": 3}, None, {"label": None}]
+            {"site": "a", "sensor": 3},
+            None,
+            {"label": None},
+        ]
 
 
 def test_json_body_is_queued_durably(tmp_path: Path) -> None:
@@ -142,8 +159,9 @@ def test_binary_body_is_queued_like_json(tmp_path: Path) -> None:
     payload = struct.pack("<3f", *scores) + f32(feats)
 
     async def scenario(a: Agent) -> None:
-        status, _, body = await a.post(payload, query="?stream=vib&dim=4",
-                                       headers={"Content-Type": BINARY_TYPE})
+        status, _, body = await a.post(
+            payload, query="?stream=vib&dim=4", headers={"Content-Type": BINARY_TYPE}
+        )
         assert status == 200, body
         assert body["accepted"] == 3 and body["last_seq"] == body["first_seq"] + 2
         check_three(await a.records(), body["first_seq"], body["last_seq"], with_meta=False)
@@ -171,39 +189,66 @@ BAD_REQUESTS = {
     "empty-records": ({"stream": "vib", "records": []}, {}, ["non-empty 'records'"]),
     "not-an-object": ([1, 2, 3], {}, ["object"]),
     "ragged-features": (
-        {"stream": "vib", "records": [{"features": [1, 2, 3]}, {"features": [1, 2, 3]},
-                                      {"features": [1, 2]}]},
-        {}, ["records[2]", "3 numbers"]),
+        {
+            "stream": "vib",
+            "records": [{"features": [1, 2, 3]}, {"features": [1, 2, 3]}, {"features": [1, 2]}],
+        },
+        {},
+        ["records[2]", "3 numbers"],
+    ),
     "non-numeric-feature": (
         {"stream": "vib", "records": [{"features": [1, 2]}, {"features": [1, "x"]}]},
-        {}, ["records[1].features", "'x'"]),
-    "nan-score": ('{"stream": "vib", "records": [{"features": [1], "score": NaN}]}',
-                  {}, ["records[0].score", "finite"]),
-    "inf-score": ('{"stream": "vib", "records": [{"features": [1]}, {"features": [1], "score": -Infinity}]}',
-                  {}, ["records[1].score", "finite"]),
-    "bool-score": ({"stream": "vib", "records": [{"features": [1], "score": True}]},
-                   {}, ["records[0].score"]),
+        {},
+        ["records[1].features", "'x'"],
+    ),
+    "nan-score": (
+        '{"stream": "vib", "records": [{"features": [1], "score": NaN}]}',
+        {},
+        ["records[0].score", "finite"],
+    ),
+    "inf-score": (
+        '{"stream": "vib", "records": [{"features": [1]}, {"features": [1], "score": -Infinity}]}',
+        {},
+        ["records[1].score", "finite"],
+    ),
+    "bool-score": (
+        {"stream": "vib", "records": [{"features": [1], "score": True}]},
+        {},
+        ["records[0].score"],
+    ),
     "meta-not-allowed": (
         {"stream": "vib", "records": [{"features": [1], "meta": {"site": "a", "gps": "51.1,4.3"}}]},
-        {}, ["records[0].meta", "'gps'", "allow", "label", "sensor", "site"]),
+        {},
+        ["records[0].meta", "'gps'", "allow", "label", "sensor", "site"],
+    ),
     "meta-nested": (
         {"stream": "vib", "records": [{"features": [1], "meta": {"site": {"raw": [1, 2]}}}]},
-        {}, ["records[0].meta['site']"]),
-    "meta-not-object": ({"stream": "vib", "records": [{"features": [1], "meta": ["site"]}]},
-                        {}, ["records[0].meta"]),
+        {},
+        ["records[0].meta['site']"],
+    ),
+    "meta-not-object": (
+        {"stream": "vib", "records": [{"features": [1], "meta": ["site"]}]},
+        {},
+        ["records[0].meta"],
+    ),
     "bad-stream": ({"stream": "a/b", "records": [{"features": [1]}]}, {}, ["stream", "a/b"]),
     "missing-stream": ({"records": [{"features": [1]}]}, {}, ["'stream'"]),
-    "unknown-dtype": ({"stream": "vib", "dtype": "float64", "records": [{"features": [1]}]},
-                      {}, ["dtype", "float64"]),
-    "int8-out-of-range": ({"stream": "vib", "dtype": "int8", "records": [{"features": [1, 300]}]},
-                          {}, ["records[0].features", "300"]),
+    "unknown-dtype": (
+        {"stream": "vib", "dtype": "float64", "records": [{"features": [1]}]},
+        {},
+        ["dtype", "float64"],
+    ),
+    "int8-out-of-range": (
+        {"stream": "vib", "dtype": "int8", "records": [{"features": [1, 300]}]},
+        {},
+        ["records[0].features", "300"],
+    ),
     "binary-wrong-size": (_bin(2, 4, b"\0\0"), {"query": "?stream=vib&dim=4"}, ["42 bytes", "16"]),
     "binary-empty": (b"", {"query": "?stream=vib&dim=4"}, ["0 bytes"]),
     "binary-missing-dim": (_bin(1, 4), {"query": "?stream=vib"}, ["'dim'"]),
     "binary-zero-dim": (_bin(1, 4), {"query": "?stream=vib&dim=0"}, ["'dim'", "0"]),
     "binary-bad-stream": (_bin(1, 4), {"query": "?stream=a%2Fb&dim=4"}, ["stream"]),
-    "binary-nan-score": (f32([float("nan")]) + f32([1.0] * 4), {"query": "?stream=vib&dim=4"},
-                         ["finite"]),
+    "binary-nan-score": (f32([float("nan")]) + f32([1.0] * 4), {"query": "?stream=vib&dim=4"}, ["finite"]),
 }
 
 
@@ -215,7 +260,8 @@ def test_bad_request_is_400_problem_json_and_changes_nothing(tmp_path: Path, nam
     async def scenario(a: Agent) -> None:
         before = await a.snapshot()
         status, headers, problem = await a.post(
-            body, query=opts.get("query", ""), headers={"Content-Type": BINARY_TYPE} if binary else JSON)
+            body, query=opts.get("query", ""), headers={"Content-Type": BINARY_TYPE} if binary else JSON
+        )
         assert status == 400, problem
         assert headers["content-type"] == "application/problem+json"
         assert problem["status"] == 400 and problem["title"] == "Bad Request"
@@ -254,12 +300,16 @@ def test_null_or_overflowing_feature_is_refused(tmp_path: Path, features: list[A
     run(tmp_path, scenario)
 
 
-@pytest.mark.parametrize("extra, record", [
-    ({"schema_version": "two"}, {}),
-    ({"scale": "big"}, {}),
-    ({"schema_version": None}, {}),
-    ({}, {"score": 10 ** 400}),
-], ids=["schema_version-str", "scale-str", "schema_version-null", "huge-int-score"])
+@pytest.mark.parametrize(
+    "extra, record",
+    [
+        ({"schema_version": "two"}, {}),
+        ({"scale": "big"}, {}),
+        ({"schema_version": None}, {}),
+        ({}, {"score": 10**400}),
+    ],
+    ids=["schema_version-str", "scale-str", "schema_version-null", "huge-int-score"],
+)
 def test_badly_typed_header_fields_are_400_not_500(
     tmp_path: Path, extra: dict[str, Any], record: dict[str, Any]
 ) -> None:
@@ -274,8 +324,17 @@ def test_badly_typed_header_fields_are_400_not_500(
 
 ENCODE_CASES = {
     "ok-float32": ({"stream": "vib"}, {}),
-    "ok-int8-scaled": ({"stream": "vib", "dtype": "int8", "scale": 0.05, "model": "pf",
-                       "model_version": "1.2.0", "schema_version": 3}, {"features": [1, -2]}),
+    "ok-int8-scaled": (
+        {
+            "stream": "vib",
+            "dtype": "int8",
+            "scale": 0.05,
+            "model": "pf",
+            "model_version": "1.2.0",
+            "schema_version": 3,
+        },
+        {"features": [1, -2]},
+    ),
     "scale-on-float32": ({"stream": "vib", "scale": 2.0}, {}),
     "int8-zero-scale": ({"stream": "vib", "dtype": "int8", "scale": 0}, {"features": [1, 2]}),
     "model-too-long": ({"stream": "vib", "model": "m" * 100}, {}),
@@ -301,10 +360,22 @@ def test_accepted_records_can_be_encoded_as_a_frame(tmp_path: Path, name: str) -
         k = frame.kind
         try:
             encode_frame_parts(
-                tenant="demo", device="device-1", prev_seq=frame.prev_seq, stream=k.stream,
-                model=k.model, model_version=k.model_version, schema_version=k.schema_version,
-                created_ms=1, dtype=k.dtype, dim=k.dim, seqs=frame.seqs, scores=frame.scores,
-                times_ms=frame.times_ms, feature_blobs=frame.features, scale=k.scale, meta=frame.meta,
+                tenant="demo",
+                device="device-1",
+                prev_seq=frame.prev_seq,
+                stream=k.stream,
+                model=k.model,
+                model_version=k.model_version,
+                schema_version=k.schema_version,
+                created_ms=1,
+                dtype=k.dtype,
+                dim=k.dim,
+                seqs=frame.seqs,
+                scores=frame.scores,
+                times_ms=frame.times_ms,
+                feature_blobs=frame.features,
+                scale=k.scale,
+                meta=frame.meta,
             )
         except WireError as e:
             raise AssertionError(f"accepted with 200, but the frame cannot be encoded: {e}") from None
@@ -322,12 +393,14 @@ def test_block_policy_full_is_503_with_retry_after(tmp_path: Path) -> None:
     payload = _bin(10, dim)
 
     async def scenario(a: Agent) -> None:
-        status, _, body = await a.post(payload, query=f"?stream=vib&dim={dim}",
-                                       headers={"Content-Type": BINARY_TYPE})
+        status, _, body = await a.post(
+            payload, query=f"?stream=vib&dim={dim}", headers={"Content-Type": BINARY_TYPE}
+        )
         assert status == 200, body
         before = await a.snapshot()
-        status, headers, problem = await a.post(payload, query=f"?stream=vib&dim={dim}",
-                                                headers={"Content-Type": BINARY_TYPE})
+        status, headers, problem = await a.post(
+            payload, query=f"?stream=vib&dim={dim}", headers={"Content-Type": BINARY_TYPE}
+        )
         assert status == 503, problem
         assert headers["content-type"] == "application/problem+json"
         assert int(headers["Retry-After"]) >= 1
@@ -357,9 +430,7 @@ def test_healthz_metrics_and_status(tmp_path: Path) -> None:
             assert r.status == 200
             text = await r.text()
         assert "et_agent_enqueued_records_total" in text
-        samples = dict(
-            line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
-        )
+        samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
         assert float(samples["et_agent_queue_records"]) == 6  # set by the /v1/status call
 
     run(tmp_path, scenario)

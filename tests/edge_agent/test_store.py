@@ -47,9 +47,7 @@ def feats(value: float, kind: RecordKind = K4) -> bytes:
 
 
 def recs(n: int, start: int = 0, kind: RecordKind = K4, scores: list[float] | None = None) -> list[NewRecord]:
-    return [
-        NewRecord(feats(start + i, kind), scores[i] if scores is not None else 0.5) for i in range(n)
-    ]
+    return [NewRecord(feats(start + i, kind), scores[i] if scores is not None else 0.5) for i in range(n)]
 
 
 def ok(result: Appended | Exception) -> Appended:
@@ -176,9 +174,9 @@ def test_group_commit_shares_transactions_and_gives_each_caller_its_own_range(tm
         runner = asyncio.create_task(q.run())
         try:
             # caller i sends i % 3 + 1 records whose features all equal i
-            results = await asyncio.gather(*[
-                q.enqueue(K4, [NewRecord(feats(i), 0.5)] * (i % 3 + 1)) for i in range(50)
-            ])
+            results = await asyncio.gather(
+                *[q.enqueue(K4, [NewRecord(feats(i), 0.5)] * (i % 3 + 1)) for i in range(50)]
+            )
             commits = q.store.commits
             content = rows(q.store)
         finally:
@@ -221,8 +219,7 @@ def test_write_behind_returns_at_once_and_commits_on_flush(tmp_path: Path) -> No
 
 def test_write_behind_refused_by_block_policy_is_counted(tmp_path: Path) -> None:
     async def scenario() -> tuple[int, dict[str, int]]:
-        q = AsyncQueue(Store(settings(tmp_path, budget_bytes=MIN_BUDGET, policy="block",
-                                      block_timeout_s=0)))
+        q = AsyncQueue(Store(settings(tmp_path, budget_bytes=MIN_BUDGET, policy="block", block_timeout_s=0)))
         runner = asyncio.create_task(q.run())
         try:
             ok(await asyncio.wait_for(q.enqueue(BIG, recs(15, kind=BIG)), 10))
@@ -305,15 +302,17 @@ def test_budget_holds_after_every_append_and_everything_is_counted(tmp_path: Pat
     with opened(settings(tmp_path, budget_bytes=MIN_BUDGET, policy=policy)) as s:
         for step in range(60):
             n = rng.randint(1, 6)
-            ok(s.append_many([(BIG, recs(n, start=enqueued, kind=BIG,
-                                         scores=[rng.random() for _ in range(n)]))])[0])
+            ok(
+                s.append_many(
+                    [(BIG, recs(n, start=enqueued, kind=BIG, scores=[rng.random() for _ in range(n)]))]
+                )[0]
+            )
             enqueued += n
             assert s.bytes_used <= MIN_BUDGET
             if step % 7 == 3:
                 f = s.next_frame(4, 1 << 20)
                 assert f is not None
-                s.finish_frame(f.first_seq, f.last_seq,
-                               loss_reason="rejected" if step % 14 == 3 else None)
+                s.finish_frame(f.first_seq, f.last_seq, loss_reason="rejected" if step % 14 == 3 else None)
             bookkeeping(s, enqueued)
         st = s.stats()
         assert st.delivered > 0 and st.evictions.get("rejected", 0) > 0 and st.evictions[policy] > 0
@@ -363,14 +362,15 @@ def test_disk_use_stays_bounded_under_20x_budget(tmp_path: Path) -> None:
         assert s.stats().evictions["lowest_score"] == written - s.stats().records
     peak = max(peaks)
     ratio = peak / budget
-    print(f"\npeak on-disk size {peak} bytes = {ratio:.2f} x budget (db file alone {db_peak / budget:.2f} x) "
-          f"after writing {written * per_record / budget:.1f} x budget")
+    print(
+        f"\npeak on-disk size {peak} bytes = {ratio:.2f} x budget (db file alone {db_peak / budget:.2f} x) "
+        f"after writing {written * per_record / budget:.1f} x budget"
+    )
     # The file: the budget, plus free pages and one 64 KiB page per table and index;
     # the WAL: at most the checkpoint threshold plus one commit.
     slack = 16 * 65536
     assert db_peak <= 2 * budget + slack, f"db file {db_peak / budget:.2f} x budget"
-    assert peak <= 2 * budget + slack + s.wal_limit_bytes + 2 * (1 << 20), \
-        f"{ratio:.2f} x budget on disk"
+    assert peak <= 2 * budget + slack + s.wal_limit_bytes + 2 * (1 << 20), f"{ratio:.2f} x budget on disk"
     assert peaks[1] <= peaks[0] * 1.05, f"disk use keeps growing: {peaks}"
 
 
@@ -384,8 +384,14 @@ def test_next_frame_takes_seq_order_one_kind_and_respects_limits(tmp_path: Path)
         a2 = ok(s.append_many([(K4, recs(5, start=13))])[0])
         per = 16 + store_mod.ROW_OVERHEAD
         frames = []
-        limits = [(4, 1 << 20), (100, 2 * per + per // 2), (100, 1), (100, 1 << 20), (100, 1 << 20),
-                  (100, 1 << 20)]
+        limits = [
+            (4, 1 << 20),
+            (100, 2 * per + per // 2),
+            (100, 1),
+            (100, 1 << 20),
+            (100, 1 << 20),
+            (100, 1 << 20),
+        ]
         for max_records, max_bytes in limits:
             f = s.next_frame(max_records, max_bytes)
             assert f is not None
@@ -420,12 +426,19 @@ def test_frames_persist_across_reopen(tmp_path: Path) -> None:
     with opened(st, chunk_max_records=1) as s:
         again = s.open_frames()
         assert [(f.first_seq, f.last_seq, f.prev_seq) for f in again] == [
-            (f.first_seq, f.last_seq, f.prev_seq) for f in made  # type: ignore[union-attr]
+            (f.first_seq, f.last_seq, f.prev_seq)
+            for f in made  # type: ignore[union-attr]
         ]
         for old, new in zip(made, again, strict=True):
             assert old is not None
             assert (new.seqs, new.scores, new.features, new.meta, new.kind, new.times_ms) == (
-                old.seqs, old.scores, old.features, old.meta, old.kind, old.times_ms)
+                old.seqs,
+                old.scores,
+                old.features,
+                old.meta,
+                old.kind,
+                old.times_ms,
+            )
         assert again[0].meta == [{}, {"site": "s1"}, {}, {"site": "s3"}]
         nxt = s.next_frame(100, 1 << 20)
         assert nxt is not None and nxt.prev_seq == made[1].last_seq  # type: ignore[union-attr]
@@ -496,8 +509,11 @@ def test_corrupt_queue_is_moved_aside_and_a_fresh_one_opens(
         assert seqs(s) == []
         assert s.stats().corrupt_resets == 1
         ok(s.append_many([(K4, recs(2))])[0])
-    aside = [p for p in tmp_path.iterdir() if p.name.startswith("q.db.corrupt-") and
-             not p.name.endswith(("-wal", "-shm"))]
+    aside = [
+        p
+        for p in tmp_path.iterdir()
+        if p.name.startswith("q.db.corrupt-") and not p.name.endswith(("-wal", "-shm"))
+    ]
     assert len(aside) == 1
     assert aside[0].read_bytes() == original
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -623,7 +639,8 @@ def test_async_queue_tells_every_producer_its_batch_did_not_fit(tmp_path: Path) 
         try:
             await q.call(_fill_to_page_limit, q.store, 10)
             return await asyncio.gather(
-                q.enqueue(kind, recs(500, kind=kind)), q.enqueue(kind, recs(500, kind=kind)),
+                q.enqueue(kind, recs(500, kind=kind)),
+                q.enqueue(kind, recs(500, kind=kind)),
                 return_exceptions=True,
             )
         finally:
@@ -692,4 +709,3 @@ def test_record_of_the_wrong_size_is_refused_alone(tmp_path: Path) -> None:
         assert s.stats().records == 5
         # the refused batch's kind was not registered either
         assert s.db.execute("SELECT count(*) FROM kinds WHERE stream='cam'").fetchone()[0] == 0
-

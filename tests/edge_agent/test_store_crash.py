@@ -44,15 +44,20 @@ def batch(i):
     return [NewRecord(np.full({DIM}, i + j, dtype="<f4").tobytes(), 0.5) for j in range({BATCH})]
 """
 
-APPEND_LOOP = PRELUDE + """
+APPEND_LOOP = (
+    PRELUDE
+    + """
 i = 0
 while True:
     r = store.append_many([(kind, batch(i))])[0]
     print(r.first_seq, r.last_seq, flush=True)
     i += len(batch(i))
 """
+)
 
-FRAME_LOOP = PRELUDE + """
+FRAME_LOOP = (
+    PRELUDE
+    + """
 open_frames = []
 i = 0
 while True:
@@ -69,14 +74,19 @@ while True:
         n = store.finish_frame(f.first_seq, f.last_seq)
         print("D", f.first_seq, f.last_seq, n, flush=True)
 """
+)
 
 
 @contextmanager
 def child(code: str, db: Path) -> Iterator[tuple[subprocess.Popen[str], list[str], threading.Event]]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=env, cwd=REPO,
+        [sys.executable, "-c", code, str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
     )
     lines: list[str] = []
     first = threading.Event()
@@ -181,7 +191,8 @@ def test_frames_and_receipts_survive_kill_9(tmp_path: Path, seed: int) -> None:
         assert st.delivered == sum(n for *_, n in done) + (len(maybe) if not maybe & present else 0)
 
         frames = store.db.execute(
-            "SELECT first_seq, last_seq, prev_seq, n FROM frames ORDER BY first_seq").fetchall()
+            "SELECT first_seq, last_seq, prev_seq, n FROM frames ORDER BY first_seq"
+        ).fetchall()
         chain_last = store.db.execute("SELECT value FROM meta WHERE key='chain_last'").fetchone()[0]
         covered: set[int] = set()
         for first, last, prev, n in frames:

@@ -271,9 +271,7 @@ def test_nats_monitor_and_session_fixture(nats_session: NatsServer) -> None:
     varz = nats_session.monitor("/varz")
     assert varz["server_name"] == "et-test"
     assert varz["port"] == nats_session.port
-    assert nats_session.monitor("/jsz")["config"]["store_dir"].startswith(
-        str(nats_session.store_dir)
-    )
+    assert nats_session.monitor("/jsz")["config"]["store_dir"].startswith(str(nats_session.store_dir))
 
 
 def test_mosquitto_session_fixture(mosquitto_session: Mosquitto) -> None:

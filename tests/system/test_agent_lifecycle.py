@@ -51,16 +51,25 @@ class StatusWatcher:
 
 
 def test_status_is_retained_and_the_last_will_says_offline(make_pipeline) -> None:
-    p: Pipeline = make_pipeline(agent={"store": {"budget_bytes": 256 * 1024, "policy": "oldest"},
-                                       "uplink": {"frame_max_bytes": 16 * 1024, "window": 2}})
+    p: Pipeline = make_pipeline(
+        agent={
+            "store": {"budget_bytes": 256 * 1024, "policy": "oldest"},
+            "uplink": {"frame_max_bytes": 16 * 1024, "window": 2},
+        }
+    )
     w = StatusWatcher(p.mosquitto.port)
     wait_until(lambda: (w.last or {}).get("state") == "online", 10, "an online status")
     p.ingest.stop()  # nothing is receipted: the backlog builds up and must show
     for i in range(40):  # 4000 x 128 bytes charged: twice the budget
         p.producer.post(100, seed=i)
-    wait_until(lambda: (w.last or {}).get("backlog_records", 0) > 0
-               and (w.last or {}).get("evictions", {}).get("oldest", 0) > 0, 10,
-               "a status that shows the backlog and the evictions")
+    wait_until(
+        lambda: (
+            (w.last or {}).get("backlog_records", 0) > 0
+            and (w.last or {}).get("evictions", {}).get("oldest", 0) > 0
+        ),
+        10,
+        "a status that shows the backlog and the evictions",
+    )
     p.agent.kill()  # no clean disconnect: the broker publishes the will
     wait_until(lambda: (w.last or {}).get("state") == "offline", 60, "the last will")
     w.close()
@@ -88,10 +97,12 @@ def test_embedded_mode_mqtt311_on_nats_own_listener(nats_mqtt_server: NatsServer
     port = nats_mqtt_server.mqtt_port
     assert port is not None
     mqtt = {"version": "3.1.1"}
-    ingest = IngestProcess(tmp_path / "ingest", ingest_config(port, nats_mqtt_server.url, mqtt=mqtt),
-                           name="cloud-ingest")
-    agent = AgentProcess(tmp_path / "agent", agent_config(tmp_path / "agent", port, mqtt=mqtt),
-                         name="edge-agent")
+    ingest = IngestProcess(
+        tmp_path / "ingest", ingest_config(port, nats_mqtt_server.url, mqtt=mqtt), name="cloud-ingest"
+    )
+    agent = AgentProcess(
+        tmp_path / "agent", agent_config(tmp_path / "agent", port, mqtt=mqtt), name="edge-agent"
+    )
     try:
         ingest.start(timeout=20)
         agent.start(timeout=20)

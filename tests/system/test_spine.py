@@ -73,8 +73,9 @@ def test_agent_kill9_during_enqueue(make_pipeline, tmp_path) -> None:
 def test_mosquitto_kill9_and_restart_mid_stream(make_pipeline) -> None:
     p: Pipeline = make_pipeline()
     stop = threading.Event()
-    t = threading.Thread(target=p.producer.run,
-                         kwargs={"batches": 40, "size": 50, "stop": stop, "pause": 0.02})
+    t = threading.Thread(
+        target=p.producer.run, kwargs={"batches": 40, "size": 50, "stop": stop, "pause": 0.02}
+    )
     t.start()
     wait_until(lambda: _delivered(p) >= 300, 30, "some deliveries")
     p.mosquitto.kill()
@@ -88,8 +89,9 @@ def test_mosquitto_kill9_and_restart_mid_stream(make_pipeline) -> None:
 def test_ingest_kill9_mid_stream(make_pipeline) -> None:
     p: Pipeline = make_pipeline()
     stop = threading.Event()
-    t = threading.Thread(target=p.producer.run,
-                         kwargs={"batches": 40, "size": 50, "stop": stop, "pause": 0.02})
+    t = threading.Thread(
+        target=p.producer.run, kwargs={"batches": 40, "size": 50, "stop": stop, "pause": 0.02}
+    )
     t.start()
     wait_until(lambda: _delivered(p) >= 300, 30, "some deliveries")
     p.ingest.kill()
@@ -103,8 +105,9 @@ def test_ingest_kill9_mid_stream(make_pipeline) -> None:
 def test_nats_kill9_and_restart_mid_stream(make_pipeline) -> None:
     p: Pipeline = make_pipeline()
     stop = threading.Event()
-    t = threading.Thread(target=p.producer.run,
-                         kwargs={"batches": 40, "size": 50, "stop": stop, "pause": 0.02})
+    t = threading.Thread(
+        target=p.producer.run, kwargs={"batches": 40, "size": 50, "stop": stop, "pause": 0.02}
+    )
     t.start()
     wait_until(lambda: _delivered(p) >= 300, 30, "some deliveries")
     p.nats.kill()
@@ -117,10 +120,12 @@ def test_nats_kill9_and_restart_mid_stream(make_pipeline) -> None:
 
 def test_outage_past_budget_counts_every_eviction(make_pipeline) -> None:
     budget = 256 * 1024
-    p: Pipeline = make_pipeline(agent={
-        "store": {"budget_bytes": budget, "policy": "lowest_score"},
-        "uplink": {"frame_max_records": 50, "frame_max_bytes": 16 * 1024, "window": 2},
-    })
+    p: Pipeline = make_pipeline(
+        agent={
+            "store": {"budget_bytes": budget, "policy": "lowest_score"},
+            "uplink": {"frame_max_records": 50, "frame_max_bytes": 16 * 1024, "window": 2},
+        }
+    )
     p.mosquitto.stop()
     peak = 0
     for i in range(40):
@@ -198,5 +203,6 @@ def test_rejected_frames_are_counted_and_the_chain_recovers(make_pipeline) -> No
     assert st is not None and st["evictions"].get("rejected") == len(rejected) == 80
     assert_exactly_once(stream_seqs(p.nats.url), set(p.producer.acked))
     dlq = stream_messages(p.nats.url, "ET_DEADLETTER")
-    assert len(dlq) == 2 and all("limit" in m.headers["Et-Reason"] or "large" in m.headers["Et-Reason"]
-                                 for m in dlq)
+    assert len(dlq) == 2 and all(
+        "limit" in m.headers["Et-Reason"] or "large" in m.headers["Et-Reason"] for m in dlq
+    )
