@@ -298,6 +298,28 @@ class QueueStats:
         return d
 
 
+@dataclass(slots=True)
+class _Staged:
+    """A batch checked and given its seqs, waiting to be written in its transaction."""
+
+    index: int
+    kind: RecordKind
+    first: int
+    n: int
+    records: Sequence[NewRecord] | RecordBatch
+    nbytes: int
+
+
+def _runs_of_one_kind(staged: list[_Staged]) -> list[list[_Staged]]:
+    runs: list[list[_Staged]] = []
+    for x in staged:
+        if runs and runs[-1][-1].kind == x.kind:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return runs
+
+
 class Store:
     """The queue file. Not thread-safe: one thread uses it (``AsyncQueue`` sees to that).
 
@@ -527,26 +549,44 @@ class Store:
     ) -> list[Appended | Exception]:
         """Append several producers' batches in ONE transaction (group commit).
 
-        Each batch gets its own result: its seq range, or the exception that
-        refused it (``QueueFull`` under the block policy, ``StoreError`` for a
-        bad batch or one the full disk cannot take) without failing the others.
-        A refused batch whose producer is not waiting (``write_behind``) is
-        counted as lost, reason ``refused``: nobody else would hear of it.
+        Consecutive batches of one kind share chunk rows, so many small
+        producers cost what one big one does. Each batch gets its own result:
+        its seq range, or the exception that refused it (``QueueFull`` under the
+        block policy, ``StoreError`` for a bad batch or one the full disk cannot
+        take) without failing the others. A refused batch whose producer is not
+        waiting (``write_behind``) is counted as lost, reason ``refused``: nobody
+        else would hear of it.
         """
         failed: dict[int, Exception] = {}
         made_room = False
+        merge = True
         while True:
             snapshot = self._snapshot()
-            results: dict[int, Appended | Exception] = {}
+            results: dict[int, Appended | Exception] = dict(failed)
             current: int | None = None
             try:
                 self.db.execute("BEGIN IMMEDIATE")
+                staged: list[_Staged] = []
                 for i, (kind, records) in enumerate(batches):
                     if i not in failed:
-                        current = i
-                        results[i] = self._append_one(kind, records)
+                        r = self._stage(i, kind, records)
+                        if isinstance(r, Exception):
+                            results[i] = r
+                        elif len(records):
+                            staged.append(r)
+                        else:
+                            results[i] = Appended(0, 0, 0)
+                groups = _runs_of_one_kind(staged) if merge else [[x] for x in staged]
+                for group in groups:
+                    current = None if merge else group[0].index
+                    self._write(group)
                 current = None
-                results.update(failed)
+                evicted = 0
+                excess = self._bytes - self.settings.budget_bytes
+                if excess > 0:
+                    evicted = self._evict(excess, self.settings.policy.value)
+                for x in staged:
+                    results[x.index] = Appended(x.first, x.first + x.n - 1, evicted)
                 for i, r in results.items():
                     if isinstance(r, Exception) and write_behind is not None and write_behind[i]:
                         kind, records = batches[i]
@@ -558,20 +598,24 @@ class Store:
                 break
             except sqlite3.OperationalError as e:
                 # SQLite may roll a transaction back by itself on SQLITE_FULL, so the
-                # whole group is redone: once after making room, then without the
-                # batch that still does not fit.
+                # whole group is redone: once after making room, then batch by batch
+                # to find the one that does not fit, then without it.
                 self._rollback(snapshot)
-                if sqlite3_errorcode(e) != sqlite3.SQLITE_FULL or current is None:
+                if sqlite3_errorcode(e) != sqlite3.SQLITE_FULL:
                     raise
                 if not made_room:
                     need = sum(len(r) * (k.record_bytes + ROW_OVERHEAD) for k, r in batches) * 2
                     self._make_room_on_disk(max(need, 256 * 1024))
                     made_room = True
-                else:
+                elif merge:
+                    merge = False
+                elif current is not None:
                     failed[current] = StoreError(
                         f"{self.path}: disk full: a batch of {len(batches[current][1])} records does not "
                         "fit even after evicting by policy"
                     )
+                else:
+                    raise
             except BaseException:
                 self._rollback(snapshot)
                 raise
@@ -603,12 +647,11 @@ class Store:
             raise
         log.error("disk full while writing %s; evicted %d records to make room", self.path, freed)
 
-    def _append_one(
-        self, kind: RecordKind, records: Sequence[NewRecord] | RecordBatch
-    ) -> Appended | Exception:
+    def _stage(
+        self, index: int, kind: RecordKind, records: Sequence[NewRecord] | RecordBatch
+    ) -> _Staged | Exception:
+        """Check one batch and give it its seqs and its share of the budget (written later)."""
         n = len(records)
-        if not n:
-            return Appended(0, 0, 0)
         if kind not in self._kinds:
             # Whatever is queued must encode as a frame later, or it would block the queue.
             try:
@@ -624,53 +667,92 @@ class Store:
             except WireError as e:
                 return StoreError(f"stream {kind.stream!r}: {e}")
         rb = kind.record_bytes
+        where = f"stream {kind.stream!r}"
         try:
-            batch = RecordBatch.of(records, rb)
-            cols = Columns(
-                seqs=np.arange(self._next_seq, self._next_seq + n, dtype=U64),
-                scores=np.asarray(batch.scores, dtype=F32),
-                times=(
-                    np.full(n, now_ms(), dtype=U64)
-                    if batch.created_ms is None
-                    else np.asarray(batch.created_ms, dtype=U64)
-                ),
-                features=batch.features,
-                meta=batch.meta,
-            )
-            sizes = cols.sizes(rb)
+            if isinstance(records, RecordBatch):
+                records = RecordBatch.of(records, rb)
+                metas = records.meta
+                if metas is not None and len(metas) != n:
+                    raise StoreError(f"{len(metas)} metadata objects for {n} records")
+            else:
+                for i, r in enumerate(records):
+                    if len(r.features) != rb:
+                        raise StoreError(f"record {i}: {len(r.features)} feature bytes, expected {rb}")
+                metas = [r.meta or {} for r in records] if any(r.meta for r in records) else None
+            meta_bytes = sum(len(_json(m)) for m in metas if m) if metas else 0
         except (StoreError, TypeError, ValueError) as e:
-            return StoreError(f"stream {kind.stream!r}: {e} ({kind.dim} x {kind.dtype.name.lower()})")
-        if batch.meta is not None and len(batch.meta) != n:
-            return StoreError(f"stream {kind.stream!r}: {len(batch.meta)} metadata objects for {n} records")
-        added = int(sizes.sum())
+            return StoreError(f"{where}: {e} ({kind.dim} x {kind.dtype.name.lower()})")
+        nbytes = n * (rb + ROW_OVERHEAD) + meta_bytes
         budget = self.settings.budget_bytes
-        if self.settings.policy is EvictionPolicy.BLOCK and self._bytes + added > budget:
+        if self.settings.policy is EvictionPolicy.BLOCK and self._bytes + nbytes > budget:
             return QueueFull(
                 f"queue {self.path} is full ({self._bytes} of {budget} bytes) and the policy is "
                 f"'block': {n} records refused"
             )
+        staged = _Staged(index, kind, self._next_seq, n, records, nbytes)
+        self._next_seq += n
+        self._bytes += nbytes
+        return staged
+
+    def _write(self, group: list[_Staged]) -> None:
+        """Insert staged batches of one kind, with consecutive seqs, as chunk rows."""
+        kind = group[0].kind
+        rb = kind.record_bytes
+        # Producers' record lists become one column batch each run (no numpy call per batch).
+        parts: list[RecordBatch] = []
+        loose: list[NewRecord] = []
+        for x in group:
+            if isinstance(x.records, RecordBatch):
+                if loose:
+                    parts.append(RecordBatch.of(loose, rb))
+                    loose = []
+                parts.append(x.records)
+            else:
+                loose.extend(x.records)
+        if loose:
+            parts.append(RecordBatch.of(loose, rb))
+        n = sum(x.n for x in group)
+        now = now_ms()
+        metas = None
+        if any(p.meta is not None for p in parts):
+            metas = [m for p in parts for m in (p.meta if p.meta is not None else [{}] * len(p))]
+        cols = Columns(
+            seqs=np.arange(group[0].first, group[0].first + n, dtype=U64),
+            scores=np.concatenate([np.asarray(p.scores, dtype=F32) for p in parts]),
+            times=np.concatenate([
+                np.full(len(p), now, dtype=U64) if p.created_ms is None else np.asarray(p.created_ms, U64)
+                for p in parts
+            ]),
+            features=b"".join(p.features for p in parts) if len(parts) > 1 else parts[0].features,
+            meta=metas,
+        )
         kid = self._kind_id(kind)
         # Split into chunks that a frame can always carry whole.
-        bounds = [0]
-        total = 0
-        for i, size in enumerate(sizes.tolist()):
-            if i > bounds[-1] and (
-                i - bounds[-1] >= self.chunk_max_records or total + size > self.chunk_max_bytes
-            ):
-                bounds.append(i)
-                total = 0
-            total += size
-        bounds.append(n)
+        if metas is None:
+            per = max(1, min(self.chunk_max_records, self.chunk_max_bytes // (rb + ROW_OVERHEAD)))
+            bounds = [*range(0, n, per), n]
+            sizes = None
+        else:
+            sizes = cols.sizes(rb)
+            bounds = [0]
+            total = 0
+            for i, size in enumerate(sizes.tolist()):
+                if i > bounds[-1] and (
+                    i - bounds[-1] >= self.chunk_max_records or total + size > self.chunk_max_bytes
+                ):
+                    bounds.append(i)
+                    total = 0
+                total += size
+            bounds.append(n)
         rows = [
-            self._chunk_row(kid, cols.slice(lo, hi, rb), int(sizes[lo:hi].sum()))
+            self._chunk_row(
+                kid,
+                cols.slice(lo, hi, rb),
+                (hi - lo) * (rb + ROW_OVERHEAD) if sizes is None else int(sizes[lo:hi].sum()),
+            )
             for lo, hi in itertools.pairwise(bounds)
         ]
         self.db.executemany(f"INSERT INTO chunks({_CHUNK_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-        first = self._next_seq
-        self._next_seq += n
-        self._bytes += added
-        evicted = self._evict(self._bytes - budget, self.settings.policy.value) if self._bytes > budget else 0
-        return Appended(first, first + n - 1, evicted)
 
     @staticmethod
     def _chunk_row(kid: int, c: Columns, nbytes: int, key: int | None = None) -> tuple[Any, ...]:
