@@ -67,6 +67,9 @@ CREATE TABLE IF NOT EXISTS chunks (
     features       BLOB    NOT NULL,     -- n x kind's record bytes
     meta           TEXT                  -- JSON list of n objects, or NULL
 );
+-- A chunk row keeps a large part of its blobs in its b-tree leaf; this index lets the
+-- frame cutter and the stats read the small columns without touching the blobs.
+CREATE INDEX IF NOT EXISTS chunks_heads ON chunks(key, n, kind, nbytes, created_ms);
 CREATE TABLE IF NOT EXISTS kinds (
     id             INTEGER PRIMARY KEY,
     stream         TEXT NOT NULL,
@@ -719,10 +722,12 @@ class Store:
         cols = Columns(
             seqs=np.arange(group[0].first, group[0].first + n, dtype=U64),
             scores=np.concatenate([np.asarray(p.scores, dtype=F32) for p in parts]),
-            times=np.concatenate([
-                np.full(len(p), now, dtype=U64) if p.created_ms is None else np.asarray(p.created_ms, U64)
-                for p in parts
-            ]),
+            times=np.concatenate(
+                [
+                    np.full(len(p), now, dtype=U64) if p.created_ms is None else np.asarray(p.created_ms, U64)
+                    for p in parts
+                ]
+            ),
             features=b"".join(p.features for p in parts) if len(parts) > 1 else parts[0].features,
             meta=metas,
         )
@@ -876,40 +881,54 @@ class Store:
 
     def next_frame(self, max_records: int, max_bytes: int) -> FrameRows | None:
         """Assign the oldest unframed chunks (whole, one kind) to a new frame and persist it."""
-        heads = self.db.execute(
-            "SELECT key, n, kind, nbytes FROM chunks WHERE key > ? ORDER BY key LIMIT 256",
-            (self._chain_last,),
-        ).fetchall()
-        if not heads:
-            return None
-        kid = heads[0][2]
-        take = n = total = 0
-        for _key, cn, ck, cb in heads:
-            if ck != kid or (take and (n + cn > max_records or total + cb > max_bytes)):
-                break
-            take += 1
-            n += cn
-            total += cb
-        lo, hi = heads[0][0], heads[take - 1][0]
-        rows = self.db.execute(
-            f"SELECT {_CHUNK_COLS} FROM chunks WHERE key BETWEEN ? AND ? ORDER BY key", (lo, hi)
-        ).fetchall()
-        frame = self._frame(self._chain_last, rows)
+        frames = self.next_frames(1, max_records, max_bytes)
+        return frames[0] if frames else None
+
+    def next_frames(self, count: int, max_records: int, max_bytes: int) -> list[FrameRows]:
+        """Cut up to ``count`` frames from the oldest unframed chunks, persisted in one commit
+        (the frames must be durable before they are sent: a re-send must be the same upload)."""
+        # Walk the unframed chunks in seq order (the covering index), only as far as needed.
+        cuts: list[tuple[int, int, int, int]] = []  # (first key, last key, records, bytes)
+        cur: list[int] | None = None  # [first key, last key, records, bytes, kind]
+        for key, cn, ck, cb in self.db.execute(
+            "SELECT key, n, kind, nbytes FROM chunks WHERE key > ? ORDER BY key", (self._chain_last,)
+        ):
+            if cur is not None and (ck != cur[4] or cur[2] + cn > max_records or cur[3] + cb > max_bytes):
+                cuts.append((cur[0], cur[1], cur[2], cur[3]))
+                cur = None
+                if len(cuts) == count:
+                    break
+            if cur is None:
+                cur = [key, key, 0, 0, ck]
+            cur[1], cur[2], cur[3] = key, cur[2] + cn, cur[3] + cb
+        if cur is not None and len(cuts) < count:
+            cuts.append((cur[0], cur[1], cur[2], cur[3]))
+        if not cuts:
+            return []
+        prev = self._chain_last
+        frames: list[tuple[FrameRows, int, int, int]] = []
+        for lo, hi, n, total in cuts:
+            rows = self.db.execute(
+                f"SELECT {_CHUNK_COLS} FROM chunks WHERE key BETWEEN ? AND ? ORDER BY key", (lo, hi)
+            ).fetchall()
+            frame = self._frame(prev, rows)
+            frames.append((frame, lo, n, total))
+            prev = frame.last_seq
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.execute(
+            self.db.executemany(
                 "INSERT INTO frames(first_seq, last_seq, prev_seq, chunk_lo, n, nbytes, created_ms) "
                 "VALUES (?,?,?,?,?,?,?)",
-                (frame.first_seq, frame.last_seq, frame.prev_seq, lo, n, total, now_ms()),
+                [(f.first_seq, f.last_seq, f.prev_seq, lo, n, total, now_ms()) for f, lo, n, total in frames],
             )
-            self._set_meta("chain_last", frame.last_seq)
+            self._set_meta("chain_last", prev)
             self.db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
                 self.db.execute("ROLLBACK")
             raise
-        self._chain_last = frame.last_seq
-        return frame
+        self._chain_last = prev
+        return [f for f, *_ in frames]
 
     def _frame(self, prev_seq: int, rows: list[tuple[Any, ...]]) -> FrameRows:
         cols = Columns.concat([self._columns(r) for r in rows])
@@ -939,36 +958,44 @@ class Store:
         self.db.execute("UPDATE frames SET prev_seq=? WHERE first_seq=?", (prev_seq, first_seq))
 
     def finish_frame(self, first_seq: int, last_seq: int, loss_reason: str | None = None) -> int:
-        """Remove a frame's records: delivered (receipt) or, with a reason, counted as lost.
+        """Remove a frame's records: delivered (receipt) or, with a reason, counted as lost."""
+        return self.finish_frames([(first_seq, last_seq, loss_reason)])[0]
 
-        No fsync of its own: if a crash forgets this delete, the frame is sent again
-        and the cloud answers DUPLICATE. The next synced commit makes it durable
-        (the WAL is written in order).
+    def finish_frames(self, done: Sequence[tuple[int, int, str | None]]) -> list[int]:
+        """Remove frames' records in one commit; each (first_seq, last_seq, loss reason or None).
+
+        No fsync of its own: if a crash forgets these deletes, the frames are sent
+        again and the cloud answers DUPLICATE. The next synced commit makes them
+        durable (the WAL is written in order).
         """
         self.db.execute("PRAGMA synchronous=NORMAL")
+        freed_total = 0
+        counts: list[int] = []
         try:
-            return self._finish_frame(first_seq, last_seq, loss_reason)
-        finally:
-            self.db.execute(f"PRAGMA synchronous={self.settings.synchronous}")
-
-    def _finish_frame(self, first_seq: int, last_seq: int, loss_reason: str | None) -> int:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            row = self.db.execute("SELECT chunk_lo FROM frames WHERE first_seq=?", (first_seq,)).fetchone()
-            lo = row[0] if row else first_seq
-            freed = self.db.execute(
-                "DELETE FROM chunks WHERE key BETWEEN ? AND ? RETURNING n, nbytes", (lo, last_seq)
-            ).fetchall()
-            self.db.execute("DELETE FROM frames WHERE first_seq=?", (first_seq,))
-            n = sum(r[0] for r in freed)
-            nbytes = sum(r[1] for r in freed)
-            if loss_reason is not None:
-                self._count_loss(loss_reason, n, nbytes)
-            else:
+            self.db.execute("BEGIN IMMEDIATE")
+            delivered = 0
+            for first_seq, last_seq, loss_reason in done:
+                row = self.db.execute(
+                    "SELECT chunk_lo FROM frames WHERE first_seq=?", (first_seq,)
+                ).fetchone()
+                lo = row[0] if row else first_seq
+                freed = self.db.execute(
+                    "DELETE FROM chunks WHERE key BETWEEN ? AND ? RETURNING n, nbytes", (lo, last_seq)
+                ).fetchall()
+                self.db.execute("DELETE FROM frames WHERE first_seq=?", (first_seq,))
+                n = sum(r[0] for r in freed)
+                nbytes = sum(r[1] for r in freed)
+                freed_total += nbytes
+                counts.append(n)
+                if loss_reason is not None:
+                    self._count_loss(loss_reason, n, nbytes)
+                else:
+                    delivered += n
+            if delivered:
                 self.db.execute(
                     "INSERT INTO meta(key, value) VALUES ('delivered', ?) "
                     "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
-                    (n,),
+                    (delivered,),
                 )
                 self._set_meta("last_receipt_ms", now_ms())
             self.db.execute("COMMIT")
@@ -976,8 +1003,10 @@ class Store:
             with contextlib.suppress(Exception):
                 self.db.execute("ROLLBACK")
             raise
-        self._bytes -= nbytes
-        return n
+        finally:
+            self.db.execute(f"PRAGMA synchronous={self.settings.synchronous}")
+        self._bytes -= freed_total
+        return counts
 
     # -- reading ----------------------------------------------------------
 

@@ -95,15 +95,19 @@ class Uplink:
                 await self.publish_status()
             self._send_due()
             while len(self.in_flight) < self.cfg.window and self.store.has_unframed:
-                frame = await self.queue.call(
-                    self.store.next_frame, self.cfg.frame_max_records, self.cfg.frame_max_bytes
+                frames = await self.queue.call(
+                    self.store.next_frames,
+                    self.cfg.window - len(self.in_flight),
+                    self.cfg.frame_max_records,
+                    self.cfg.frame_max_bytes,
                 )
-                if frame is None:
+                if not frames:
                     break
-                f = await self._prepare(frame)
-                if f is not None:
-                    self.in_flight[frame.first_seq] = f
-                    self._send(f)
+                for frame in frames:
+                    f = await self._prepare(frame)
+                    if f is not None:
+                        self.in_flight[frame.first_seq] = f
+                        self._send(f)
             self._expire()
             metrics.FRAMES_IN_FLIGHT.set(len(self.in_flight))
             self._wake.clear()
@@ -112,15 +116,20 @@ class Uplink:
 
     async def _receipt_loop(self) -> None:
         while True:
-            msg: Message = await self.mqtt.messages.get()
-            if msg.topic != self.receipt_topic:
-                continue
-            try:
-                receipt = decode_receipt(msg.payload)
-            except WireError as e:
-                log.warning("ignoring a malformed receipt on %s: %s", msg.topic, e)
-                continue
-            await self.handle_receipt(receipt)
+            # Whatever receipts have arrived are handled together: one commit for all.
+            msgs: list[Message] = [await self.mqtt.messages.get()]
+            while not self.mqtt.messages.empty():
+                msgs.append(self.mqtt.messages.get_nowait())
+            receipts = []
+            for msg in msgs:
+                if msg.topic != self.receipt_topic:
+                    continue
+                try:
+                    receipts.append(decode_receipt(msg.payload))
+                except WireError as e:
+                    log.warning("ignoring a malformed receipt on %s: %s", msg.topic, e)
+            if receipts:
+                await self.handle_receipts(receipts)
 
     async def _status_loop(self) -> None:
         while True:
@@ -211,27 +220,38 @@ class Uplink:
     # -- receipts ---------------------------------------------------------
 
     async def handle_receipt(self, r: Receipt) -> None:
-        f = self.in_flight.get(r.first_seq)
-        if f is None or f.frame.last_seq != r.last_seq:
-            log.debug("receipt for %s matches nothing in flight (already done)", r.upload_id)
-            return
-        if r.status in (ReceiptStatus.COMMITTED, ReceiptStatus.DUPLICATE):
-            n = await self.queue.call(self.store.finish_frame, r.first_seq, r.last_seq)
-            self._done(r.first_seq)
-            metrics.DELIVERED.inc(n)
-            if f.first_sent_at is not None:
-                metrics.RECEIPT_LATENCY.observe(time.monotonic() - f.first_sent_at)
-        elif r.status is ReceiptStatus.REJECTED:
-            log.error(
-                "cloud rejected upload %s (%s); its %d records are dropped and counted as 'rejected'",
-                r.upload_id,
-                r.reason,
-                f.frame.n,
+        await self.handle_receipts([r])
+
+    async def handle_receipts(self, receipts: list[Receipt]) -> None:
+        finished: list[tuple[InFlight, str | None]] = []
+        for r in receipts:
+            f = self.in_flight.get(r.first_seq)
+            if f is None or f.frame.last_seq != r.last_seq or any(f is g for g, _ in finished):
+                log.debug("receipt for %s matches nothing in flight (already done)", r.upload_id)
+                continue
+            if r.status in (ReceiptStatus.COMMITTED, ReceiptStatus.DUPLICATE):
+                finished.append((f, None))
+            elif r.status is ReceiptStatus.REJECTED:
+                log.error(
+                    "cloud rejected upload %s (%s); its %d records are dropped and counted as 'rejected'",
+                    r.upload_id,
+                    r.reason,
+                    f.frame.n,
+                )
+                finished.append((f, "rejected"))
+            elif r.status is ReceiptStatus.GAP:
+                await self._on_gap(f, r)
+        if finished:
+            counts = await self.queue.call(
+                self.store.finish_frames, [(f.frame.first_seq, f.frame.last_seq, why) for f, why in finished]
             )
-            await self.queue.call(self.store.finish_frame, r.first_seq, r.last_seq, "rejected")
-            self._done(r.first_seq)
-        elif r.status is ReceiptStatus.GAP:
-            await self._on_gap(f, r)
+            now = time.monotonic()
+            for (f, why), n in zip(finished, counts, strict=True):
+                self._done(f.frame.first_seq)
+                if why is None:
+                    metrics.DELIVERED.inc(n)
+                    if f.first_sent_at is not None:
+                        metrics.RECEIPT_LATENCY.observe(now - f.first_sent_at)
         await self.queue.notify_room()
 
     def _done(self, first_seq: int) -> None:
