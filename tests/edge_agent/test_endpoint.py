@@ -434,3 +434,37 @@ def test_healthz_metrics_and_status(tmp_path: Path) -> None:
         assert float(samples["et_agent_queue_records"]) == 6  # set by the /v1/status call
 
     run(tmp_path, scenario)
+
+
+def test_unix_socket_takes_the_same_requests(tmp_path: Path) -> None:
+    sock = tmp_path / "enqueue.sock"
+
+    async def scenario() -> tuple[int, dict[str, Any], int]:
+        cfg = AgentConfig(
+            store={"path": str(tmp_path / "q.db"), "synchronous": "NORMAL"},
+            uplink={"window": 8, "frame_max_bytes": 4096},
+            endpoint={"port": 0, "unix_socket": str(sock)},
+        )
+        queue = AsyncQueue(Store(cfg.store))
+        committer = asyncio.create_task(queue.run())
+        endpoint = Endpoint(cfg, queue)
+        await endpoint.start()
+        try:
+            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as http:
+                body = {"stream": "vib", "records": [{"features": [1.0, 2.0], "score": 0.5}] * 3}
+                async with http.post("http://localhost/v1/records", json=body) as r:
+                    answer = await r.json()
+                    status = r.status
+            await queue.flush()
+            count = await queue.call(lambda: sum(1 for _ in queue.store.records()))
+        finally:
+            await endpoint.stop()
+            committer.cancel()
+            await asyncio.gather(committer, return_exceptions=True)
+            await queue.close()
+        return status, answer, count
+
+    status, answer, count = asyncio.run(scenario())
+    assert status == 200 and answer["accepted"] == 3
+    assert answer["last_seq"] - answer["first_seq"] == 2
+    assert count == 3

@@ -113,3 +113,42 @@ def test_embedded_mode_mqtt311_on_nats_own_listener(nats_mqtt_server: NatsServer
     finally:
         agent.stop()
         ingest.stop()
+
+
+def test_agent_over_mutual_tls(tmp_path) -> None:
+    """The agent's TLS options against mosquitto requiring a client certificate."""
+    from edge_tier.brokers import Mosquitto, free_port
+    from tests.tls import make_tls
+
+    tls = make_tls(tmp_path / "tls", client_cn=DEVICE)
+    tls_port = free_port()
+    broker = Mosquitto(
+        tmp_path / "mosquitto",
+        extra_config=(
+            f"listener {tls_port} 127.0.0.1\n"
+            f"cafile {tls.ca}\ncertfile {tls.server_cert}\nkeyfile {tls.server_key}\n"
+            "require_certificate true\nuse_identity_as_username true\n"
+        ),
+    )
+    broker.start()
+    nats = NatsServer(tmp_path / "nats")
+    nats.start()
+    ingest = IngestProcess(tmp_path / "ingest", ingest_config(broker.port, nats.url), name="cloud-ingest")
+    mqtt = {"tls_ca": str(tls.ca), "tls_cert": str(tls.client_cert), "tls_key": str(tls.client_key)}
+    agent = AgentProcess(
+        tmp_path / "agent", agent_config(tmp_path / "agent", tls_port, mqtt=mqtt), name="edge-agent"
+    )
+    try:
+        ingest.start(timeout=20)
+        agent.start(timeout=20)
+        producer = Producer(agent.port)
+        producer.run(batches=5, size=100)
+        wait_until(lambda: drained(agent.port), 60, "the queue to drain over TLS")
+        assert_exactly_once(stream_seqs(nats.url), set(producer.acked))
+        # The broker took the device's identity from its certificate.
+        assert f"as et-{TENANT}-{DEVICE} (p5, c0, k30, u'{DEVICE}')" in broker.log_path.read_text()
+    finally:
+        agent.stop()
+        ingest.stop()
+        nats.stop()
+        broker.stop()
