@@ -6,7 +6,14 @@ import logging
 
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RawStreamMsg,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.kv import KeyValue
 
 from cloud_ingest.config import StreamSettings
@@ -72,3 +79,19 @@ async def ensure_streams(js: JetStreamContext, s: StreamSettings) -> KeyValue:
         raise StreamSetupError(f"bucket {topics.HWM_BUCKET}: {e}") from e
     log.info("created bucket %s", topics.HWM_BUCKET)
     return kv
+
+
+async def read_all(js: JetStreamContext, stream: str) -> list[RawStreamMsg]:
+    """Every message a stream holds, in order (for tools, the demo and tests: small streams)."""
+    try:
+        info = await js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        return []
+    out = []
+    if info.state.messages:
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            try:
+                out.append(await js.get_msg(stream, seq))
+            except nats.js.errors.NotFoundError:
+                continue  # deleted or aged out
+    return out

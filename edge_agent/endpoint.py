@@ -26,7 +26,7 @@ from edge_agent import metrics
 from edge_agent.config import AgentConfig
 from edge_agent.errors import BadRecord, QueueFull, StoreError
 from edge_agent.store import AsyncQueue, NewRecord, RecordBatch, RecordKind
-from edge_tier.wire import Dtype, WireError, check_kind, check_meta
+from edge_tier.wire import Dtype, WireError, check_meta
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,7 @@ def _kind(body: dict[str, Any], dim: int) -> RecordKind:
         scale=float(_field(body, "scale", (int, float), 1.0)),
     )
     try:
-        check_kind(
-            stream=kind.stream,
-            model=kind.model,
-            model_version=kind.model_version,
-            schema_version=kind.schema_version,
-            dtype=kind.dtype,
-            dim=dim,
-            scale=kind.scale,
-        )
+        kind.check()
     except (WireError, OverflowError) as e:
         raise BadRecord(str(e)) from None
     return kind

@@ -132,6 +132,18 @@ class RecordKind:
     def record_bytes(self) -> int:
         return self.dim * self.dtype.itemsize
 
+    def check(self) -> None:
+        """WireError unless a frame header can carry this kind: what is queued must encode."""
+        check_kind(
+            stream=self.stream,
+            model=self.model,
+            model_version=self.model_version,
+            schema_version=self.schema_version,
+            dtype=self.dtype,
+            dim=self.dim,
+            scale=self.scale,
+        )
+
 
 @dataclass(slots=True)
 class NewRecord:
@@ -658,15 +670,7 @@ class Store:
         if kind not in self._kinds:
             # Whatever is queued must encode as a frame later, or it would block the queue.
             try:
-                check_kind(
-                    stream=kind.stream,
-                    model=kind.model,
-                    model_version=kind.model_version,
-                    schema_version=kind.schema_version,
-                    dtype=kind.dtype,
-                    dim=kind.dim,
-                    scale=kind.scale,
-                )
+                kind.check()
             except WireError as e:
                 return StoreError(f"stream {kind.stream!r}: {e}")
         rb = kind.record_bytes

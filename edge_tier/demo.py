@@ -24,9 +24,10 @@ from typing import Any
 import nats
 import numpy as np
 
+from cloud_ingest.streams import read_all
 from edge_tier import topics
 from edge_tier.brokers import NatsServer
-from edge_tier.services import AgentProcess, IngestProcess
+from edge_tier.services import AgentProcess, IngestProcess, agent_drained, agent_status
 from edge_tier.wire import decode_frame
 
 DIM = 128
@@ -50,17 +51,6 @@ def _post(port: int, payload: bytes, n: int) -> tuple[int, int] | None:
         conn.close()
 
 
-def _status(port: int) -> dict[str, Any] | None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", "/v1/status")
-        return json.loads(conn.getresponse().read())
-    except (OSError, http.client.HTTPException, ValueError):
-        return None
-    finally:
-        conn.close()
-
-
 def _produce(port: int, seconds: float, rate: int, acked: list[int], seed: int) -> None:
     """Offer ``rate`` records/s in batches of ~rate/10; keep the seqs the agent acknowledged."""
     rng = np.random.default_rng(seed)
@@ -78,15 +68,14 @@ def _produce(port: int, seconds: float, rate: int, acked: list[int], seed: int) 
 
 async def _stream_seqs(url: str) -> list[tuple[str, int]]:
     nc = await nats.connect(url)
-    js = nc.jetstream()
+    try:
+        msgs = await read_all(nc.jetstream(), topics.FEATURES_STREAM)
+    finally:
+        await nc.close()
     out: list[tuple[str, int]] = []
-    info = await js.stream_info(topics.FEATURES_STREAM)
-    if info.state.messages:
-        for s in range(info.state.first_seq, info.state.last_seq + 1):
-            msg = await js.get_msg(topics.FEATURES_STREAM, s)
-            f = decode_frame(msg.data or b"")
-            out.extend((f.device, int(x)) for x in f.seqs)
-    await nc.close()
+    for msg in msgs:
+        f = decode_frame(msg.data or b"")
+        out.extend((f.device, int(x)) for x in f.seqs)
     return out
 
 
@@ -140,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             t.start()
         while any(t.is_alive() for t in threads):
             time.sleep(1.0)
-            sts = [_status(a.port) or {} for a in agents]
+            sts = [agent_status(a.port) or {} for a in agents]
             print(
                 f"  t={time.monotonic() - t0:5.1f}s  enqueued={sum(map(len, acked)):>8}  "
                 f"delivered={sum(s.get('delivered', 0) for s in sts):>8}  "
@@ -148,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            sts = [_status(a.port) or {} for a in agents]
-            if all(s.get("records") == 0 and s.get("frames_in_flight") == 0 for s in sts):
+            if all(agent_drained(a.port) for a in agents):
                 break
             time.sleep(0.2)
         elapsed = time.monotonic() - t0
@@ -158,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         got = set(stored)
         lost = len(expected - got)
         dup = len(stored) - len(got)
-        evicted = sum(sum((_status(a.port) or {}).get("evictions", {}).values()) for a in agents)
+        evicted = sum(sum((agent_status(a.port) or {}).get("evictions", {}).values()) for a in agents)
         print("\nsummary")
         print(f"  enqueued     {len(expected)}")
         print(f"  in JetStream {len(got)}  ({len(got) / elapsed:,.0f} features/s over {elapsed:.1f}s)")
@@ -166,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  lost         {lost}")
         print(f"  duplicated   {dup}")
         print(
-            "\nnext: `edge-agent status --config DIR/device-0/edge-agent.conf` with --workdir DIR, "
-            "and `make test` for the fault tests"
+            "\nnext: `make demo ARGS='--workdir DIR'` keeps the files, then "
+            "`edge-agent status --config DIR/device-0/edge-agent-0.conf` reads a device's queue; "
+            "`make test` runs the fault tests"
         )
         return 0 if lost == 0 and dup == 0 else 1
     except KeyboardInterrupt:

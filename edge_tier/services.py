@@ -7,6 +7,8 @@ SIGKILL / restart for fault injection.
 
 from __future__ import annotations
 
+import http.client
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,24 @@ from typing import Any
 import tomli_w
 
 from edge_tier.brokers import BrokerProcess
+
+
+def agent_status(port: int, host: str = "127.0.0.1") -> dict[str, Any] | None:
+    """The agent's ``GET /v1/status``, or None if it does not answer."""
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("GET", "/v1/status")
+        return json.loads(conn.getresponse().read())
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        conn.close()
+
+
+def agent_drained(port: int, host: str = "127.0.0.1") -> bool:
+    """Nothing queued and nothing in flight: every record was receipted (or counted lost)."""
+    st = agent_status(port, host)
+    return st is not None and st["records"] == 0 and st["frames_in_flight"] == 0
 
 
 class ServiceProcess(BrokerProcess):

@@ -22,7 +22,8 @@ import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_tier import topics
+from cloud_ingest.streams import read_all
+from edge_tier import services, topics
 from edge_tier.brokers import Mosquitto, NatsServer
 from edge_tier.services import AgentProcess, IngestProcess
 from edge_tier.wire import decode_frame
@@ -129,73 +130,25 @@ class Producer:
                 time.sleep(pause)
 
 
-def agent_status(port: int) -> dict[str, Any] | None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", "/v1/status")
-        return json.loads(conn.getresponse().read())
-    except (OSError, http.client.HTTPException, ValueError):
-        return None
-    finally:
-        conn.close()
-
-
-def drained(port: int) -> bool:
-    st = agent_status(port)
-    return st is not None and st["records"] == 0 and st["frames_in_flight"] == 0
-
-
-async def _stream_seqs(url: str, stream: str) -> list[int]:
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        try:
-            info = await js.stream_info(stream)
-        except nats.js.errors.NotFoundError:
-            return []
-        if info.state.messages == 0:
-            return []
-        seqs: list[int] = []
-        for s in range(info.state.first_seq, info.state.last_seq + 1):
-            try:
-                msg = await js.get_msg(stream, s)
-            except nats.js.errors.NotFoundError:
-                continue
-            assert msg.data is not None
-            seqs.extend(int(x) for x in decode_frame(msg.data).seqs)
-        return seqs
-    finally:
-        await nc.close()
-
-
-def stream_seqs(url: str, stream: str = topics.FEATURES_STREAM) -> list[int]:
-    """Every record seq in the features stream, in stream order, repeats kept."""
-    return asyncio.run(_stream_seqs(url, stream))
+agent_status = services.agent_status
+drained = services.agent_drained
 
 
 async def _stream_messages(url: str, stream: str) -> list[Any]:
     nc = await nats.connect(url)
     try:
-        js = nc.jetstream()
-        try:
-            info = await js.stream_info(stream)
-        except nats.js.errors.NotFoundError:
-            return []
-        if info.state.messages == 0:
-            return []
-        out = []
-        for s in range(info.state.first_seq, info.state.last_seq + 1):
-            try:
-                out.append(await js.get_msg(stream, s))
-            except nats.js.errors.NotFoundError:
-                continue
-        return out
+        return await read_all(nc.jetstream(), stream)
     finally:
         await nc.close()
 
 
 def stream_messages(url: str, stream: str) -> list[Any]:
     return asyncio.run(_stream_messages(url, stream))
+
+
+def stream_seqs(url: str, stream: str = topics.FEATURES_STREAM) -> list[int]:
+    """Every record seq in the features stream, in stream order, repeats kept."""
+    return [int(x) for m in stream_messages(url, stream) for x in decode_frame(m.data).seqs]
 
 
 def assert_exactly_once(stored: list[int], expected: set[int]) -> None:

@@ -13,6 +13,7 @@ import time
 
 from edge_agent.config import StoreSettings
 from edge_agent.store import Store
+from edge_tier.brokers import BrokerProcess
 from tests.support import (
     Pipeline,
     agent_status,
@@ -70,52 +71,32 @@ def test_agent_kill9_during_enqueue(make_pipeline, tmp_path) -> None:
     assert_exactly_once(stored, queued | before)
 
 
-def test_mosquitto_kill9_and_restart_mid_stream(make_pipeline) -> None:
-    p: Pipeline = make_pipeline()
-    stop = threading.Event()
-    t = threading.Thread(
-        target=p.producer.run, kwargs={"batches": 40, "size": 50, "stop": stop, "pause": 0.02}
-    )
+def _kill9_mid_stream(p: Pipeline, victim: BrokerProcess, down_s: float) -> None:
+    """Enqueue steadily; once records flow, kill -9 one process, bring it back, then check."""
+    t = threading.Thread(target=p.producer.run, kwargs={"batches": 40, "size": 50, "pause": 0.02})
     t.start()
     wait_until(lambda: _delivered(p) >= 300, 30, "some deliveries")
-    p.mosquitto.kill()
-    time.sleep(0.5)
-    p.mosquitto.restart()
+    victim.kill()
+    time.sleep(down_s)
+    victim.start(timeout=20)
     t.join(60)
-    p.wait_drained()
+    p.wait_drained(timeout=90)
     assert_exactly_once(stream_seqs(p.nats.url), set(p.producer.acked))
+
+
+def test_mosquitto_kill9_and_restart_mid_stream(make_pipeline) -> None:
+    p: Pipeline = make_pipeline()
+    _kill9_mid_stream(p, p.mosquitto, 0.5)
 
 
 def test_ingest_kill9_mid_stream(make_pipeline) -> None:
     p: Pipeline = make_pipeline()
-    stop = threading.Event()
-    t = threading.Thread(
-        target=p.producer.run, kwargs={"batches": 40, "size": 50, "stop": stop, "pause": 0.02}
-    )
-    t.start()
-    wait_until(lambda: _delivered(p) >= 300, 30, "some deliveries")
-    p.ingest.kill()
-    time.sleep(0.5)
-    p.ingest.start(timeout=20)
-    t.join(60)
-    p.wait_drained()
-    assert_exactly_once(stream_seqs(p.nats.url), set(p.producer.acked))
+    _kill9_mid_stream(p, p.ingest, 0.5)
 
 
 def test_nats_kill9_and_restart_mid_stream(make_pipeline) -> None:
     p: Pipeline = make_pipeline()
-    stop = threading.Event()
-    t = threading.Thread(
-        target=p.producer.run, kwargs={"batches": 40, "size": 50, "stop": stop, "pause": 0.02}
-    )
-    t.start()
-    wait_until(lambda: _delivered(p) >= 300, 30, "some deliveries")
-    p.nats.kill()
-    time.sleep(1.0)
-    p.nats.restart()
-    t.join(60)
-    p.wait_drained(timeout=90)
-    assert_exactly_once(stream_seqs(p.nats.url), set(p.producer.acked))
+    _kill9_mid_stream(p, p.nats, 1.0)
 
 
 def test_outage_past_budget_counts_every_eviction(make_pipeline) -> None:
