@@ -717,9 +717,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=8, help="uplink.window, frames in flight (8)")
     ap.add_argument(
         "--policy",
-        default="oldest",
+        default="lowest_score",
         choices=["oldest", "lowest_score", "block"],
-        help="store.policy (oldest)",
+        help="store.policy (lowest_score, the agent's default)",
     )
     ap.add_argument(
         "--synchronous",

@@ -1125,7 +1125,7 @@ class AsyncQueue:
         async with self._room:
             self._room.notify_all()
 
-    async def checkpoints(self, interval_s: float = 0.05) -> None:
+    async def checkpoints(self, interval_s: float = 0.2) -> None:
         """The checkpointer task: keeps the WAL short, off the committer's thread."""
         while True:
             await asyncio.sleep(interval_s)
