@@ -99,6 +99,21 @@ def test_nats_kill9_and_restart_mid_stream(make_pipeline) -> None:
     _kill9_mid_stream(p, p.nats, 1.0)
 
 
+def test_silent_partition_with_resends_stays_exactly_once(make_pipeline) -> None:
+    """The broker hangs with its sockets open (SIGSTOP) longer than the receipt timeout: the
+    agent re-sends into the void, and every copy arrives at once when the broker wakes."""
+    p: Pipeline = make_pipeline(agent={"uplink": {"receipt_timeout_s": 0.5}})
+    p.producer.run(batches=5, size=100)
+    p.mosquitto.pause()
+    p.producer.run(batches=10, size=100)
+    time.sleep(2.0)  # several receipt timeouts: the same frames are sent again and again
+    p.mosquitto.resume()
+    p.wait_drained()
+    assert_exactly_once(stream_seqs(p.nats.url), set(p.producer.acked))
+    resent = [line for line in p.agent.log_path.read_text().splitlines() if "re-sent upload" in line]
+    assert resent, "the partition should have caused re-sends"
+
+
 def test_outage_past_budget_counts_every_eviction(make_pipeline) -> None:
     budget = 256 * 1024
     p: Pipeline = make_pipeline(
