@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -54,8 +55,14 @@ from edge_tier.wire import (
 
 log = logging.getLogger(__name__)
 
+GAP_WAITS, GAP_WAIT_S = 4, 0.025  # look again for a missing predecessor, for up to ~75 ms
 WRONG_LAST_SEQUENCE = 10071  # JetStream API error code for Nats-Expected-Last-Subject-Sequence
 H_FIRST, H_LAST, H_PREV, H_RECORDS = "Et-First-Seq", "Et-Last-Seq", "Et-Prev-Seq", "Et-Records"
+
+
+def _clip(text: str, max_bytes: int) -> str:
+    """At most ``max_bytes`` of UTF-8 (headers share the message's max_payload)."""
+    return text.encode()[:max_bytes].decode(errors="ignore").replace("\r", " ").replace("\n", " ")
 
 
 @dataclass(slots=True)
@@ -224,7 +231,8 @@ class Ingest:
     async def commit(self, frame: Frame, payload: bytes) -> None:
         assert self.js is not None
         key = (frame.tenant, frame.device)
-        for _ in range(5):
+        waits = 0
+        for _ in range(5 + GAP_WAITS):
             ledger = await self.ledger(*key)
             if frame.last_seq <= ledger.last_seq:
                 metrics.FRAMES.labels("duplicate").inc()
@@ -232,6 +240,15 @@ class Ingest:
                 self.receipt(frame, ReceiptStatus.DUPLICATE)
                 return
             if frame.prev_seq > ledger.last_seq:
+                if waits < GAP_WAITS:
+                    # With a shared subscription the predecessor is often being committed
+                    # by another ingest process right now: look again before answering
+                    # GAP (marks only rise, so DUPLICATE above needs no second look).
+                    self.ledgers.pop(key, None)
+                    if waits:
+                        await asyncio.sleep(GAP_WAIT_S)
+                    waits += 1
+                    continue
                 metrics.FRAMES.labels("gap").inc()
                 log.info(
                     "upload %s arrived before its predecessor (prev %d, committed %d)",
@@ -268,13 +285,16 @@ class Ingest:
                 raise
             metrics.PUBLISH_SECONDS.observe(time.perf_counter() - t0)
             if ack.duplicate:
-                # Inside the duplicate window: already stored. Re-read the truth.
+                # Inside the duplicate window: already stored (say, a publish that timed
+                # out had in fact landed). Re-read the truth, and make sure the KV copy
+                # of the mark catches up.
                 self.ledgers.pop(key, None)
+                self._mark_dirty(key, frame.last_seq)
                 metrics.FRAMES.labels("duplicate").inc()
                 self.receipt(frame, ReceiptStatus.DUPLICATE, stream_seq=ack.seq)
                 return
             self.ledgers[key] = Ledger(frame.last_seq, ack.seq)
-            self._hwm_dirty[key] = frame.last_seq
+            self._mark_dirty(key, frame.last_seq)
             metrics.FRAMES.labels("committed").inc()
             metrics.RECORDS.inc(frame.n)
             self.receipt(frame, ReceiptStatus.COMMITTED, stream_seq=ack.seq)
@@ -294,9 +314,14 @@ class Ingest:
         except nats.js.errors.NotFoundError:
             pass
         # The stream may have aged the device's last frame out; the bucket keeps the mark.
+        kv_mark = 0
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
             entry = await self.kv.get(topics.hwm_key(*key))
-            led.last_seq = max(led.last_seq, int(entry.value or b"0"))
+            kv_mark = int(entry.value or b"0")
+        if led.last_seq > kv_mark:
+            # A commit whose KV update never happened (a crash in between): repair it.
+            self._mark_dirty(key, led.last_seq)
+        led.last_seq = max(led.last_seq, kv_mark)
         self.ledgers[key] = led
         return led
 
@@ -361,7 +386,13 @@ class Ingest:
         log.warning("dead-lettering a message on %s (%d bytes): %s", msg.topic, len(msg.payload), reason)
         metrics.DEADLETTERED.inc()
         metrics.FRAMES.labels("deadletter").inc()
-        headers = {"Et-Reason": reason[:2000], "Et-Topic": msg.topic[:500], "Et-Source": "ingest"}
+        headers = {
+            "Et-Reason": _clip(reason, 2000),
+            "Et-Topic": _clip(msg.topic, 500),
+            "Et-Source": "ingest",
+            # A redelivered bad message (crash before the MQTT ack) is stored once.
+            "Nats-Msg-Id": "dlq." + hashlib.sha256(msg.topic.encode() + msg.payload).hexdigest(),
+        }
         if upload_id:
             headers["Et-Upload-Id"] = upload_id
         payload = msg.payload
@@ -382,18 +413,25 @@ class Ingest:
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
                 log.warning("could not update high-water marks (%s); will retry", e)
 
+    def _mark_dirty(self, key: tuple[str, str], last: int) -> None:
+        self._hwm_dirty[key] = max(last, self._hwm_dirty.get(key, 0))
+
     async def _flush_hwm(self) -> None:
         assert self.kv is not None
         dirty, self._hwm_dirty = self._hwm_dirty, {}
-        for key, last in dirty.items():
-            try:
-                await self._raise_hwm(topics.hwm_key(*key), last)
-            except BaseException:
-                self._hwm_dirty.setdefault(key, last)
-                raise
+        pending = dict(dirty)
+        try:
+            for key, last in dirty.items():
+                if await self._raise_hwm(topics.hwm_key(*key), last):
+                    del pending[key]
+        finally:
+            # Whatever was not written (an error, or too many conflicts) is tried again.
+            for key, last in pending.items():
+                self._mark_dirty(key, last)
 
-    async def _raise_hwm(self, key: str, last: int) -> None:
-        """Compare-and-set, never lowering the mark (several ingest processes write it)."""
+    async def _raise_hwm(self, key: str, last: int) -> bool:
+        """Compare-and-set, never lowering the mark (several ingest processes write it).
+        False if other writers kept winning; the caller tries again later."""
         assert self.kv is not None
         for _ in range(10):
             try:
@@ -401,13 +439,14 @@ class Ingest:
             except nats.js.errors.KeyNotFoundError:
                 try:
                     await self.kv.create(key, str(last).encode())
-                    return
+                    return True
                 except nats.js.errors.KeyWrongLastSequenceError:
                     continue
             if int(entry.value or b"0") >= last:
-                return
+                return True
             try:
                 await self.kv.update(key, str(last).encode(), last=entry.revision)
-                return
+                return True
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
+        return False

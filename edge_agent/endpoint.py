@@ -59,18 +59,18 @@ def _kind(body: dict[str, Any], dim: int) -> RecordKind:
     if not 1 <= dim <= 65536:
         raise BadRecord(f"'dim' must be 1..65536, not {dim}")
     dtype = body.get("dtype", "float32")
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise BadRecord(f"'dtype' must be one of {sorted(_DTYPES)}, not {dtype!r:.40}")
-    kind = RecordKind(
-        stream=_field(body, "stream", str, None),
-        dtype=_DTYPES[dtype],
-        dim=dim,
-        model=_field(body, "model", str, ""),
-        model_version=_field(body, "model_version", str, ""),
-        schema_version=_field(body, "schema_version", int, 1),
-        scale=float(_field(body, "scale", (int, float), 1.0)),
-    )
     try:
+        kind = RecordKind(
+            stream=_field(body, "stream", str, None),
+            dtype=_DTYPES[dtype],
+            dim=dim,
+            model=_field(body, "model", str, ""),
+            model_version=_field(body, "model_version", str, ""),
+            schema_version=_field(body, "schema_version", int, 1),
+            scale=float(_field(body, "scale", (int, float), 1.0)),
+        )
         kind.check()
     except (WireError, OverflowError) as e:
         raise BadRecord(str(e)) from None

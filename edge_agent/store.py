@@ -609,6 +609,7 @@ class Store:
                         self._count_loss("refused", n, n * (kind.record_bytes + ROW_OVERHEAD))
                         log.error("write-behind batch of %d records refused: %s", n, r)
                 self._set_meta("next_seq", self._next_seq)
+                self._raise_floor()
                 self.db.execute("COMMIT")
                 break
             except sqlite3.OperationalError as e:
@@ -635,9 +636,18 @@ class Store:
                 self._rollback(snapshot)
                 raise
         self.commits += 1
-        if self._next_seq + SEQ_FLOOR_STEP // 2 > self._floor_written:
-            self._write_floor(self._next_seq + SEQ_FLOOR_STEP)
         return [results[i] for i in range(len(batches))]
+
+    def _raise_floor(self) -> None:
+        """Keep the side file's floor above every seq this commit hands out (written before
+        the commit, so a batch of any size is covered). A failure to write it (a full
+        disk) must not fail the producers: it is retried at the next commit."""
+        if self._next_seq + SEQ_FLOOR_STEP // 2 <= self._floor_written:
+            return
+        try:
+            self._write_floor(self._next_seq + SEQ_FLOOR_STEP)
+        except OSError as e:
+            log.warning("could not write the sequence floor %s (will retry): %s", self.floor_path, e)
 
     def _snapshot(self) -> tuple[int, int, dict[RecordKind, int]]:
         return self._next_seq, self._bytes, dict(self._kinds)

@@ -224,6 +224,7 @@ class Uplink:
 
     async def handle_receipts(self, receipts: list[Receipt]) -> None:
         finished: list[tuple[InFlight, str | None]] = []
+        gaps: list[tuple[InFlight, Receipt]] = []
         for r in receipts:
             f = self.in_flight.get(r.first_seq)
             if f is None or f.frame.last_seq != r.last_seq or any(f is g for g, _ in finished):
@@ -240,7 +241,7 @@ class Uplink:
                 )
                 finished.append((f, "rejected"))
             elif r.status is ReceiptStatus.GAP:
-                await self._on_gap(f, r)
+                gaps.append((f, r))
         if finished:
             counts = await self.queue.call(
                 self.store.finish_frames, [(f.frame.first_seq, f.frame.last_seq, why) for f, why in finished]
@@ -252,6 +253,10 @@ class Uplink:
                     metrics.DELIVERED.inc(n)
                     if f.first_sent_at is not None:
                         metrics.RECEIPT_LATENCY.observe(now - f.first_sent_at)
+        # GAPs after the finished frames are gone: what is oldest now decides re-chaining.
+        for f, r in gaps:
+            if self.in_flight.get(f.frame.first_seq) is f:
+                await self._on_gap(f, r)
         await self.queue.notify_room()
 
     def _done(self, first_seq: int) -> None:
@@ -265,22 +270,27 @@ class Uplink:
     async def _on_gap(self, f: InFlight, r: Receipt) -> None:
         oldest = next(iter(self.in_flight.values()))
         expected = r.expected_prev or 0
-        if f is oldest and expected < f.frame.prev_seq:
-            # Nothing older is left here, so the cloud lost its record of our
-            # chain (e.g. its state was wiped): join the chain where it is.
-            log.warning(
-                "cloud expects prev %d for %s but our chain says %d; re-chaining",
-                expected,
-                f.upload_id,
-                f.frame.prev_seq,
-            )
-            await self.queue.call(self.store.set_frame_prev, f.frame.first_seq, expected)
-            f.frame.prev_seq = expected
-            f.payload = await asyncio.to_thread(self._encode, f.frame)
-            f.sent_at = None
+        if f is oldest:
+            # The oldest frame is never held: nothing older will come to release it.
+            if expected < f.frame.prev_seq:
+                # Nothing older is left here (it was receipted, rejected or dropped),
+                # so join the cloud's chain where it is.
+                log.warning(
+                    "cloud expects prev %d for %s but our chain says %d; re-chaining",
+                    expected,
+                    f.upload_id,
+                    f.frame.prev_seq,
+                )
+                await self.queue.call(self.store.set_frame_prev, f.frame.first_seq, expected)
+                f.frame.prev_seq = expected
+                f.payload = await asyncio.to_thread(self._encode, f.frame)
+            f.hold = False
+            f.sent_at = None  # (a GAP for a frame already re-chained is stale: just send again)
         else:
+            # Wait for an older frame's receipt, but not forever: the receipt timeout
+            # still runs, so a lost re-send of the older frame cannot stall the window.
             f.hold = True
-            f.sent_at = None
+            f.sent_at = time.monotonic()
         self._wake.set()
 
     # -- status -----------------------------------------------------------

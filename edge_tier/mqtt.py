@@ -181,9 +181,14 @@ class MqttBridge:
             began = time.monotonic()
             # Runs until the session ends; on stop() the DISCONNECT is sent and
             # the loop ends on its own (with a deadline should the socket hang).
-            while self.client.loop(timeout=0.05) == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                if self._stop.is_set() and time.monotonic() - self._stop_at > 2.0:
-                    break
+            try:
+                while self.client.loop(timeout=0.05) == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    if self._stop.is_set() and time.monotonic() - self._stop_at > 2.0:
+                        break
+            except Exception:  # this thread must outlive any one bad packet
+                log.exception("%s: MQTT network loop failed; reconnecting", self.name)
+                with contextlib.suppress(Exception):
+                    self.client.disconnect()
             self._call(self._set_connected, False)
             if self._stop.is_set():
                 break
