@@ -1,0 +1,1 @@
+"""Models, their manifests, and the scripts and data generator that build them."""
