@@ -81,7 +81,8 @@ def test_status_is_retained_and_the_last_will_says_offline(make_pipeline) -> Non
 
 def test_sigterm_flushes_and_exits_cleanly(make_pipeline, tmp_path) -> None:
     p: Pipeline = make_pipeline()
-    p.ingest.stop()
+    p.ingest.stop()  # SIGTERM: ingest too drains and exits cleanly
+    assert p.ingest.last_returncode == 0, p.ingest.log_tail()
     p.producer.run(batches=5, size=100)
     p.agent.stop()  # SIGTERM
     assert p.agent.last_returncode == 0, p.agent.log_tail()
