@@ -50,7 +50,7 @@ class SignalSpec:
     load: tuple[float, float] = (0.2, 1.0)
     noise: tuple[float, float] = (0.02, 0.12)
     gain: tuple[float, float] = (0.7, 1.4)
-    severity: tuple[float, float] = (0.15, 1.0)
+    severity: tuple[float, float] = (0.3, 1.0)  # below ~0.3 some faults hide in the healthy spread
 
 
 @dataclass(slots=True)
