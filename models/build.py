@@ -69,7 +69,7 @@ def train_prefilter(xtr: np.ndarray, ytr: np.ndarray, epochs: int) -> PrefilterW
         for idx in torch.randperm(len(x), generator=gen).split(256):
             _, _, logit, aux = net(x[idx])
             loss = nn.functional.binary_cross_entropy_with_logits(logit, fault[idx], pos_weight=pos_weight)
-            loss = loss + 0.5 * nn.functional.cross_entropy(aux, y[idx])
+            loss = loss + 1.0 * nn.functional.cross_entropy(aux, y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--train", type=int, default=24000)
     ap.add_argument("--test", type=int, default=8000)
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--keep-faults", type=float, default=0.99)
+    ap.add_argument("--epochs", type=int, default=12, help="prefilter epochs")
+    ap.add_argument("--tier2-epochs", type=int, default=60)
+    ap.add_argument("--keep-faults", type=float, default=0.985)
     args = ap.parse_args(argv)
     t0 = time.time()
     spec = SignalSpec()
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     s_tr, e_tr = run_tflite(prefilter, ftr)
     kept_tr = s_tr >= threshold
     t2_path = args.out / "tier2.onnx"
-    train_tier2(e_tr[kept_tr], tr.y[kept_tr], args.epochs, t2_path)
+    train_tier2(e_tr[kept_tr], tr.y[kept_tr], args.tier2_epochs, t2_path)
     pred = run_onnx(t2_path, e_te[kept_te]).argmax(axis=1)
     f1 = macro_f1(te.y[kept_te], pred, len(CLASSES))
 
@@ -197,8 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     manifest = {
         "version": VERSION,
         "labels": list(CLASSES),
-        "signal": {"fs": spec.fs, "window": spec.window, "features": f"log-spectrum, {BINS} bins"},
+        "signal": {
+            "fs": spec.fs,
+            "window": spec.window,
+            "features": f"models.features.spectrum_features: {BINS} values (shaft-order lines, "
+            "wide bands, envelope spectrum)",
+        },
         "prefilter": {
+            "name": "prefilter",
+            "version": VERSION,
             "file": pf_path.name,
             "sha256": sha256(pf_path),
             "bytes": pf_path.stat().st_size,
@@ -210,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             "threshold": threshold,
         },
         "tier2": {
+            "name": "tier2",
+            "version": VERSION,
             "file": t2_path.name,
             "sha256": sha256(t2_path),
             "bytes": t2_path.stat().st_size,

@@ -48,7 +48,7 @@ class SignalSpec:
     window: int = 1024
     speed_hz: tuple[float, float] = (15.0, 60.0)  # shaft speed range (900-3600 rpm)
     load: tuple[float, float] = (0.2, 1.0)
-    noise: tuple[float, float] = (0.02, 0.12)
+    noise: tuple[float, float] = (0.02, 0.08)
     gain: tuple[float, float] = (0.7, 1.4)
     severity: tuple[float, float] = (0.3, 1.0)  # below ~0.3 some faults hide in the healthy spread
 
@@ -130,28 +130,27 @@ def _window(
     label: int, t: np.ndarray, fr: float, load: float, sev: float, noise: float, rng: np.random.Generator
 ) -> np.ndarray:
     base = 0.05 + 0.1 * load
-    # Every machine: running harmonics of varying strength, a little 2x, broadband noise.
-    sig = _harmonics(
-        t, fr, [base * rng.uniform(0.6, 1.4), base * rng.uniform(0.1, 0.5), base * rng.uniform(0.0, 0.2)], rng
-    )
-    sig += rng.normal(0, noise, t.shape)
-    speed_factor = (fr / 40.0) ** 2
+    # Every machine: running harmonics of varying strength and broadband noise.
+    a1, a2, a3 = base * rng.uniform(0.8, 1.2), base * rng.uniform(0.15, 0.35), base * rng.uniform(0.02, 0.1)
     name = CLASSES[label]
-    if name == "imbalance":
-        sig += _harmonics(t, fr, [base * sev * 3.0 * speed_factor], rng)
-    elif name == "misalignment":
-        sig += _harmonics(t, fr, [0.0, base * sev * 2.5, base * sev * 1.2], rng)
-    elif name == "looseness":
-        amps = [base * sev * rng.uniform(0.3, 1.0) / k**0.5 for k in range(1, 11)]
+    if name == "imbalance":  # a heavy point on the rotor: the 1x line, stronger with speed
+        a1 += base * (3.0 + 6.0 * sev) * (0.6 + 0.4 * min(1.0, (fr / 40.0) ** 2))
+    elif name == "misalignment":  # the coupling bends twice (and thrice) per turn
+        a2 += base * (0.8 + 2.5 * sev)
+        a3 += base * (0.3 + 1.2 * sev)
+    sig = _harmonics(t, fr, [a1, a2, a3], rng)
+    sig += rng.normal(0, noise, t.shape)
+    if name == "looseness":  # rattling: many harmonics, a half-order line, truncated peaks
+        amps = [base * (0.3 + sev) * rng.uniform(0.5, 1.0) / k**0.5 for k in range(1, 11)]
         sig += _harmonics(t, fr, amps, rng)
-        sig += base * sev * 0.8 * np.sin(2 * np.pi * 0.5 * fr * t + rng.uniform(0, 2 * np.pi))
+        sig += base * (0.6 + 1.2 * sev) * np.sin(2 * np.pi * 0.5 * fr * t + rng.uniform(0, 2 * np.pi))
         limit = np.percentile(np.abs(sig), 100 - 8 * sev)
         sig = np.clip(sig, -limit, limit)
     elif name in ("bearing_outer", "bearing_inner"):
         resonance = rng.uniform(1200.0, 2200.0)
         decay = rng.uniform(250.0, 600.0)
         rate = (BPFO if name == "bearing_outer" else BPFI) * fr
-        burst = _impacts(t, rate, resonance, decay, rng) * sev * (0.15 + 0.25 * load)
+        burst = _impacts(t, rate, resonance, decay, rng) * (0.4 + sev) * (0.25 + 0.25 * load)
         if name == "bearing_inner":
             burst *= 0.6 + 0.4 * np.cos(2 * np.pi * fr * t + rng.uniform(0, 2 * np.pi))
         sig += burst
