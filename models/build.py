@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = kept_share * up_bytes / raw_bytes
     report = f"""# Model report (held-out test set, measured on the shipped artifacts)
 
-Rebuild: `python -m models.build` (seeded; {time.time() - t0:.0f} s on a 2-core VM).
+Rebuild: `python -m models.build` (seeded and reproducible; about a minute on a 2-core VM).
 
 | figure | value | target |
 |---|---:|---:|
@@ -244,7 +244,7 @@ Rebuild: `python -m models.build` (seeded; {time.time() - t0:.0f} s on a 2-core 
 
 Test set: {len(te)} windows (seed 303, half faulty, all {len(CLASSES) - 1} fault classes);
 threshold {threshold:.4f}, chosen on a separate validation set (seed 202) to keep
-{args.keep_faults:.0%} of its faults. Upload bytes count a kept record as its int8
+{args.keep_faults:.1%} of its faults. Upload bytes count a kept record as its int8
 embedding plus seq, time and score; a raw window is {spec.window} float32 samples.
 """
     (args.out / "REPORT.md").write_text(report)
