@@ -1,0 +1,124 @@
+"""The on-device prefilter: raw windows in, kept feature vectors out.
+
+Loads the ``.tflite`` named by a model manifest with LiteRT (``ai_edge_litert``),
+or with ``tflite_runtime`` where that is what is installed (it needs numpy < 2),
+after checking the file's sha256 against the manifest: a missing, corrupt or
+mismatched model stops the agent at start with a message that says which file
+and why. Inference is batched (the input is resized to the batch), and only the
+embedding of a kept window leaves this module; the raw window is never stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import AgentError
+from models.features import spectrum_features
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(AgentError):
+    """A model or its manifest cannot be used; the message names the file and the reason."""
+
+
+def _interpreter_class() -> Any:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter  # type: ignore[import-not-found]
+    except ImportError:
+        raise ModelError(
+            "no TFLite runtime: pip install ai-edge-litert (or tflite-runtime, which needs numpy < 2)"
+        ) from None
+    if int(np.__version__.split(".")[0]) >= 2:
+        raise ModelError(
+            f"tflite-runtime is installed but cannot run with numpy {np.__version__} (it was built for "
+            "numpy 1.x): install ai-edge-litert instead, or pin numpy<2"
+        )
+    return Interpreter
+
+
+@dataclass(frozen=True)
+class Kept:
+    """The windows the prefilter kept: their indices in the batch, scores and embeddings."""
+
+    index: np.ndarray  # int64 [k]
+    scores: np.ndarray  # float32 [k]
+    embeddings: np.ndarray  # float32 [k, E]
+
+
+class Prefilter:
+    def __init__(
+        self, manifest_path: str | Path, *, threshold: float | None = None, threads: int = 1
+    ) -> None:
+        self.manifest_path = Path(manifest_path)
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+            entry = manifest["prefilter"]
+            self.model_path = self.manifest_path.parent / entry["file"]
+            expected = entry["sha256"]
+            self.threshold = float(entry["threshold"] if threshold is None else threshold)
+            self.version = str(entry.get("version", manifest.get("version", "")))
+            self.window = int(manifest["signal"]["window"])
+        except FileNotFoundError:
+            raise ModelError(f"{self.manifest_path}: model manifest not found") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"{self.manifest_path}: not a usable model manifest ({e!r})") from None
+        try:
+            data = self.model_path.read_bytes()
+        except OSError as e:
+            raise ModelError(f"{self.model_path}: cannot read the prefilter model ({e.strerror})") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise ModelError(
+                f"{self.model_path}: sha256 {actual[:16]}... does not match the manifest's "
+                f"{expected[:16]}... (corrupt or replaced file); refusing to load it"
+            )
+        try:
+            self._it = _interpreter_class()(model_content=data, num_threads=threads)
+            self._it.allocate_tensors()
+        except ModelError:
+            raise
+        except (ValueError, RuntimeError) as e:
+            raise ModelError(f"{self.model_path}: not a loadable TFLite model ({e})") from None
+        self._input = self._it.get_input_details()[0]
+        outs = {o["name"]: o for o in self._it.get_output_details()}
+        if "score" not in outs or "embedding" not in outs:
+            raise ModelError(f"{self.model_path}: outputs {sorted(outs)}, expected 'score' and 'embedding'")
+        self._score, self._embedding = outs["score"], outs["embedding"]
+        self.features = int(self._input["shape"][-1])
+        self.embedding_dim = int(self._embedding["shape"][-1])
+        self._batch = 0
+        log.info(
+            "prefilter %s v%s loaded (threshold %.4f)", self.model_path.name, self.version, self.threshold
+        )
+
+    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores [n] and embeddings [n, E] for raw windows [n, window], in one call."""
+        x = spectrum_features(np.asarray(windows, dtype=np.float32))
+        if x.shape[1] != self.features:
+            raise ModelError(f"{self.model_path}: takes {self.features} features, got {x.shape[1]}")
+        if len(x) != self._batch:
+            self._it.resize_tensor_input(self._input["index"], [len(x), self.features])
+            self._it.allocate_tensors()
+            self._batch = len(x)
+        self._it.set_tensor(self._input["index"], x)
+        self._it.invoke()
+        return self._it.get_tensor(self._score["index"])[:, 0], self._it.get_tensor(self._embedding["index"])
+
+    def keep(self, windows: np.ndarray) -> Kept:
+        scores, emb = self.score(windows)
+        idx = np.flatnonzero(scores >= self.threshold)
+        return Kept(idx, scores[idx].astype(np.float32), emb[idx].astype(np.float32))

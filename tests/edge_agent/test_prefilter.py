@@ -1,0 +1,75 @@
+"""The device prefilter: loads only the model its manifest names, and keeps what it should."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-litert")
+
+from edge_agent.prefilter import ModelError, Prefilter
+from models.generator import HEALTHY, generate
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def copy_models(tmp_path: Path) -> Path:
+    for name in ("manifest.json", "prefilter.tflite"):
+        shutil.copy(MODELS / name, tmp_path / name)
+    return tmp_path / "manifest.json"
+
+
+def test_keeps_faults_and_drops_healthy_in_batches_of_any_size() -> None:
+    pf = Prefilter(MODELS / "manifest.json")
+    w = generate(1000, seed=77, fault_fraction=0.5)
+    kept = pf.keep(w.x)
+    fault = w.y != HEALTHY
+    is_kept = np.zeros(len(w), bool)
+    is_kept[kept.index] = True
+    assert is_kept[fault].mean() > 0.95 and (~is_kept[~fault]).mean() > 0.75
+    assert kept.embeddings.shape == (len(kept.index), pf.embedding_dim)
+    assert (kept.scores >= pf.threshold).all()
+    # the same windows one at a time give the same answers
+    for i in range(5):
+        s1, e1 = pf.score(w.x[i : i + 1])
+        s, e = pf.score(w.x[:5])
+        assert np.allclose(s1[0], s[i]) and np.allclose(e1[0], e[i])
+
+
+def test_a_tampered_model_is_refused_with_its_path(tmp_path: Path) -> None:
+    manifest = copy_models(tmp_path)
+    model = tmp_path / "prefilter.tflite"
+    data = bytearray(model.read_bytes())
+    data[100] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"prefilter\.tflite: sha256 .* does not match"):
+        Prefilter(manifest)
+
+
+def test_missing_model_and_bad_manifest_say_which_file(tmp_path: Path) -> None:
+    manifest = copy_models(tmp_path)
+    (tmp_path / "prefilter.tflite").unlink()
+    with pytest.raises(ModelError, match=r"prefilter\.tflite: cannot read"):
+        Prefilter(manifest)
+    manifest.write_text("{not json")
+    with pytest.raises(ModelError, match=r"manifest\.json: not a usable model manifest"):
+        Prefilter(manifest)
+    with pytest.raises(ModelError, match="manifest not found"):
+        Prefilter(tmp_path / "nope.json")
+
+
+def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
+    manifest = copy_models(tmp_path)
+    junk = b"not a flatbuffer at all" * 10
+    (tmp_path / "prefilter.tflite").write_bytes(junk)
+    m = json.loads(manifest.read_text())
+    import hashlib
+
+    m["prefilter"]["sha256"] = hashlib.sha256(junk).hexdigest()
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(ModelError, match="not a loadable TFLite model"):
+        Prefilter(manifest)
