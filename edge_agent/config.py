@@ -70,6 +70,15 @@ class UplinkSettings(BaseModel):
         return v
 
 
+class PrefilterSettings(BaseModel):
+    """The on-device model. Without a manifest the agent takes feature vectors only."""
+
+    model_config = {"extra": "forbid"}
+    manifest: Path | None = None
+    threshold: float | None = Field(None, ge=0, le=1, description="overrides the manifest's")
+    threads: int = Field(1, ge=1, le=64)
+
+
 class EndpointSettings(BaseModel):
     """The local enqueue endpoint for producers on the device."""
 
@@ -89,6 +98,7 @@ class AgentConfig(ServiceSettings):
     store: StoreSettings = StoreSettings()
     uplink: UplinkSettings = UplinkSettings()
     endpoint: EndpointSettings = EndpointSettings()
+    prefilter: PrefilterSettings = PrefilterSettings()
     log_level: str = "INFO"
 
     @model_validator(mode="after")

@@ -37,8 +37,16 @@ class Agent:
             name=f"agent-mqtt[{dev.tenant}/{dev.device}]",
         )
         self.uplink = Uplink(cfg, self.queue, self.mqtt)
+        self.prefilter = None
+        if cfg.prefilter.manifest is not None:
+            from edge_agent.prefilter import Prefilter
+
+            self.prefilter = Prefilter(
+                cfg.prefilter.manifest, threshold=cfg.prefilter.threshold, threads=cfg.prefilter.threads
+            )
+            self.uplink.model_version = self.prefilter.version
         self.mqtt.client.will_set(self.uplink.status_topic, self.uplink.offline_status(), 1, True)
-        self.endpoint = Endpoint(cfg, self.queue)
+        self.endpoint = Endpoint(cfg, self.queue, self.prefilter)
         self.ready = asyncio.Event()
 
     async def run(self) -> None:

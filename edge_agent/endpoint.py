@@ -14,6 +14,7 @@ are accepted: anything else could carry raw data off the device.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from typing import Any
@@ -25,12 +26,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from edge_agent import metrics
 from edge_agent.config import AgentConfig
 from edge_agent.errors import BadRecord, QueueFull, StoreError
+from edge_agent.prefilter import Prefilter
 from edge_agent.store import AsyncQueue, NewRecord, RecordBatch, RecordKind
 from edge_tier.wire import Dtype, WireError, check_meta
 
 log = logging.getLogger(__name__)
 
 BINARY_TYPE = "application/x-edge-tier-features"
+WINDOWS_TYPE = "application/x-edge-tier-windows"
 _DTYPES = {"float32": Dtype.FLOAT32, "float16": Dtype.FLOAT16, "int8": Dtype.INT8}
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -87,14 +90,17 @@ def _score(i: int, value: Any) -> float:
 
 
 class Endpoint:
-    def __init__(self, config: AgentConfig, queue: AsyncQueue) -> None:
+    def __init__(self, config: AgentConfig, queue: AsyncQueue, prefilter: Prefilter | None = None) -> None:
         self.cfg = config.endpoint
         self.queue = queue
+        self.prefilter = prefilter
+        self._model_lock = asyncio.Lock()  # one interpreter: one inference at a time
         self.allow = set(self.cfg.metadata_allow)
         self.app = web.Application(client_max_size=self.cfg.max_body_bytes)
         self.app.add_routes(
             [
                 web.post("/v1/records", self.post_records),
+                web.post("/v1/windows", self.post_windows),
                 web.get("/v1/status", self.get_status),
                 web.get("/healthz", self.healthz),
                 web.get("/metrics", self.metrics),
@@ -163,6 +169,68 @@ class Endpoint:
                 "evicted": result.evicted,
             }
         )
+
+    async def post_windows(self, request: web.Request) -> web.Response:
+        """Raw sensor windows: the prefilter keeps some, and only their embeddings are queued.
+
+        Body: ``application/x-edge-tier-windows`` (query ``stream``; n x window float32,
+        little-endian) or JSON ``{"stream": ..., "windows": [[...], ...]}``. The raw
+        windows live only in this request's memory.
+        """
+        pf = self.prefilter
+        if pf is None:
+            return _problem(404, "Not Found", "no prefilter is configured ([prefilter] manifest)")
+        try:
+            if request.content_type == WINDOWS_TYPE:
+                stream = request.query.get("stream", "")
+                raw = await request.read()
+                if not raw or len(raw) % (4 * pf.window):
+                    raise BadRecord(f"body of {len(raw)} bytes is not n x {pf.window} float32 samples")
+                windows = np.frombuffer(raw, dtype="<f4").reshape(-1, pf.window)
+            elif request.content_type == "application/json":
+                try:
+                    body = await request.json()
+                except ValueError as e:
+                    raise BadRecord(f"body is not valid JSON: {e}") from None
+                if not isinstance(body, dict) or not isinstance(body.get("windows"), list):
+                    raise BadRecord("body must be an object with a 'windows' list")
+                stream = body.get("stream", "")
+                try:
+                    windows = np.asarray(body["windows"], dtype=np.float32)
+                except (TypeError, ValueError) as e:
+                    raise BadRecord(f"'windows' must be lists of numbers: {e}") from None
+                if windows.ndim != 2 or windows.shape[1] != pf.window or not len(windows):
+                    raise BadRecord(f"'windows' must be n lists of {pf.window} samples")
+            else:
+                return _problem(
+                    415,
+                    "Unsupported Media Type",
+                    f"send application/json or {WINDOWS_TYPE}, not {request.content_type}",
+                )
+            if not np.isfinite(windows).all():
+                raise BadRecord("window samples must be finite")
+            kind = _kind(
+                {"stream": stream, "model": "prefilter", "model_version": pf.version}, pf.embedding_dim
+            )
+            async with self._model_lock:
+                kept = await asyncio.to_thread(pf.keep, windows)
+            result = None
+            if len(kept.index):
+                batch = RecordBatch(features=kept.embeddings.astype("<f4").tobytes(), scores=kept.scores)
+                result = await self.queue.enqueue(kind, batch)
+        except BadRecord as e:
+            return _problem(400, "Bad Request", str(e))
+        except QueueFull as e:
+            return _problem(503, "Queue Full", str(e), **{"Retry-After": "1"})
+        except StoreError as e:
+            log.error("enqueue failed: %s", e)
+            return _problem(500, "Queue Error", str(e))
+        metrics.WINDOWS.inc(len(windows))
+        metrics.ENQUEUED.inc(len(kept.index))
+        answer: dict[str, Any] = {"windows": len(windows), "kept": len(kept.index)}
+        if result is not None:
+            answer.update(first_seq=result.first_seq, last_seq=result.last_seq, evicted=result.evicted)
+        return web.json_response(answer)
 
     def _parse_json(self, body: Any) -> tuple[RecordKind, list[NewRecord]]:
         if not isinstance(body, dict) or not isinstance(body.get("records"), list) or not body["records"]:

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from edge_agent.store import QueueStats
 
 ENQUEUED = Counter("et_agent_enqueued_records_total", "Records accepted into the queue")
+WINDOWS = Counter("et_agent_windows_total", "Raw windows seen by the prefilter (kept or not)")
 DELIVERED = Counter("et_agent_delivered_records_total", "Records receipted by the cloud and deleted")
 FRAMES_SENT = Counter("et_agent_frames_sent_total", "Upload frames published (including re-sends)")
 FRAMES_RESENT = Counter("et_agent_frames_resent_total", "Upload frames published again")

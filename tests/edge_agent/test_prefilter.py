@@ -73,3 +73,17 @@ def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
     manifest.write_text(json.dumps(m))
     with pytest.raises(ModelError, match="not a loadable TFLite model"):
         Prefilter(manifest)
+
+
+def test_the_agent_refuses_to_start_with_a_bad_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_agent.cli import main
+
+    manifest = copy_models(tmp_path)
+    (tmp_path / "prefilter.tflite").write_bytes(b"\0" * 64)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[store]\npath = "{tmp_path / "q.db"}"\n[prefilter]\nmanifest = "{manifest}"\n')
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "prefilter.tflite" in err and "does not match" in err
