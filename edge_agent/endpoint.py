@@ -47,6 +47,27 @@ def _problem(status: int, title: str, detail: str, **headers: str) -> web.Respon
     )
 
 
+@web.middleware
+async def _answer_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """What a handler refuses becomes a problem+json answer, in one place."""
+    try:
+        return await handler(request)
+    except BadRecord as e:
+        return _problem(400, "Bad Request", str(e))
+    except QueueFull as e:
+        return _problem(503, "Queue Full", str(e), **{"Retry-After": "1"})
+    except StoreError as e:
+        log.error("enqueue failed: %s", e)
+        return _problem(500, "Queue Error", str(e))
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError as e:
+        raise BadRecord(f"body is not valid JSON: {e}") from None
+
+
 def _field(body: dict[str, Any], name: str, types: type | tuple[type, ...], default: Any) -> Any:
     value = body.get(name, default)
     if isinstance(value, bool) or not isinstance(value, types):
@@ -96,7 +117,7 @@ class Endpoint:
         self.prefilter = prefilter
         self._model_lock = asyncio.Lock()  # one interpreter: one inference at a time
         self.allow = set(self.cfg.metadata_allow)
-        self.app = web.Application(client_max_size=self.cfg.max_body_bytes)
+        self.app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[_answer_errors])
         self.app.add_routes(
             [
                 web.post("/v1/records", self.post_records),
@@ -134,29 +155,18 @@ class Endpoint:
 
     async def post_records(self, request: web.Request) -> web.Response:
         durable = request.query.get("durable", "1") not in ("0", "false", "no")
-        try:
-            if request.content_type == BINARY_TYPE:
-                kind, records = self._parse_binary(request.query, await request.read())
-            elif request.content_type == "application/json":
-                try:
-                    body = await request.json()
-                except ValueError as e:
-                    raise BadRecord(f"body is not valid JSON: {e}") from None
-                kind, records = self._parse_json(body)
-            else:
-                return _problem(
-                    415,
-                    "Unsupported Media Type",
-                    f"send application/json or {BINARY_TYPE}, not {request.content_type}",
-                )
-            result = await self.queue.enqueue(kind, records, durable=durable)
-        except BadRecord as e:
-            return _problem(400, "Bad Request", str(e))
-        except QueueFull as e:
-            return _problem(503, "Queue Full", str(e), **{"Retry-After": "1"})
-        except StoreError as e:
-            log.error("enqueue failed: %s", e)
-            return _problem(500, "Queue Error", str(e))
+        if request.content_type == BINARY_TYPE:
+            kind, records = self._parse_binary(request.query, await request.read())
+        elif request.content_type == "application/json":
+            body = await _json_body(request)
+            kind, records = self._parse_json(body)
+        else:
+            return _problem(
+                415,
+                "Unsupported Media Type",
+                f"send application/json or {BINARY_TYPE}, not {request.content_type}",
+            )
+        result = await self.queue.enqueue(kind, records, durable=durable)
         metrics.ENQUEUED.inc(len(records))
         if result is None:
             return web.json_response({"accepted": len(records), "durable": False}, status=202)
@@ -180,51 +190,38 @@ class Endpoint:
         pf = self.prefilter
         if pf is None:
             return _problem(404, "Not Found", "no prefilter is configured ([prefilter] manifest)")
-        try:
-            if request.content_type == WINDOWS_TYPE:
-                stream = request.query.get("stream", "")
-                raw = await request.read()
-                if not raw or len(raw) % (4 * pf.window):
-                    raise BadRecord(f"body of {len(raw)} bytes is not n x {pf.window} float32 samples")
-                windows = np.frombuffer(raw, dtype="<f4").reshape(-1, pf.window)
-            elif request.content_type == "application/json":
-                try:
-                    body = await request.json()
-                except ValueError as e:
-                    raise BadRecord(f"body is not valid JSON: {e}") from None
-                if not isinstance(body, dict) or not isinstance(body.get("windows"), list):
-                    raise BadRecord("body must be an object with a 'windows' list")
-                stream = body.get("stream", "")
-                try:
-                    windows = np.asarray(body["windows"], dtype=np.float32)
-                except (TypeError, ValueError) as e:
-                    raise BadRecord(f"'windows' must be lists of numbers: {e}") from None
-                if windows.ndim != 2 or windows.shape[1] != pf.window or not len(windows):
-                    raise BadRecord(f"'windows' must be n lists of {pf.window} samples")
-            else:
-                return _problem(
-                    415,
-                    "Unsupported Media Type",
-                    f"send application/json or {WINDOWS_TYPE}, not {request.content_type}",
-                )
-            if not np.isfinite(windows).all():
-                raise BadRecord("window samples must be finite")
-            kind = _kind(
-                {"stream": stream, "model": "prefilter", "model_version": pf.version}, pf.embedding_dim
+        if request.content_type == WINDOWS_TYPE:
+            stream = request.query.get("stream", "")
+            raw = await request.read()
+            if not raw or len(raw) % (4 * pf.window):
+                raise BadRecord(f"body of {len(raw)} bytes is not n x {pf.window} float32 samples")
+            windows = np.frombuffer(raw, dtype="<f4").reshape(-1, pf.window)
+        elif request.content_type == "application/json":
+            body = await _json_body(request)
+            if not isinstance(body, dict) or not isinstance(body.get("windows"), list):
+                raise BadRecord("body must be an object with a 'windows' list")
+            stream = body.get("stream", "")
+            try:
+                windows = np.asarray(body["windows"], dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise BadRecord(f"'windows' must be lists of numbers: {e}") from None
+            if windows.ndim != 2 or windows.shape[1] != pf.window or not len(windows):
+                raise BadRecord(f"'windows' must be n lists of {pf.window} samples")
+        else:
+            return _problem(
+                415,
+                "Unsupported Media Type",
+                f"send application/json or {WINDOWS_TYPE}, not {request.content_type}",
             )
-            async with self._model_lock:
-                kept = await asyncio.to_thread(pf.keep, windows)
-            result = None
-            if len(kept.index):
-                batch = RecordBatch(features=kept.embeddings.astype("<f4").tobytes(), scores=kept.scores)
-                result = await self.queue.enqueue(kind, batch)
-        except BadRecord as e:
-            return _problem(400, "Bad Request", str(e))
-        except QueueFull as e:
-            return _problem(503, "Queue Full", str(e), **{"Retry-After": "1"})
-        except StoreError as e:
-            log.error("enqueue failed: %s", e)
-            return _problem(500, "Queue Error", str(e))
+        if not np.isfinite(windows).all():
+            raise BadRecord("window samples must be finite")
+        kind = _kind({"stream": stream, "model": "prefilter", "model_version": pf.version}, pf.embedding_dim)
+        async with self._model_lock:
+            kept = await asyncio.to_thread(pf.keep, windows)
+        result = None
+        if len(kept.index):
+            batch = RecordBatch(features=kept.embeddings.astype("<f4").tobytes(), scores=kept.scores)
+            result = await self.queue.enqueue(kind, batch)
         metrics.WINDOWS.inc(len(windows))
         metrics.ENQUEUED.inc(len(kept.index))
         answer: dict[str, Any] = {"windows": len(windows), "kept": len(kept.index)}
