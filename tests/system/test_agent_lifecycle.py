@@ -26,6 +26,20 @@ from tests.support import (
 )
 
 
+def deliver_through(ingest: IngestProcess, agent: AgentProcess, nats_url: str, batches: int) -> None:
+    """Start the pair, enqueue, and check every acknowledged record arrived once; stop both."""
+    try:
+        ingest.start(timeout=20)
+        agent.start(timeout=20)
+        producer = Producer(agent.port)
+        producer.run(batches=batches, size=100)
+        wait_until(lambda: drained(agent.port), 60, "the queue to drain")
+        assert_exactly_once(stream_seqs(nats_url), set(producer.acked))
+    finally:
+        agent.stop()
+        ingest.stop()
+
+
 class StatusWatcher:
     def __init__(self, port: int) -> None:
         self.seen: list[dict[str, Any]] = []
@@ -104,16 +118,7 @@ def test_embedded_mode_mqtt311_on_nats_own_listener(nats_mqtt_server: NatsServer
     agent = AgentProcess(
         tmp_path / "agent", agent_config(tmp_path / "agent", port, mqtt=mqtt), name="edge-agent"
     )
-    try:
-        ingest.start(timeout=20)
-        agent.start(timeout=20)
-        producer = Producer(agent.port)
-        producer.run(batches=10, size=100)
-        wait_until(lambda: drained(agent.port), 60, "the queue to drain")
-        assert_exactly_once(stream_seqs(nats_mqtt_server.url), set(producer.acked))
-    finally:
-        agent.stop()
-        ingest.stop()
+    deliver_through(ingest, agent, nats_mqtt_server.url, batches=10)
 
 
 def test_agent_over_mutual_tls(tmp_path) -> None:
@@ -140,16 +145,9 @@ def test_agent_over_mutual_tls(tmp_path) -> None:
         tmp_path / "agent", agent_config(tmp_path / "agent", tls_port, mqtt=mqtt), name="edge-agent"
     )
     try:
-        ingest.start(timeout=20)
-        agent.start(timeout=20)
-        producer = Producer(agent.port)
-        producer.run(batches=5, size=100)
-        wait_until(lambda: drained(agent.port), 60, "the queue to drain over TLS")
-        assert_exactly_once(stream_seqs(nats.url), set(producer.acked))
+        deliver_through(ingest, agent, nats.url, batches=5)
         # The broker took the device's identity from its certificate.
         assert f"as et-{TENANT}-{DEVICE} (p5, c0, k30, u'{DEVICE}')" in broker.log_path.read_text()
     finally:
-        agent.stop()
-        ingest.stop()
         nats.stop()
         broker.stop()
