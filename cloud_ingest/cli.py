@@ -1,4 +1,4 @@
-"""``cloud-ingest``: the cloud services (for now: ``run``, the ingest service)."""
+"""``cloud-ingest``: the cloud services: ``run`` (ingest) and ``worker`` (tier-two inference)."""
 
 from __future__ import annotations
 
@@ -23,12 +23,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_service(Ingest(cfg).run)
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from cloud_ingest.worker import Worker
+
+    cfg = load_ingest_config(args.config)
+    setup_logging(cfg.log_level)
+    if cfg.worker.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(cfg.worker.metrics_port, addr="127.0.0.1")
+    return run_service(Worker(cfg).run)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cloud-ingest", description="edge-tier cloud services")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="MQTT uploads -> JetStream, with receipts to devices")
     r.add_argument("--config", "-c", help="ingest.toml (defaults and CLOUD_INGEST_* env if omitted)")
     r.set_defaults(fn=cmd_run)
+    w = sub.add_parser("worker", help="tier-two inference: JetStream features -> results, batched")
+    w.add_argument("--config", "-c", help="ingest.toml ([worker] section; CLOUD_INGEST_WORKER__* env)")
+    w.set_defaults(fn=cmd_worker)
     args = p.parse_args(argv)
     try:
         return int(args.fn(args))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from edge_tier.config import ServiceSettings, load_config
 from edge_tier.mqtt import MqttSettings
-from edge_tier.wire import FrameLimits
+from edge_tier.wire import FrameLimits, validate_id
+from models.manifest import DEFAULT_MANIFEST
 
 DAY = 24 * 3600
 
@@ -31,6 +32,11 @@ class StreamSettings(BaseModel):
     # the per-device high-water mark catches re-sends after it (docs/guarantees.md).
     duplicate_window_s: int = Field(2 * 3600, ge=1)
     deadletter_max_age_s: int = Field(30 * DAY, ge=60)
+    results_max_age_s: int = Field(30 * DAY, ge=60)
+    results_max_bytes: int = Field(-1, ge=-1)
+    # A worker that dies after writing a result and before acking its features message
+    # writes it again on redelivery; inside this window JetStream drops the copy.
+    results_duplicate_window_s: int = Field(2 * 3600, ge=1)
 
 
 class IngestSettings(BaseModel):
@@ -53,6 +59,52 @@ class IngestSettings(BaseModel):
         )
 
 
+class WorkerSettings(BaseModel):
+    """Tier-two workers (``cloud-ingest worker``): JetStream features in, results out."""
+
+    model_config = {"extra": "forbid"}
+    instance: str = "0"
+    manifest: Path = DEFAULT_MANIFEST
+    # onnxruntime execution providers, in order of preference; those this host's
+    # onnxruntime build lacks are skipped (CUDA needs the onnxruntime-gpu extra).
+    providers: list[str] = Field(
+        default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"], min_length=1
+    )
+    io_binding: bool | None = None  # None: on where the model runs on a GPU
+    threads: int = Field(0, ge=0, le=256, description="intra-op threads; 0 = onnxruntime's choice")
+    # Dynamic batching: records from many messages go into one inference call,
+    # cut at max_batch records or max_wait_ms after the first one arrived.
+    max_batch: int = Field(512, ge=1, le=65536)
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    # Fetched per tenant and held locally at most (messages); bounds what a crash redelivers.
+    prefetch: int = Field(64, ge=1, le=10_000)
+    consumer_prefix: str = "et-tier2"
+    ack_wait_s: float = Field(30.0, gt=0)
+    # A message that fails (undecodable, wrong shape, inference error) is nak'ed with
+    # these delays, and dead-lettered when it fails on delivery max_deliveries.
+    max_deliveries: int = Field(5, ge=1, le=1000)
+    backoff_s: list[float] = Field(default_factory=lambda: [1.0, 5.0, 15.0, 60.0], min_length=1)
+    # Fairness: features per second per tenant (0 = unlimited; tenants still take turns).
+    tenant_rate: float = Field(0.0, ge=0)
+    tenant_burst: float | None = Field(None, gt=0, description="bucket size; default 2 s of rate")
+    tenant_rates: dict[str, float] = Field(default_factory=dict, description="per-tenant overrides")
+    # Tenants with features: found in the stream every discover_s, or a fixed list.
+    tenants: list[str] | None = None
+    discover_s: float = Field(2.0, gt=0)
+    results_max_records: int = Field(4096, ge=1, description="records per result message")
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+
+    @field_validator("instance", "consumer_prefix")
+    @classmethod
+    def _valid_name(cls, v: str, info) -> str:  # type: ignore[no-untyped-def]
+        return validate_id(info.field_name, v)
+
+    @field_validator("tenants")
+    @classmethod
+    def _valid_tenants(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [validate_id("tenant", t) for t in v]
+
+
 class IngestConfig(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="CLOUD_INGEST_", env_nested_delimiter="__", extra="forbid")
 
@@ -60,6 +112,7 @@ class IngestConfig(ServiceSettings):
     nats: NatsSettings = NatsSettings()
     streams: StreamSettings = StreamSettings()
     ingest: IngestSettings = IngestSettings()
+    worker: WorkerSettings = WorkerSettings()
     log_level: str = "INFO"
 
 

@@ -7,3 +7,7 @@ class IngestError(Exception):
 
 class StreamSetupError(IngestError):
     """A JetStream stream or bucket could not be created or brought up to date."""
+
+
+class ModelError(IngestError):
+    """The tier-two model or its runtime cannot be used; the message names the file and the reason."""

@@ -60,7 +60,7 @@ WRONG_LAST_SEQUENCE = 10071  # JetStream API error code for Nats-Expected-Last-S
 H_FIRST, H_LAST, H_PREV, H_RECORDS = "Et-First-Seq", "Et-Last-Seq", "Et-Prev-Seq", "Et-Records"
 
 
-def _clip(text: str, max_bytes: int) -> str:
+def clip_header(text: str, max_bytes: int) -> str:
     """At most ``max_bytes`` of UTF-8 (headers share the message's max_payload)."""
     return text.encode()[:max_bytes].decode(errors="ignore").replace("\r", " ").replace("\n", " ")
 
@@ -387,8 +387,8 @@ class Ingest:
         metrics.DEADLETTERED.inc()
         metrics.FRAMES.labels("deadletter").inc()
         headers = {
-            "Et-Reason": _clip(reason, 2000),
-            "Et-Topic": _clip(msg.topic, 500),
+            "Et-Reason": clip_header(reason, 2000),
+            "Et-Topic": clip_header(msg.topic, 500),
             "Et-Source": "ingest",
             # A redelivered bad message (crash before the MQTT ack) is stored once.
             "Nats-Msg-Id": "dlq." + hashlib.sha256(msg.topic.encode() + msg.payload).hexdigest(),

@@ -38,6 +38,18 @@ def stream_configs(s: StreamSettings) -> list[StreamConfig]:
             allow_direct=True,
         ),
         StreamConfig(
+            name=topics.RESULTS_STREAM,
+            subjects=[topics.RESULTS_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=float(s.results_max_age_s),
+            max_bytes=s.results_max_bytes,
+            duplicate_window=float(s.results_duplicate_window_s),
+            num_replicas=s.replicas,
+            discard=DiscardPolicy.OLD,
+            allow_direct=True,
+        ),
+        StreamConfig(
             name=topics.DEADLETTER_STREAM,
             subjects=[topics.DLQ_SUBJECTS],
             retention=RetentionPolicy.LIMITS,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -77,6 +78,9 @@ class PrefilterSettings(BaseModel):
     manifest: Path | None = None
     threshold: float | None = Field(None, ge=0, le=1, description="overrides the manifest's")
     threads: int = Field(1, ge=1, le=64)
+    # What leaves the device: int8 (x the manifest's embedding_scale) is a quarter of
+    # float32 and scores the same in tier two (models/REPORT.md).
+    upload_dtype: Literal["float32", "float16", "int8"] = "int8"
 
 
 class EndpointSettings(BaseModel):

@@ -12,6 +12,7 @@ from edge_agent.store import AsyncQueue, Store
 from edge_agent.uplink import Uplink
 from edge_tier import topics
 from edge_tier.mqtt import MqttBridge
+from edge_tier.wire import Dtype
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,10 @@ class Agent:
             from edge_agent.prefilter import Prefilter
 
             self.prefilter = Prefilter(
-                cfg.prefilter.manifest, threshold=cfg.prefilter.threshold, threads=cfg.prefilter.threads
+                cfg.prefilter.manifest,
+                threshold=cfg.prefilter.threshold,
+                threads=cfg.prefilter.threads,
+                upload_dtype=Dtype[cfg.prefilter.upload_dtype.upper()],
             )
             self.uplink.model_version = self.prefilter.version
         self.mqtt.client.will_set(self.uplink.status_topic, self.uplink.offline_status(), 1, True)

@@ -215,13 +215,24 @@ class Endpoint:
             )
         if not np.isfinite(windows).all():
             raise BadRecord("window samples must be finite")
-        kind = _kind({"stream": stream, "model": "prefilter", "model_version": pf.version}, pf.embedding_dim)
+        dtype = pf.upload_dtype
+        scale = pf.embedding_scale if dtype is Dtype.INT8 else 1.0
+        kind = _kind(
+            {
+                "stream": stream,
+                "model": "prefilter",
+                "model_version": pf.version,
+                "dtype": dtype.name.lower(),
+                "scale": scale,
+            },
+            pf.embedding_dim,
+        )
         async with self._model_lock:
             kept = await asyncio.to_thread(pf.keep, windows)
         result = None
         if len(kept.index):
-            batch = RecordBatch(features=kept.embeddings.astype("<f4").tobytes(), scores=kept.scores)
-            result = await self.queue.enqueue(kind, batch)
+            features, _ = pf.encode(kept.embeddings, dtype)
+            result = await self.queue.enqueue(kind, RecordBatch(features=features, scores=kept.scores))
         metrics.WINDOWS.inc(len(windows))
         metrics.ENQUEUED.inc(len(kept.index))
         answer: dict[str, Any] = {"windows": len(windows), "kept": len(kept.index)}

@@ -10,8 +10,6 @@ embedding of a kept window leaves this module; the raw window is never stored.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import AgentError
+from edge_tier.wire import Dtype
 from models.features import spectrum_features
+from models.manifest import ManifestError, load_model
 
 log = logging.getLogger(__name__)
 
@@ -61,31 +61,33 @@ class Kept:
 
 class Prefilter:
     def __init__(
-        self, manifest_path: str | Path, *, threshold: float | None = None, threads: int = 1
+        self,
+        manifest_path: str | Path,
+        *,
+        threshold: float | None = None,
+        threads: int = 1,
+        upload_dtype: Dtype = Dtype.FLOAT32,
     ) -> None:
         self.manifest_path = Path(manifest_path)
         try:
-            manifest = json.loads(self.manifest_path.read_text())
-            entry = manifest["prefilter"]
-            self.model_path = self.manifest_path.parent / entry["file"]
-            expected = entry["sha256"]
-            self.threshold = float(entry["threshold"] if threshold is None else threshold)
-            self.version = str(entry.get("version", manifest.get("version", "")))
-            self.window = int(manifest["signal"]["window"])
-        except FileNotFoundError:
-            raise ModelError(f"{self.manifest_path}: model manifest not found") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            model = load_model(self.manifest_path, "prefilter")
+            self.model_path = model.path
+            self.threshold = float(model.entry["threshold"] if threshold is None else threshold)
+            self.version = model.version
+            self.window = int(model.manifest["signal"]["window"])
+            # int8 upload: embedding = int8 value x scale (symmetric, from the training set's range)
+            self.embedding_scale = float(model.entry.get("embedding_scale", 0.0))
+        except ManifestError as e:
+            raise ModelError(str(e)) from None
+        except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"{self.manifest_path}: not a usable model manifest ({e!r})") from None
-        try:
-            data = self.model_path.read_bytes()
-        except OSError as e:
-            raise ModelError(f"{self.model_path}: cannot read the prefilter model ({e.strerror})") from None
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expected:
+        data = model.data
+        if upload_dtype is Dtype.INT8 and not self.embedding_scale > 0:
             raise ModelError(
-                f"{self.model_path}: sha256 {actual[:16]}... does not match the manifest's "
-                f"{expected[:16]}... (corrupt or replaced file); refusing to load it"
+                f"{self.manifest_path}: prefilter.embedding_scale is missing, so embeddings cannot be "
+                'uploaded as int8 (set [prefilter] upload_dtype = "float32" or rebuild the models)'
             )
+        self.upload_dtype = upload_dtype
         try:
             self._it = _interpreter_class()(model_content=data, num_threads=threads)
             self._it.allocate_tensors()
@@ -117,6 +119,14 @@ class Prefilter:
         self._it.set_tensor(self._input["index"], x)
         self._it.invoke()
         return self._it.get_tensor(self._score["index"])[:, 0], self._it.get_tensor(self._embedding["index"])
+
+    def encode(self, embeddings: np.ndarray, dtype: Dtype) -> tuple[bytes, float]:
+        """Embeddings as the upload stores them, and the scale a reader multiplies int8 by."""
+        if dtype is Dtype.INT8:
+            s = self.embedding_scale
+            q = np.clip(np.rint(embeddings / s), -127, 127).astype(np.int8)
+            return q.tobytes(), s
+        return np.ascontiguousarray(embeddings, dtype=dtype.np_dtype).tobytes(), 1.0
 
     def keep(self, windows: np.ndarray) -> Kept:
         scores, emb = self.score(windows)

@@ -81,3 +81,16 @@ class IngestProcess(ServiceProcess):
 
     def _bind_port(self, port: int) -> None:
         self.config.setdefault("ingest", {})["metrics_port"] = port
+
+
+class WorkerProcess(ServiceProcess):
+    """``cloud-ingest worker``; its port is the Prometheus metrics port."""
+
+    module = "cloud_ingest.cli"
+    _ready_marker = "worker ready"
+
+    def _bind_port(self, port: int) -> None:
+        self.config.setdefault("worker", {})["metrics_port"] = port
+
+    def _command(self, exe: str) -> list[str]:
+        return [exe, "-m", self.module, "worker", "--config", str(self.config_path)]

@@ -2,6 +2,7 @@
 
 MQTT:  et/{tenant}/{device}/{up|receipt|status|control|results}
 NATS:  et.features.{tenant}.{device}   (stream ET_FEATURES)
+       et.results.{tenant}.{device}    (stream ET_RESULTS)
        et.dlq.{source}.{tenant}.{device} (stream ET_DEADLETTER)
 Ids are restricted (see ``wire.validate_id``) so they are safe in both schemes.
 """
@@ -41,6 +42,28 @@ def features_subject(tenant: str, device: str) -> str:
 
 
 FEATURES_SUBJECTS = f"{ROOT}.features.>"
+
+
+def tenant_features(tenant: str) -> str:
+    return f"{ROOT}.features.{tenant}.*"
+
+
+def tenant_of_features_subject(subject: str) -> str | None:
+    parts = subject.split(".")
+    return parts[2] if len(parts) == 4 and parts[:2] == [ROOT, "features"] else None
+
+
+RESULTS_STREAM = "ET_RESULTS"
+RESULTS_SUBJECTS = f"{ROOT}.results.>"
+
+
+def results_subject(tenant: str, device: str) -> str:
+    return f"{ROOT}.results.{tenant}.{device}"
+
+
+def worker_consumer(tenant: str, prefix: str = "et-tier2") -> str:
+    """The durable pull consumer tier-two workers share for one tenant's features."""
+    return f"{prefix}-{tenant}"
 
 
 def dlq_subject(source: str, tenant: str | None = None, device: str | None = None) -> str:

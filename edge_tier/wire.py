@@ -1093,13 +1093,15 @@ class DeviceStatus(BaseModel):
     model_version: Annotated[str, Field(max_length=64)] | None = None
 
 
-def _decode_json_model(cls: type[_M], data: bytes | bytearray | memoryview | str) -> _M:
+def _decode_json_model(
+    cls: type[_M], data: bytes | bytearray | memoryview | str, max_bytes: int = _MAX_JSON_BYTES
+) -> _M:
     if isinstance(data, memoryview):
         data = data.tobytes()
     if not isinstance(data, bytes | bytearray | str):
         raise WireError(f"{cls.__name__}: expected bytes, got {type(data).__name__}")
-    if len(data) > _MAX_JSON_BYTES:
-        raise FrameTooLarge(f"{cls.__name__}: {len(data)} bytes, limit is {_MAX_JSON_BYTES}")
+    if len(data) > max_bytes:
+        raise FrameTooLarge(f"{cls.__name__}: {len(data)} bytes, limit is {max_bytes}")
     try:
         return cls.model_validate_json(data)
     except ValidationError as exc:
@@ -1121,3 +1123,93 @@ def encode_status(s: DeviceStatus) -> bytes:
 
 def decode_status(b: bytes | bytearray | memoryview | str) -> DeviceStatus:
     return _decode_json_model(DeviceStatus, b)
+
+
+# -- tier-two results ----------------------------------------------------------------------
+
+RESULT_MAX_BYTES = 8 * 1024 * 1024
+_Confidence = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+_Label = Annotated[str, Field(max_length=64)]
+
+
+class ResultBatch(BaseModel):
+    """Tier-two answers for one upload (or one part of a large one), as columns.
+
+    Stream ET_RESULTS, subject ``et.results.{tenant}.{device}``, ``Nats-Msg-Id`` = the upload
+    id (``upload_id#part`` for parts after the first); also what applications read on MQTT
+    ``et/{tenant}/{device}/results``. Row ``i`` of every column is record ``seqs[i]``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: Literal[1] = 1
+    upload_id: str
+    tenant: str
+    device: str
+    stream: Annotated[str, Field(max_length=64)]
+    part: Annotated[int, Field(strict=True, ge=0)] = 0
+    parts: Annotated[int, Field(strict=True, ge=1)] = 1
+    model: Annotated[str, Field(max_length=64)]
+    model_version: Annotated[str, Field(max_length=64)]
+    worker: Annotated[str, Field(max_length=64)]
+    produced_ms: _U64
+    seqs: list[_U64]
+    times_ms: list[_U64]  # when the device created each record
+    scores: list[float]  # the prefilter's anomaly score
+    labels: list[_Label]
+    confidences: list[_Confidence]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ResultBatch:
+        t, d, first, last = parse_upload_id(self.upload_id)
+        if (t, d) != (self.tenant, self.device):
+            raise ValueError(f"upload_id {self.upload_id!r} is not of {self.tenant}/{self.device}")
+        n = len(self.seqs)
+        if not n or any(len(c) != n for c in (self.times_ms, self.scores, self.labels, self.confidences)):
+            raise ValueError("seqs, times_ms, scores, labels and confidences must be equally long, n >= 1")
+        if not first <= self.seqs[0] or not self.seqs[-1] <= last:
+            raise ValueError(f"seqs {self.seqs[0]}-{self.seqs[-1]} are outside the upload {first}-{last}")
+        if self.part >= self.parts:
+            raise ValueError(f"part {self.part} of {self.parts}")
+        return self
+
+
+def encode_results(
+    frame: Frame,
+    rows: slice,
+    labels: Sequence[str],
+    label_index: np.ndarray,
+    confidences: np.ndarray,
+    *,
+    part: int,
+    parts: int,
+    model: str,
+    model_version: str,
+    worker: str,
+    produced_ms: int,
+) -> bytes:
+    """One ResultBatch as JSON, straight from numpy columns (per-record objects would cost
+    more than the inference)."""
+    doc = {
+        "v": 1,
+        "upload_id": frame.upload_id,
+        "tenant": frame.tenant,
+        "device": frame.device,
+        "stream": frame.stream,
+        "part": part,
+        "parts": parts,
+        "model": model,
+        "model_version": model_version,
+        "worker": worker,
+        "produced_ms": produced_ms,
+        "seqs": frame.seqs[rows].tolist(),
+        "times_ms": frame.times_ms[rows].tolist(),
+        "scores": np.round(frame.scores[rows].astype(np.float64), 5).tolist(),
+        "labels": [labels[i] for i in label_index.tolist()],
+        "confidences": np.round(np.clip(confidences.astype(np.float64), 0, 1), 5).tolist(),
+    }
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_results(b: bytes | bytearray | memoryview | str) -> ResultBatch:
+    return _decode_json_model(ResultBatch, b, RESULT_MAX_BYTES)

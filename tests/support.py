@@ -26,7 +26,7 @@ from cloud_ingest.streams import read_all
 from edge_tier import services, topics
 from edge_tier.brokers import Mosquitto, NatsServer
 from edge_tier.services import AgentProcess, IngestProcess
-from edge_tier.wire import decode_frame
+from edge_tier.wire import Dtype, ResultBatch, decode_frame, decode_results, encode_frame_parts
 
 TENANT, DEVICE = "acme", "press-7"
 DIM = 16
@@ -149,6 +149,70 @@ def stream_messages(url: str, stream: str) -> list[Any]:
 def stream_seqs(url: str, stream: str = topics.FEATURES_STREAM) -> list[int]:
     """Every record seq in the features stream, in stream order, repeats kept."""
     return [int(x) for m in stream_messages(url, stream) for x in decode_frame(m.data).seqs]
+
+
+def frame(
+    first: int,
+    n: int,
+    prev: int,
+    *,
+    tenant: str = TENANT,
+    device: str = DEVICE,
+    dim: int = 8,
+    values: np.ndarray | None = None,
+) -> bytes:
+    """An upload frame of records ``first .. first+n-1``; random features unless ``values``."""
+    rng = np.random.default_rng(first)
+    x = rng.standard_normal((n, dim)).astype("<f4") if values is None else values.astype("<f4")
+    now = int(time.time() * 1000)
+    return encode_frame_parts(
+        tenant=tenant,
+        device=device,
+        prev_seq=prev,
+        stream="vibration",
+        model="pf",
+        model_version="1",
+        schema_version=1,
+        created_ms=now,
+        dtype=Dtype.FLOAT32,
+        dim=x.shape[1],
+        seqs=list(range(first, first + n)),
+        scores=[0.5] * n,
+        times_ms=[now] * n,
+        feature_blobs=[row.tobytes() for row in x],
+    )
+
+
+async def publish_features(url: str, frames: list[bytes]) -> None:
+    """Put frames into the features stream as ingest would (creating the streams first)."""
+    from cloud_ingest.config import StreamSettings
+    from cloud_ingest.streams import ensure_streams
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, StreamSettings())
+        acks = [
+            js.publish(
+                topics.features_subject(f.tenant, f.device),
+                data,
+                headers={"Nats-Msg-Id": f.upload_id},
+            )
+            for data, f in ((d, decode_frame(d)) for d in frames)
+        ]
+        await asyncio.gather(*acks)
+    finally:
+        await nc.close()
+
+
+def results(url: str) -> list[ResultBatch]:
+    """Every result message in ET_RESULTS, in stream order."""
+    return [decode_results(m.data) for m in stream_messages(url, topics.RESULTS_STREAM)]
+
+
+def result_keys(batches: list[ResultBatch]) -> list[tuple[str, str, int]]:
+    """(tenant, device, seq) of every result row, repeats kept."""
+    return [(b.tenant, b.device, s) for b in batches for s in b.seqs]
 
 
 def assert_exactly_once(stored: list[int], expected: set[int]) -> None:

@@ -10,46 +10,22 @@ import http.client
 import time
 from typing import Any
 
-import numpy as np
 import pytest
 
 from edge_tier import topics
 from edge_tier.services import IngestProcess
-from edge_tier.wire import Dtype, encode_frame_parts
 from tests.support import (
     DEVICE,
     TENANT,
     Pipeline,
     RawClient,
     assert_exactly_once,
+    frame,
     ingest_config,
     stream_messages,
     stream_seqs,
     wait_until,
 )
-
-
-def frame(
-    first: int, n: int, prev: int, *, tenant: str = TENANT, device: str = DEVICE, dim: int = 8
-) -> bytes:
-    seqs = list(range(first, first + n))
-    rng = np.random.default_rng(first)
-    return encode_frame_parts(
-        tenant=tenant,
-        device=device,
-        prev_seq=prev,
-        stream="vibration",
-        model="pf",
-        model_version="1",
-        schema_version=1,
-        created_ms=int(time.time() * 1000),
-        dtype=Dtype.FLOAT32,
-        dim=dim,
-        seqs=seqs,
-        scores=[0.5] * n,
-        times_ms=[int(time.time() * 1000)] * n,
-        feature_blobs=[rng.standard_normal(dim).astype("<f4").tobytes() for _ in range(n)],
-    )
 
 
 @pytest.fixture

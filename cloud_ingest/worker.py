@@ -1,0 +1,417 @@
+"""Tier-two workers: features from JetStream, one inference call per batch, results written once.
+
+Per tenant, a durable pull consumer on ``et.features.{tenant}.*`` that every
+worker shares (so several workers split the work). A fetcher per tenant pulls
+messages while the tenant is within its token bucket and its local queue has
+room; a batcher fills one inference call round-robin across tenants, up to
+``max_batch`` records or ``max_wait_ms`` after the first arrived; a publisher
+writes each upload's results to ``et.results.{tenant}.{device}`` with
+``Nats-Msg-Id`` = the upload id, and acks the features message only after
+JetStream acknowledged every part. A worker killed at any point leaves each
+features message either unacked (redelivered, and its results, if already
+written, dropped as duplicates by JetStream) or acked with its results stored:
+each result exactly once.
+
+A message that cannot be answered (undecodable, wrong shape, non-finite values,
+inference error) is nak'ed with back-off and dead-lettered with the reason when
+it fails on its ``max_deliveries``-th delivery; the rest of its batch goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import nats.errors
+import nats.js.errors
+import numpy as np
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from cloud_ingest import metrics
+from cloud_ingest.config import IngestConfig
+from cloud_ingest.fairness import TokenBucket
+from cloud_ingest.ingest import clip_header, connect_nats
+from cloud_ingest.streams import ensure_streams
+from cloud_ingest.tier2 import Tier2Model
+from edge_tier import topics
+from edge_tier.wire import Dtype, Frame, WireError, decode_frame, encode_results
+
+log = logging.getLogger(__name__)
+
+
+class Poison(Exception):
+    """This message cannot be answered; the message says why."""
+
+
+@dataclass(slots=True)
+class Work:
+    """One fetched features message, decoded, waiting for its batch."""
+
+    msg: Msg
+    frame: Frame
+    x: np.ndarray  # float32 [n, dim]
+
+
+@dataclass(slots=True)
+class Outcome:
+    work: Work
+    labels: np.ndarray | None = None
+    confidences: np.ndarray | None = None
+    error: str | None = None
+
+
+@dataclass
+class Lane:
+    """One tenant: its local queue of fetched messages and its token bucket."""
+
+    tenant: str
+    bucket: TokenBucket
+    items: deque[Work] = field(default_factory=deque)
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Worker:
+    def __init__(self, cfg: IngestConfig, model: Tier2Model | None = None) -> None:
+        self.cfg = cfg
+        self.w = cfg.worker
+        self.model = model
+        self.nc: NatsClient | None = None
+        self.js: JetStreamContext | None = None
+        self.lanes: dict[str, Lane] = {}
+        self._turn: deque[str] = deque()  # tenants in round-robin order
+        self._ready_work = asyncio.Event()
+        self._outbox: asyncio.Queue[list[Outcome]] = asyncio.Queue(maxsize=2)
+        self._tg: asyncio.TaskGroup | None = None
+        self.ready = asyncio.Event()
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def run(self) -> None:
+        w = self.w
+        if self.model is None:
+            self.model = await asyncio.to_thread(
+                Tier2Model,
+                w.manifest,
+                providers=w.providers,
+                io_binding=w.io_binding,
+                threads=w.threads,
+                max_batch=w.max_batch,
+            )
+        self.nc = await connect_nats(self.cfg, f"et-worker-{w.instance}")
+        self.js = self.nc.jetstream(timeout=self.cfg.ingest.publish_timeout_s)
+        await ensure_streams(self.js, self.cfg.streams)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                tg.create_task(self._discover_loop(), name="worker-discover")
+                tg.create_task(self._batch_loop(), name="worker-batch")
+                tg.create_task(self._publish_loop(), name="worker-publish")
+                self.ready.set()
+                log.info(
+                    "worker ready: %s -> %s, model %s v%s on %s, batches of up to %d records / %.1f ms",
+                    topics.FEATURES_STREAM,
+                    topics.RESULTS_STREAM,
+                    self.model.name,
+                    self.model.version,
+                    self.model.providers[0],
+                    w.max_batch,
+                    w.max_wait_ms,
+                )
+        finally:
+            # Fetched but unanswered messages would come back only after ack_wait: nak them
+            # so that another worker takes them now. (close, not drain: a drain waits on the
+            # pull subscriptions' expiring requests.)
+            unanswered = [w for lane in self.lanes.values() for w in lane.items]
+            while not self._outbox.empty():
+                unanswered += [o.work for o in self._outbox.get_nowait()]
+            for work in unanswered:
+                with contextlib.suppress(Exception):
+                    await work.msg.nak()
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+    # -- tenants and fetching ---------------------------------------------
+
+    async def _discover_loop(self) -> None:
+        """Start a fetcher for every tenant with features (or the configured list)."""
+        assert self._tg is not None and self.js is not None
+        while True:
+            try:
+                tenants = self.w.tenants if self.w.tenants is not None else await self._tenants_in_stream()
+                for tenant in tenants:
+                    if tenant not in self.lanes:
+                        self._add_lane(tenant)
+                        self._tg.create_task(self._fetch_loop(self.lanes[tenant]), name=f"fetch-{tenant}")
+                await self._observe_pending()
+            except (TimeoutError, nats.errors.Error) as e:
+                log.warning("cannot list tenants in %s: %r (retrying)", topics.FEATURES_STREAM, e)
+            await asyncio.sleep(self.w.discover_s)
+
+    async def _tenants_in_stream(self) -> set[str]:
+        assert self.js is not None
+        info = await self.js.stream_info(topics.FEATURES_STREAM, subjects_filter=topics.FEATURES_SUBJECTS)
+        found = (topics.tenant_of_features_subject(s) for s in (info.state.subjects or {}))
+        return {t for t in found if t}
+
+    async def _observe_pending(self) -> None:
+        assert self.js is not None
+        for tenant in list(self.lanes):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                ci = await self.js.consumer_info(topics.FEATURES_STREAM, self._consumer(tenant))
+                metrics.CONSUMER_PENDING.labels(tenant).set(ci.num_pending or 0)
+
+    def _consumer(self, tenant: str) -> str:
+        return topics.worker_consumer(tenant, self.w.consumer_prefix)
+
+    def _add_lane(self, tenant: str) -> None:
+        rate = self.w.tenant_rates.get(tenant, self.w.tenant_rate)
+        lane = Lane(tenant, TokenBucket(rate, self.w.tenant_burst))
+        lane.room.set()
+        self.lanes[tenant] = lane
+        self._turn.append(tenant)
+
+    async def _subscribe(self, tenant: str) -> JetStreamContext.PullSubscription:
+        assert self.js is not None
+        w = self.w
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=w.ack_wait_s,
+            max_deliver=-1,  # the worker dead-letters after max_deliveries failures itself
+            max_ack_pending=max(1000, 4 * w.prefetch),
+            description=f"tier-two workers, tenant {tenant}",
+        )
+        return await self.js.pull_subscribe(
+            topics.tenant_features(tenant),
+            durable=self._consumer(tenant),
+            stream=topics.FEATURES_STREAM,
+            config=config,
+        )
+
+    async def _fetch_loop(self, lane: Lane) -> None:
+        while True:
+            try:
+                sub = await self._subscribe(lane.tenant)
+                break
+            except (TimeoutError, nats.errors.Error) as e:
+                log.warning("tenant %s: cannot bind its consumer: %r (retrying)", lane.tenant, e)
+                await asyncio.sleep(1.0)
+        while True:
+            await lane.room.wait()
+            wait = lane.bucket.wait_s()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                msgs = await sub.fetch(self.w.prefetch - len(lane.items), timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except nats.errors.Error as e:
+                log.warning("tenant %s: fetch failed: %r (retrying)", lane.tenant, e)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                try:
+                    work = self._decode(msg)
+                except Poison as e:
+                    await self._fail(msg, str(e))
+                    continue
+                lane.items.append(work)
+                lane.bucket.take(work.frame.n)
+            metrics.LOCAL_QUEUE.labels(lane.tenant).set(len(lane.items))
+            if len(lane.items) >= self.w.prefetch:
+                lane.room.clear()
+            if lane.items:
+                self._ready_work.set()
+
+    def _decode(self, msg: Msg) -> Work:
+        assert self.model is not None
+        try:
+            frame = decode_frame(msg.data, limits=self.cfg.ingest.limits)
+        except WireError as e:
+            raise Poison(f"undecodable frame: {e}") from None
+        if msg.subject != topics.features_subject(frame.tenant, frame.device):
+            raise Poison(f"frame of {frame.tenant}/{frame.device} on subject {msg.subject}")
+        if frame.dim != self.model.dim:
+            raise Poison(f"wrong shape: {frame.dim} features per record, the model takes {self.model.dim}")
+        x = frame.features.astype(np.float32)
+        if frame.dtype is Dtype.INT8:
+            x *= np.float32(frame.scale)
+        if not np.isfinite(x).all() or not np.isfinite(frame.scores).all():
+            raise Poison("non-finite features or scores")
+        return Work(msg, frame, x)
+
+    # -- batching and inference -------------------------------------------
+
+    def _take(self, batch: list[Work], budget: int) -> int:
+        """One message per tenant per turn until ``budget`` records are taken; records taken."""
+        taken = 0
+        progress = True
+        while taken < budget and progress:
+            progress = False
+            for _ in range(len(self._turn)):
+                tenant = self._turn[0]
+                self._turn.rotate(-1)
+                lane = self.lanes[tenant]
+                if lane.items:
+                    work = lane.items.popleft()
+                    batch.append(work)
+                    taken += work.frame.n
+                    lane.room.set()
+                    progress = True
+                    if taken >= budget:
+                        break
+        return taken
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._ready_work.wait()
+            deadline = loop.time() + self.w.max_wait_ms / 1000
+            batch: list[Work] = []
+            records = 0
+            while records < self.w.max_batch:
+                self._ready_work.clear()
+                records += self._take(batch, self.w.max_batch - records)
+                left = deadline - loop.time()
+                if records >= self.w.max_batch or left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ready_work.wait(), left)
+            if any(lane.items for lane in self.lanes.values()):
+                self._ready_work.set()
+            if not batch:
+                continue
+            for lane in self.lanes.values():
+                metrics.LOCAL_QUEUE.labels(lane.tenant).set(len(lane.items))
+            metrics.BATCH_RECORDS.observe(records)
+            t0 = time.perf_counter()
+            outcomes = await asyncio.to_thread(self.infer, batch)
+            metrics.INFER_SECONDS.observe(time.perf_counter() - t0)
+            await self._outbox.put(outcomes)
+
+    def infer(self, batch: list[Work]) -> list[Outcome]:
+        """One inference call for the whole batch; if it fails, each message alone, so that
+        only the ones that cannot be answered are set aside."""
+        assert self.model is not None
+        try:
+            labels, conf = self.model.classify(np.concatenate([w.x for w in batch]))
+        except Exception as e:  # onnxruntime raises its own classes; any failure is per message
+            if len(batch) == 1:
+                return [Outcome(batch[0], error=f"inference failed: {e}")]
+            log.warning("a batch of %d messages failed (%s); answering them one by one", len(batch), e)
+            return [o for w in batch for o in self.infer([w])]
+        out, i = [], 0
+        for w in batch:
+            n = w.frame.n
+            out.append(Outcome(w, labels[i : i + n], conf[i : i + n]))
+            i += n
+        return out
+
+    # -- results ------------------------------------------------------------
+
+    async def _publish_loop(self) -> None:
+        while True:
+            outcomes = await self._outbox.get()
+            t0 = time.perf_counter()
+            await asyncio.gather(*(self._finish(o) for o in outcomes))
+            metrics.RESULT_PUBLISH_SECONDS.observe(time.perf_counter() - t0)
+
+    async def _finish(self, o: Outcome) -> None:
+        if o.error is not None:
+            await self._fail(o.work.msg, o.error, o.work.frame.upload_id)
+            return
+        assert self.js is not None and self.model is not None
+        assert o.labels is not None and o.confidences is not None
+        frame, msg = o.work.frame, o.work.msg
+        step = self.w.results_max_records
+        parts = -(-frame.n // step)
+        now_ms = int(time.time() * 1000)
+        subject = topics.results_subject(frame.tenant, frame.device)
+        try:
+            acks = await asyncio.gather(
+                *(
+                    self.js.publish(
+                        subject,
+                        encode_results(
+                            frame,
+                            slice(a, a + step),
+                            self.model.labels,
+                            o.labels[a : a + step],
+                            o.confidences[a : a + step],
+                            part=a // step,
+                            parts=parts,
+                            model=self.model.name,
+                            model_version=self.model.version,
+                            worker=self.w.instance,
+                            produced_ms=now_ms,
+                        ),
+                        headers={
+                            "Nats-Msg-Id": frame.upload_id if a == 0 else f"{frame.upload_id}#{a // step}",
+                            "Et-Upload-Id": frame.upload_id,
+                            "Et-Part": str(a // step),
+                            "Et-Parts": str(parts),
+                        },
+                    )
+                    for a in range(0, frame.n, step)
+                )
+            )
+            await msg.ack()
+        except (TimeoutError, nats.errors.Error, ValueError) as e:
+            # Not acked: redelivered (now, by the nak, or after ack_wait), and the parts
+            # already stored are dropped as duplicates then.
+            log.warning("upload %s: results not written (%r); it will be redelivered", frame.upload_id, e)
+            metrics.WORKER_MESSAGES.labels(frame.tenant, "retry").inc()
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self.w.backoff_s[0])
+            return
+        duplicate = all(a.duplicate for a in acks)
+        metrics.WORKER_MESSAGES.labels(frame.tenant, "duplicate" if duplicate else "done").inc()
+        if not duplicate:
+            metrics.WORKER_RECORDS.labels(frame.tenant).inc(frame.n)
+
+    async def _fail(self, msg: Msg, reason: str, upload_id: str | None = None) -> None:
+        """Nak with back-off; dead-letter on the last allowed delivery."""
+        assert self.js is not None and self.nc is not None
+        tenant = topics.tenant_of_features_subject(msg.subject) or "_"
+        md = msg.metadata
+        n = md.num_delivered or 1
+        where = f"{msg.subject} stream seq {md.sequence.stream}, delivery {n}/{self.w.max_deliveries}"
+        try:
+            if n < self.w.max_deliveries:
+                delay = self.w.backoff_s[min(n, len(self.w.backoff_s)) - 1]
+                log.warning("cannot answer %s: %s (retry in %.1fs)", where, reason, delay)
+                metrics.WORKER_MESSAGES.labels(tenant, "nak").inc()
+                await msg.nak(delay=delay)
+                return
+            log.error("dead-lettering %s: %s", where, reason)
+            headers = {
+                "Et-Reason": clip_header(reason, 2000),
+                "Et-Source": "worker",
+                "Et-Subject": msg.subject,
+                "Et-Stream-Seq": str(md.sequence.stream),
+                "Et-Deliveries": str(n),
+                # dead-lettered once, even if this worker dies before the term below
+                "Nats-Msg-Id": f"dlq.worker.{md.sequence.stream}",
+            }
+            if upload_id:
+                headers["Et-Upload-Id"] = upload_id
+            payload = msg.data
+            room = self.nc.max_payload - 4096
+            if len(payload) > room:
+                headers["Et-Truncated-From"] = str(len(payload))
+                payload = payload[:room]
+            parts = msg.subject.split(".")
+            device = parts[3] if len(parts) == 4 else None
+            await self.js.publish(topics.dlq_subject("worker", tenant, device), payload, headers=headers)
+            await msg.term()
+            metrics.WORKER_MESSAGES.labels(tenant, "deadletter").inc()
+            metrics.WORKER_DEADLETTERED.labels(reason.split(":")[0][:40]).inc()
+        except (TimeoutError, nats.errors.Error) as e:
+            log.warning("%s: could not nak or dead-letter it (%r); it comes back after ack_wait", where, e)

@@ -1,0 +1,319 @@
+"""Tier-two workers against a real nats-server: results once each, poison set aside, fair tenants.
+
+Features go straight into the ET_FEATURES stream, as ingest commits them; the
+worker runs in this process (or as child processes, for kill -9), and the
+checks read ET_RESULTS and ET_DEADLETTER.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
+
+from cloud_ingest import metrics
+from cloud_ingest.config import IngestConfig
+from cloud_ingest.streams import read_all
+from cloud_ingest.tier2 import Tier2Model
+from cloud_ingest.worker import Outcome, Work, Worker
+from edge_tier import topics
+from edge_tier.brokers import NatsServer
+from edge_tier.services import WorkerProcess
+from edge_tier.wire import ResultBatch, decode_frame, decode_results
+from models.manifest import DEFAULT_MANIFEST
+from tests.support import frame, publish_features, result_keys, results, wait_until
+
+DIM = 16
+
+
+def worker_config(url: str, **worker: Any) -> dict[str, Any]:
+    return {
+        "log_level": "INFO",
+        "nats": {"servers": [url]},
+        "worker": {"max_wait_ms": 2.0, "discover_s": 0.2, "backoff_s": [0.2], **worker},
+    }
+
+
+@contextlib.asynccontextmanager
+async def running(url: str, **worker: Any) -> AsyncIterator[Worker]:
+    w = Worker(IngestConfig(**worker_config(url, **worker)))
+    task = asyncio.create_task(w.run())
+    ready = asyncio.create_task(w.ready.wait())
+    await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raises what stopped it
+    assert w.ready.is_set(), "the worker did not become ready"
+    try:
+        yield w
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def stored(url: str, stream: str) -> list[Any]:
+    nc = await nats.connect(url)
+    try:
+        return await read_all(nc.jetstream(), stream)
+    finally:
+        await nc.close()
+
+
+async def message_count(url: str, stream: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        return (await nc.jetstream().stream_info(stream)).state.messages
+    finally:
+        await nc.close()
+
+
+async def wait_for_rows(url: str, n: int, within: float = 30) -> list[ResultBatch]:
+    deadline = time.monotonic() + within
+    while True:
+        got = [decode_results(m.data) for m in await stored(url, topics.RESULTS_STREAM)]
+        if sum(len(b.seqs) for b in got) >= n or time.monotonic() > deadline:
+            return got
+        await asyncio.sleep(0.1)
+
+
+def device_frames(device: str, frames: int, per: int, *, tenant: str = "acme", dim: int = DIM) -> list[bytes]:
+    return [frame(1 + i * per, per, i * per, tenant=tenant, device=device, dim=dim) for i in range(frames)]
+
+
+def test_each_record_gets_the_models_answer_once_in_batches(nats_server: NatsServer) -> None:
+    sent = [f for d in ("d1", "d2", "d3") for f in device_frames(d, 10, 30)]
+
+    async def scenario() -> list[ResultBatch]:
+        await publish_features(nats_server.url, sent)
+        batches_before = metrics.BATCH_RECORDS._sum.get()  # type: ignore[attr-defined]
+        async with running(nats_server.url, max_batch=256, max_wait_ms=20):
+            got = await wait_for_rows(nats_server.url, 900)
+            await asyncio.sleep(0.3)  # anything extra would show now
+            got = [decode_results(m.data) for m in await stored(nats_server.url, topics.RESULTS_STREAM)]
+        assert metrics.BATCH_RECORDS._sum.get() - batches_before == 900  # type: ignore[attr-defined]
+        return got
+
+    got = asyncio.run(scenario())
+    keys = result_keys(got)
+    assert len(keys) == len(set(keys)) == 900
+    model = Tier2Model(DEFAULT_MANIFEST, providers=["CPUExecutionProvider"], warmup=False)
+    by_upload = {b.upload_id: b for b in got}
+    for data in sent:
+        f = decode_frame(data)
+        b = by_upload[f.upload_id]
+        labels, conf = model.classify(f.features)
+        assert b.seqs == f.seqs.tolist()
+        assert b.labels == [model.labels[i] for i in labels]
+        assert np.allclose(b.confidences, conf, atol=1e-4)
+        assert b.model == "tier2" and b.model_version == model.version
+
+
+def test_large_uploads_are_split_into_parts_each_written_once(nats_server: NatsServer) -> None:
+    async def scenario() -> list[ResultBatch]:
+        await publish_features(nats_server.url, device_frames("big", 2, 2500))
+        async with running(nats_server.url, results_max_records=1000, max_batch=512):
+            return await wait_for_rows(nats_server.url, 5000)
+
+    got = asyncio.run(scenario())
+    assert sorted((b.upload_id, b.part, b.parts) for b in got) == [
+        ("acme.big.1-2500", p, 3) for p in range(3)
+    ] + [("acme.big.2501-5000", p, 3) for p in range(3)]
+    keys = result_keys(got)
+    assert len(keys) == len(set(keys)) == 5000
+
+
+def test_poison_messages_are_retried_then_dead_lettered_and_hold_nothing_back(
+    nats_server: NatsServer,
+) -> None:
+    good = device_frames("ok", 5, 20)
+    wrong_shape = frame(1, 5, 0, device="narrow", dim=8)
+    nan = np.full((4, DIM), np.nan, np.float32)
+    non_finite = frame(1, 4, 0, device="nan", values=nan)
+
+    async def scenario() -> tuple[list[ResultBatch], list[Any], float, float]:
+        await publish_features(nats_server.url, [*good, wrong_shape, non_finite])
+        nc = await nats.connect(nats_server.url)
+        await nc.jetstream().publish(topics.features_subject("acme", "junk"), b"not a frame at all")
+        await nc.close()
+        t0 = time.monotonic()
+        async with running(nats_server.url, max_deliveries=3, backoff_s=[0.3, 0.6]):
+            got = await wait_for_rows(nats_server.url, 100)
+            t_good = time.monotonic() - t0
+            deadline = time.monotonic() + 20
+            while len(dlq := await stored(nats_server.url, topics.DEADLETTER_STREAM)) < 3:
+                assert time.monotonic() < deadline, f"only {len(dlq)} dead letters"
+                await asyncio.sleep(0.1)
+            t_dlq = time.monotonic() - t0
+            await asyncio.sleep(0.5)  # nothing more comes
+            return got, await stored(nats_server.url, topics.DEADLETTER_STREAM), t_good, t_dlq
+
+    got, dlq, t_good, t_dlq = asyncio.run(scenario())
+    assert len(result_keys(got)) == len(set(result_keys(got))) == 100
+    assert {b.device for b in got} == {"ok"}
+    assert t_good < t_dlq - 0.5, "good messages waited for the poison ones"
+    reasons = {m.subject: m.headers for m in dlq}
+    assert set(reasons) == {f"et.dlq.worker.acme.{d}" for d in ("narrow", "nan", "junk")}
+    assert "wrong shape: 8 features" in reasons["et.dlq.worker.acme.narrow"]["Et-Reason"]
+    assert "non-finite" in reasons["et.dlq.worker.acme.nan"]["Et-Reason"]
+    assert "undecodable" in reasons["et.dlq.worker.acme.junk"]["Et-Reason"]
+    assert all(h["Et-Deliveries"] == "3" and h["Et-Source"] == "worker" for h in reasons.values())
+    assert next(m.data for m in dlq if m.subject.endswith(".junk")) == b"not a frame at all"
+
+
+class _FailsOnMarker:
+    """A stand-in model (no broker here) that fails any call containing a marked row."""
+
+    dim, labels = DIM, ["a", "b"]
+
+    def classify(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if (x == 666).any():
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION")
+        return np.zeros(len(x), np.int64), np.full(len(x), 0.9, np.float32)
+
+
+def test_an_inference_error_sets_aside_only_its_own_message() -> None:
+    w = Worker(IngestConfig(), model=_FailsOnMarker())  # type: ignore[arg-type]
+    batch = []
+    for i in range(4):
+        values = np.full((3, DIM), 666.0 if i == 2 else 0.5, np.float32)
+        data = frame(1 + 3 * i, 3, 3 * i, values=values)
+        batch.append(Work(None, decode_frame(data), values))  # type: ignore[arg-type]
+    out: list[Outcome] = w.infer(batch)
+    assert [o.error is None for o in out] == [True, True, False, True]
+    assert "RUNTIME_EXCEPTION" in (out[2].error or "")
+    assert all(o.labels is not None and len(o.labels) == 3 for i, o in enumerate(out) if i != 2)
+
+
+def test_a_flooding_tenant_does_not_hold_back_another(nats_server: NatsServer) -> None:
+    """A 120k-record backlog of one tenant, held to 20k features/s; the other's
+    uploads, sent while the backlog drains, are answered within a fraction of a second."""
+    flood = device_frames("f", 120, 1000, tenant="flood")
+
+    async def scenario() -> tuple[list[float], int, float]:
+        await publish_features(nats_server.url, flood)
+        latencies: list[float] = []
+        async with running(
+            nats_server.url, tenant_rates={"flood": 20_000}, tenant_burst=5_000, max_batch=1024, prefetch=8
+        ):
+            await asyncio.sleep(1.0)  # the flood is being worked on
+            nc = await nats.connect(nats_server.url)
+            js = nc.jetstream()
+            sub = await nc.subscribe(topics.results_subject("quiet", "q"))
+            for i in range(15):
+                data = frame(1 + 10 * i, 10, 10 * i, tenant="quiet", device="q", dim=DIM)
+                t0 = time.monotonic()
+                await js.publish(topics.features_subject("quiet", "q"), data)
+                await sub.next_msg(timeout=10)
+                latencies.append(time.monotonic() - t0)
+                await asyncio.sleep(0.1)
+            await nc.close()
+            done = sum(len(b.seqs) for b in await wait_for_rows(nats_server.url, 0) if b.tenant == "flood")
+            elapsed = time.monotonic()
+            await wait_for_rows(nats_server.url, 120_150, within=30)
+            drain = time.monotonic() - elapsed
+        return latencies, done, drain
+
+    latencies, flood_done_when_quiet_finished, drain = asyncio.run(scenario())
+    assert flood_done_when_quiet_finished < 100_000, "the flood was not still queued: the test proves nothing"
+    assert max(latencies) < 0.5, f"quiet tenant latencies {sorted(latencies)[-3:]}"
+    assert drain > 0.5  # the bucket held the flood back
+    keys = result_keys(results(nats_server.url))
+    assert len(keys) == len(set(keys)) == 120_150
+
+
+PER_TENANT = 400  # uploads of 400 records: some seconds of work for two workers
+
+
+def test_workers_share_the_consumer_and_kill_9_mid_batch_leaves_each_result_once(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    frames = [f for t in ("t1", "t2", "t3", "t4") for f in device_frames("k", PER_TENANT, 400, tenant=t)]
+    total = 4 * PER_TENANT * 400
+    asyncio.run(publish_features(nats_server.url, frames))
+
+    def rows() -> int:  # every upload here is one result message of 400 rows
+        return 400 * asyncio.run(message_count(nats_server.url, topics.RESULTS_STREAM))
+
+    def spawn(name: str) -> WorkerProcess:
+        p = WorkerProcess(
+            tmp_path / name,
+            # unlimited, so that a worker is always busy: a kill lands mid-batch
+            worker_config(nats_server.url, instance=name, ack_wait_s=2.0, max_batch=512, prefetch=4),
+            name=name,
+        )
+        p.start(timeout=30)
+        return p
+
+    a, b = spawn("wa"), spawn("wb")
+    try:
+        for victim in (a, b):
+            before = rows()
+            wait_until(lambda before=before: rows() > before + 20_000, 60, "results to flow")
+            assert rows() < total, "everything was done before the kill: the test proves nothing"
+            victim.kill()  # SIGKILL, mid-batch: fetched, maybe answered, not acked
+            victim.start(timeout=30)
+        wait_until(lambda: rows() >= total, 120, "every record's result")
+        time.sleep(2.5)  # past ack_wait: a redelivered message would add a row now
+        got = results(nats_server.url)
+        redelivered = asyncio.run(redeliveries(nats_server.url, ["t1", "t2", "t3", "t4"]))
+    finally:
+        a.stop()
+        b.stop()
+    keys = result_keys(got)
+    assert len(keys) - len(set(keys)) == 0, "duplicate results"
+    assert len(set(keys)) == total
+    assert {b.worker for b in got} == {"wa", "wb"}, "the two workers did not split the work"
+    assert redelivered > 0, "no message was in flight at a kill: the test proves nothing"
+
+
+async def redeliveries(url: str, tenants: list[str]) -> int:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        infos = [await js.consumer_info(topics.FEATURES_STREAM, topics.worker_consumer(t)) for t in tenants]
+        # consumer sequences count every delivery, redeliveries too
+        return sum(i.delivered.consumer_seq - PER_TENANT for i in infos)
+    finally:
+        await nc.close()
+
+
+def test_a_result_written_just_before_a_crash_is_not_written_again(nats_server: NatsServer) -> None:
+    """The worker died after JetStream stored the result and before it acked the features."""
+    sent = device_frames("c", 3, 10)
+    first = decode_frame(sent[0])
+
+    async def scenario() -> list[ResultBatch]:
+        await publish_features(nats_server.url, sent)
+        nc = await nats.connect(nats_server.url)
+        earlier = frame(1, 10, 0, device="c", dim=DIM)  # what the dead worker had written
+        doc = {
+            "upload_id": first.upload_id, "tenant": "acme", "device": "c", "stream": "vibration",
+            "model": "tier2", "model_version": "1.0.0", "worker": "dead", "produced_ms": 1,
+            "seqs": list(range(1, 11)), "times_ms": [1] * 10, "scores": [0.5] * 10,
+            "labels": ["healthy"] * 10, "confidences": [0.9] * 10,
+        }  # fmt: skip
+        assert decode_frame(earlier).upload_id == first.upload_id
+        await nc.jetstream().publish(
+            topics.results_subject("acme", "c"),
+            ResultBatch(**doc).model_dump_json().encode(),
+            headers={"Nats-Msg-Id": first.upload_id},
+        )
+        await nc.close()
+        async with running(nats_server.url):
+            await wait_for_rows(nats_server.url, 30)
+            await asyncio.sleep(0.5)
+        return [decode_results(m.data) for m in await stored(nats_server.url, topics.RESULTS_STREAM)]
+
+    got = asyncio.run(scenario())
+    assert [b.worker for b in got if b.upload_id == first.upload_id] == ["dead"]
+    keys = result_keys(got)
+    assert len(keys) == len(set(keys)) == 30
