@@ -54,6 +54,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import asyncio
+    import dataclasses
+
+    from edge_agent.simulate import report, simulate
+
+    url = args.url
+    if url is None:
+        ep = load_agent_config(args.config).endpoint
+        url = f"http://{ep.host}:{ep.port}"
+    t0 = time.monotonic()
+    tally = asyncio.run(
+        simulate(
+            url.rstrip("/"),
+            machines=args.machines,
+            seconds=args.seconds,
+            rate=args.rate,
+            batch=args.batch,
+            seed=args.seed,
+            fault_rate=args.fault_rate,
+            stream=args.stream,
+        )
+    )
+    elapsed = time.monotonic() - t0
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(tally), "seconds": round(elapsed, 3)}))
+    else:
+        print(report(tally, elapsed))
+    if tally.windows == 0:
+        print(f"edge-agent: no window reached the agent at {url}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edge-agent", description="edge-tier device agent")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -64,6 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--config", "-c")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_status)
+    m = sub.add_parser(
+        "simulate", help="simulated machines send raw vibration windows to the agent's prefilter"
+    )
+    m.add_argument("--config", "-c", help="agent.toml: where its endpoint listens")
+    m.add_argument("--url", help="the agent's endpoint (default: from the config)")
+    m.add_argument("--machines", type=int, default=4)
+    m.add_argument("--seconds", type=float, default=10.0)
+    m.add_argument("--rate", type=float, default=50.0, help="windows/s per machine (0: as fast as taken)")
+    m.add_argument("--batch", type=int, default=10, help="windows per request")
+    m.add_argument("--seed", type=int, default=1)
+    m.add_argument("--fault-rate", type=float, default=0.02, help="chance a fault episode starts")
+    m.add_argument("--stream", default="vibration")
+    m.add_argument("--json", action="store_true", help="machine-readable summary")
+    m.set_defaults(fn=cmd_simulate)
     args = p.parse_args(argv)
     try:
         return int(args.fn(args))

@@ -235,7 +235,12 @@ class Endpoint:
             result = await self.queue.enqueue(kind, RecordBatch(features=features, scores=kept.scores))
         metrics.WINDOWS.inc(len(windows))
         metrics.ENQUEUED.inc(len(kept.index))
-        answer: dict[str, Any] = {"windows": len(windows), "kept": len(kept.index)}
+        answer: dict[str, Any] = {
+            "windows": len(windows),
+            "kept": len(kept.index),
+            "kept_index": kept.index.tolist(),
+            "queued_bytes": len(kept.index) * kind.record_bytes,
+        }
         if result is not None:
             answer.update(first_seq=result.first_seq, last_seq=result.last_seq, evicted=result.evicted)
         return web.json_response(answer)

@@ -87,3 +87,50 @@ def test_the_agent_refuses_to_start_with_a_bad_model(
     assert main(["run", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "prefilter.tflite" in err and "does not match" in err
+
+
+def test_without_litert_the_fallback_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    import edge_agent.prefilter as prefilter
+
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # import fails
+    monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", None)
+    with pytest.raises(ModelError, match="no TFLite runtime: pip install ai-edge-litert"):
+        prefilter._interpreter_class()
+    # tflite-runtime present: used on numpy 1.x, refused with the reason on numpy 2
+    fake = types.ModuleType("tflite_runtime.interpreter")
+    fake.Interpreter = object  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", fake)
+    monkeypatch.setattr(np, "__version__", "1.26.4")
+    assert prefilter._interpreter_class() is object
+    monkeypatch.setattr(np, "__version__", "2.1.0")
+    with pytest.raises(ModelError, match=r"tflite-runtime is installed but cannot run with numpy 2\.1\.0"):
+        prefilter._interpreter_class()
+
+
+def test_the_real_fallback_runtime_where_it_is_installed() -> None:
+    tflite = pytest.importorskip("tflite_runtime.interpreter", reason="tflite-runtime is not installed")
+    if int(np.__version__.split(".")[0]) >= 2:
+        pytest.skip("tflite-runtime needs numpy < 2")
+    assert tflite.Interpreter is not None
+    pf = Prefilter(MODELS / "manifest.json")
+    assert pf.keep(generate(20, seed=3).x).embeddings.shape[1] == pf.embedding_dim
+
+
+def test_int8_upload_round_trips_within_half_a_step_and_needs_a_scale(tmp_path: Path) -> None:
+    from edge_tier.wire import Dtype
+
+    pf = Prefilter(MODELS / "manifest.json", upload_dtype=Dtype.INT8)
+    _, emb = pf.score(generate(200, seed=9, fault_fraction=0.5).x)
+    data, scale = pf.encode(emb, Dtype.INT8)
+    back = np.frombuffer(data, np.int8).reshape(emb.shape).astype(np.float32) * scale
+    assert len(data) == emb.size and np.abs(back - emb).max() <= scale / 2 + 1e-6
+    manifest = copy_models(tmp_path)
+    doc = json.loads(manifest.read_text())
+    del doc["prefilter"]["embedding_scale"]
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="embedding_scale is missing"):
+        Prefilter(manifest, upload_dtype=Dtype.INT8)
+    assert Prefilter(manifest).upload_dtype is Dtype.FLOAT32

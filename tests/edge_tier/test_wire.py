@@ -32,10 +32,12 @@ from edge_tier.wire import (
     WireError,
     decode_frame,
     decode_receipt,
+    decode_results,
     decode_status,
     encode_frame,
     encode_frame_parts,
     encode_receipt,
+    encode_results,
     encode_status,
     parse_upload_id,
     peek_header,
@@ -1012,6 +1014,84 @@ def test_status_rejects(bad: bytes) -> None:
 @FUZZ
 @given(st.one_of(st.binary(max_size=300), st.text(max_size=300)))
 def test_fuzz_json_messages(data: bytes | str) -> None:
-    for decode in (decode_receipt, decode_status):
+    for decode in (decode_receipt, decode_status, decode_results):
         with contextlib.suppress(WireError):
             decode(data)
+
+
+# -- tier-two results ----------------------------------------------------------------------
+
+
+def _result_frame(n: int = 5) -> Frame:
+    return decode_frame(
+        encode_frame_parts(
+            tenant="acme",
+            device="press-7",
+            prev_seq=0,
+            stream="vibration",
+            model="pf",
+            model_version="1",
+            schema_version=1,
+            created_ms=1,
+            dtype=Dtype.INT8,
+            scale=0.5,
+            dim=4,
+            seqs=list(range(11, 11 + n)),
+            scores=[0.25] * n,
+            times_ms=[1700000000000 + i for i in range(n)],
+            feature_blobs=[bytes(4)] * n,
+        )
+    )
+
+
+def _results_doc(f: Frame, rows: slice = slice(None), **kw: Any) -> dict[str, Any]:
+    n = len(f.seqs[rows])
+    data = encode_results(
+        f,
+        rows,
+        ["healthy", "imbalance"],
+        np.arange(n) % 2,
+        np.linspace(0.5, 1.0, n, dtype=np.float32),
+        part=kw.pop("part", 0),
+        parts=kw.pop("parts", 1),
+        model="tier2",
+        model_version="1.0.0",
+        worker="w0",
+        produced_ms=5,
+    )
+    return {**json.loads(data), **kw}
+
+
+def test_results_round_trip_from_numpy_columns() -> None:
+    f = _result_frame()
+    r = decode_results(json.dumps(_results_doc(f, slice(2, 5), part=1, parts=2)))
+    assert r.upload_id == "acme.press-7.11-15" and (r.part, r.parts) == (1, 2)
+    assert r.seqs == [13, 14, 15] and r.times_ms == [1700000000002, 1700000000003, 1700000000004]
+    assert r.labels == ["healthy", "imbalance", "healthy"] and r.confidences == [0.5, 0.75, 1.0]
+    assert r.scores == [0.25] * 3
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"labels": ["healthy"]}, "equally long"),
+        ({"device": "other"}, "is not of acme/other"),
+        ({"seqs": [1, 2, 3, 4, 5]}, "outside the upload 11-15"),
+        ({"confidences": [1.5] * 5}, "less than or equal to 1"),
+        ({"part": 2, "parts": 2}, "part 2 of 2"),
+        ({"seqs": [11, 12, 13, 14, -15]}, "greater than or equal to 0"),
+        ({"upload_id": "acme.press-7"}, "upload"),
+        ({"extra": 1}, "Extra inputs"),
+    ],
+)
+def test_results_reject(change: dict[str, Any], match: str) -> None:
+    doc = {**_results_doc(_result_frame()), **change}
+    with pytest.raises(WireError, match=match):
+        decode_results(json.dumps(doc))
+
+
+def test_results_refuse_non_finite_columns() -> None:
+    f = _result_frame()
+    bad = Frame(**{k: getattr(f, k) for k in Frame.__slots__ if k != "scores"}, scores=np.full(5, np.nan))
+    with pytest.raises(ValueError):
+        _results_doc(bad)

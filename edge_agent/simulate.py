@@ -1,0 +1,134 @@
+"""``edge-agent simulate``: simulated machines as producers of raw windows, for demos and tests.
+
+Each machine (``models.generator.Machine``, seeded) is mostly healthy and has
+fault episodes now and then. Its windows go to the agent's ``POST /v1/windows``
+in batches, at a set rate, the way a sensor process on the device would send
+them; the agent's prefilter keeps some, and the summary says how many of the
+faults it kept and how many bytes stayed on the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+
+import aiohttp
+import numpy as np
+
+from edge_agent.endpoint import WINDOWS_TYPE
+from models.generator import HEALTHY, Machine, SignalSpec
+
+
+@dataclass
+class Tally:
+    windows: int = 0
+    faults: int = 0
+    kept: int = 0
+    faults_kept: int = 0
+    healthy_dropped: int = 0
+    refused: int = 0  # requests the agent answered with an error
+    unreachable: int = 0  # requests that found no agent (windows not counted)
+    raw_bytes: int = 0
+    queued_bytes: int = 0  # what the agent queued for upload instead
+
+    def add(self, other: Tally) -> None:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+async def _machine(
+    session: aiohttp.ClientSession,
+    url: str,
+    machine: Machine,
+    *,
+    stream: str,
+    batch: int,
+    rate: float,
+    until: float,
+    tally: Tally,
+) -> None:
+    windows = machine.windows()
+    period = batch / rate if rate > 0 else 0.0
+    next_at = time.monotonic()
+    while time.monotonic() < until:
+        pairs = await asyncio.to_thread(lambda: list(islice(windows, batch)))
+        x = np.stack([w for w, _ in pairs]).astype("<f4")
+        y = np.array([label for _, label in pairs])
+        try:
+            async with session.post(
+                f"{url}/v1/windows",
+                params={"stream": stream},
+                data=x.tobytes(),
+                headers={"Content-Type": WINDOWS_TYPE},
+            ) as resp:
+                answer = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError):
+            tally.unreachable += 1  # the agent is down or restarting: a sensor would drop these too
+            await asyncio.sleep(0.5)
+            continue
+        tally.windows += len(x)
+        tally.raw_bytes += x.nbytes
+        fault = y != HEALTHY
+        tally.faults += int(fault.sum())
+        if resp.status != 200:
+            tally.refused += 1
+        else:
+            kept = np.zeros(len(x), bool)
+            kept[answer["kept_index"]] = True
+            tally.kept += int(kept.sum())
+            tally.queued_bytes += int(answer.get("queued_bytes", 0))
+            tally.faults_kept += int((kept & fault).sum())
+            tally.healthy_dropped += int((~kept & ~fault).sum())
+        if period:
+            next_at += period
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+
+async def simulate(
+    url: str,
+    *,
+    machines: int = 4,
+    seconds: float = 10.0,
+    rate: float = 50.0,
+    batch: int = 10,
+    seed: int = 1,
+    fault_rate: float = 0.02,
+    stream: str = "vibration",
+    spec: SignalSpec | None = None,
+) -> Tally:
+    """Run ``machines`` simulated machines for ``seconds``, each at ``rate`` windows/s (0: as
+    fast as the agent takes them); the combined tally."""
+    tallies = [Tally() for _ in range(machines)]
+    until = time.monotonic() + seconds
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout) as session, asyncio.TaskGroup() as tg:
+        for i in range(machines):
+            m = Machine(seed=seed * 1000 + i, fault_rate=fault_rate, spec=spec or SignalSpec())
+            tg.create_task(
+                _machine(
+                    session, url, m, stream=stream, batch=batch, rate=rate, until=until, tally=tallies[i]
+                )
+            )
+    total = Tally()
+    for t in tallies:
+        total.add(t)
+    return total
+
+
+def report(t: Tally, seconds: float) -> str:
+    healthy = t.windows - t.faults
+    lines = [
+        f"windows       {t.windows} in {seconds:.1f}s ({t.windows / max(seconds, 1e-9):.0f}/s), "
+        f"{t.faults} in fault episodes",
+        f"kept          {t.kept} ({t.kept / max(t.windows, 1):.1%}); faults kept "
+        f"{t.faults_kept}/{t.faults}, healthy dropped {t.healthy_dropped}/{healthy}",
+        f"bytes         raw {t.raw_bytes:,}; queued for upload {t.queued_bytes:,} "
+        f"({t.queued_bytes / max(t.raw_bytes, 1):.2%} of raw)",
+    ]
+    if t.refused:
+        lines.append(f"refused       {t.refused} requests (see the agent's log)")
+    if t.unreachable:
+        lines.append(f"unreachable   {t.unreachable} requests found no agent")
+    return "\n".join(lines)
