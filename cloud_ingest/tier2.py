@@ -11,6 +11,7 @@ per call with IOBinding, and a warm-up at start pays CUDA's first-call costs
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -57,6 +58,11 @@ class Tier2Model:
             self.labels = model.labels
             self._in = str(model.entry["input"]["name"])
             self._out = str(model.entry["output"]["name"])
+            answer = model.entry.get("answer") or {}
+            # label and confidence computed in the graph, where the model has them
+            self._answer = (
+                [str(answer["label"]["name"]), str(answer["confidence"]["name"])] if answer else None
+            )
         except ManifestError as e:
             raise ModelError(str(e)) from None
         except (KeyError, TypeError) as e:
@@ -88,10 +94,10 @@ class Tier2Model:
         self.io_binding = self.on_gpu if io_binding is None else io_binding
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
-        if self._in not in inputs or self._out not in outputs:
+        if self._in not in inputs or not {self._out, *(self._answer or [])} <= set(outputs):
             raise ModelError(
                 f"{self.path}: has inputs {sorted(inputs)} and outputs {sorted(outputs)}, the manifest "
-                f"names {self._in!r} and {self._out!r}"
+                f"names {self._in!r} and {[self._out, *(self._answer or [])]}"
             )
         self.dim = int(inputs[self._in].shape[-1])
         classes = outputs[self._out].shape[-1]
@@ -111,29 +117,38 @@ class Tier2Model:
                 1000 * (time.perf_counter() - t0),
             )
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _run(self, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         if not self.io_binding:
-            return self.session.run([self._out], {self._in: x})[0]  # type: ignore[no-any-return]
+            return self.session.run(outputs, {self._in: x})  # type: ignore[no-any-return]
         binding = self.session.io_binding()
         binding.bind_cpu_input(self._in, x)
-        binding.bind_output(self._out, "cpu")
+        for name in outputs:
+            binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]  # type: ignore[no-any-return]
+        return binding.copy_outputs_to_cpu()  # type: ignore[no-any-return]
 
-    def probs(self, x: np.ndarray) -> np.ndarray:
-        """Class probabilities [n, classes] for embeddings [n, dim], max_batch rows per call."""
+    def _batched(self, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"embeddings of shape {x.shape}, the model takes [n, {self.dim}]")
         if len(x) <= self.max_batch:
-            return self._run(x)
+            return self._run(x, outputs)
         step = self.max_batch
-        return np.concatenate([self._run(x[i : i + step]) for i in range(0, len(x), step)])
+        parts = [self._run(x[i : i + step], outputs) for i in range(0, len(x), step)]
+        return [np.concatenate(col) for col in zip(*parts, strict=True)]
+
+    def probs(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities [n, classes] for embeddings [n, dim], max_batch rows per call."""
+        return self._batched(x, [self._out])[0]
 
     def classify(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(class index [n], confidence [n]); ValueError if the model gives non-finite answers."""
-        p = self.probs(x)
-        if not np.isfinite(p).all():
+        if self._answer is not None:
+            idx, conf = self._batched(x, self._answer)
+        else:
+            p = self.probs(x)
+            idx, conf = p.argmax(axis=1), p.max(axis=1)
+        # max propagates NaN, and probabilities are <= 1: one finite sum means all are finite
+        if not math.isfinite(float(conf.sum())):
             raise ValueError("the model gave non-finite probabilities")
-        idx = p.argmax(axis=1)
-        return idx, p[np.arange(len(p)), idx]
+        return idx, conf

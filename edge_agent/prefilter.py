@@ -23,6 +23,7 @@ from models.features import spectrum_features
 from models.manifest import ManifestError, load_model
 
 log = logging.getLogger(__name__)
+FEATURE_SLICE = 64
 
 
 class ModelError(AgentError):
@@ -109,7 +110,14 @@ class Prefilter:
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scores [n] and embeddings [n, E] for raw windows [n, window], in one call."""
-        x = spectrum_features(np.asarray(windows, dtype=np.float32))
+        w = np.asarray(windows, dtype=np.float32)
+        # Features in slices that stay in cache (the FFT temporaries of 256 windows do not).
+        step = FEATURE_SLICE
+        x = (
+            spectrum_features(w)
+            if len(w) <= step
+            else np.concatenate([spectrum_features(w[i : i + step]) for i in range(0, len(w), step)])
+        )
         if x.shape[1] != self.features:
             raise ModelError(f"{self.model_path}: takes {self.features} features, got {x.shape[1]}")
         if len(x) != self._batch:

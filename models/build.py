@@ -130,6 +130,31 @@ def train_tier2(etr: np.ndarray, ytr: np.ndarray, epochs: int, path: Path) -> No
         output_names=["probs"],
         dynamic_shapes=({0: torch.export.Dim("batch")},),
     )
+    add_answer_outputs(path)
+
+
+def add_answer_outputs(path: Path) -> None:
+    """Append ``label`` (ArgMax) and ``confidence`` (ReduceMax) outputs to the graph, so the
+    worker's answer comes out of the same onnxruntime call as the probabilities (per-call numpy
+    work would cost as much as the model at small batch sizes)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    if {o.name for o in g.output} >= {"label", "confidence"}:
+        return
+    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    g.node.append(helper.make_node("ArgMax", ["probs"], ["label"], axis=1, keepdims=0))
+    if opset >= 18:
+        g.initializer.append(helper.make_tensor("answer_axes", TensorProto.INT64, [1], [1]))
+        g.node.append(helper.make_node("ReduceMax", ["probs", "answer_axes"], ["confidence"], keepdims=0))
+    else:
+        g.node.append(helper.make_node("ReduceMax", ["probs"], ["confidence"], axes=[1], keepdims=0))
+    g.output.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]))
+    g.output.append(helper.make_tensor_value_info("confidence", TensorProto.FLOAT, ["batch"]))
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
 
 
 def run_onnx(path: Path, e: np.ndarray) -> np.ndarray:
@@ -231,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             "bytes": t2_path.stat().st_size,
             "input": {"name": "embedding", "shape": [-1, 16], "dtype": "float32"},
             "output": {"name": "probs", "shape": [-1, len(CLASSES)], "dtype": "float32"},
+            "answer": {
+                "label": {"name": "label", "shape": [-1], "dtype": "int64"},
+                "confidence": {"name": "confidence", "shape": [-1], "dtype": "float32"},
+            },
         },
     }
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -114,6 +114,7 @@ def test_env_beats_the_file_and_keeps_the_rest_of_the_section(
         ("[mqtt]\nport = 70000\n", "mqtt.port"),
         ("[uplink]\ncompress = 'lz4'\n", "uplink.compress"),
         ("[endpoint]\nport = 'http'\n", "endpoint.port"),
+        ("[prefilter]\nupload_dtype = 'int4'\n", "prefilter.upload_dtype"),
     ],
 )
 def test_unknown_key_or_bad_value_is_refused_naming_file_and_field(
@@ -186,6 +187,11 @@ replicas = 3
     monkeypatch.setenv("CLOUD_INGEST_MQTT__PORT", "1999")
     cfg = load_ingest_config(p)
     assert (cfg.mqtt.host, cfg.mqtt.port) == ("broker", 1999)
+    monkeypatch.setenv("CLOUD_INGEST_WORKER__MAX_BATCH", "64")
+    monkeypatch.setenv("CLOUD_INGEST_WORKER__TENANT_RATES", '{"acme": 500}')
+    cfg = load_ingest_config(p)
+    assert cfg.worker.max_batch == 64 and cfg.worker.tenant_rates == {"acme": 500}
+    assert cfg.worker.manifest.name == "manifest.json" and cfg.worker.manifest.exists()
 
 
 @pytest.mark.parametrize(
@@ -194,6 +200,11 @@ replicas = 3
         ("[ingest]\nbogus = 1\n", "ingest.bogus:"),
         ("[streams]\nreplicas = 9\n", "streams.replicas:"),
         ("[nats]\nconnect_timeout_s = 0\n", "nats.connect_timeout_s:"),
+        ("[worker]\ntenants = ['a/b']\n", "worker.tenants:"),
+        ("[worker]\nmax_batch = 0\n", "worker.max_batch:"),
+        ("[worker]\nbackoff_s = []\n", "worker.backoff_s:"),
+        ("[worker]\ninstance = 'w 1'\n", "worker.instance:"),
+        ("[worker]\ntenant_rate = -5\n", "worker.tenant_rate:"),
         ("[ingest\n", "TOML"),
     ],
 )

@@ -1,0 +1,101 @@
+"""On-device prefilter throughput: raw windows in, kept embeddings out.
+
+The same seeded windows (half of them faulty) go through, in one run:
+
+* ``raw LiteRT``: what a hand-written loop does with ``ai_edge_litert`` on the same
+  ``.tflite``: ``spectrum_features`` on the batch, ``set_tensor``, ``invoke``,
+  ``get_tensor`` (the interpreter resized once per batch size);
+* ``ours``: ``edge_agent.prefilter.Prefilter.keep`` (manifest-checked model, the
+  same features, threshold, the kept rows' scores and embeddings),
+
+at batch sizes 1 (one sample per call: the naive way) to 256. Each figure is
+windows per second; ``x one-per-call`` divides by raw LiteRT at batch 1, and
+``ours / raw`` compares ours with raw LiteRT at the same batch size (goal >= 0.5).
+Run as ``python -m bench.bench_prefilter``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.prefilter import Prefilter
+from models.features import spectrum_features
+from models.generator import generate
+from models.manifest import DEFAULT_MANIFEST, load_model
+
+BATCHES = (1, 8, 64, 256)
+
+
+def raw_litert(windows: np.ndarray, batch: int, threads: int) -> float:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=load_model(DEFAULT_MANIFEST, "prefilter").data, num_threads=threads)
+    inp = it.get_input_details()[0]
+    outs = it.get_output_details()
+    it.resize_tensor_input(inp["index"], [batch, inp["shape"][-1]])
+    it.allocate_tensors()
+    n = len(windows) - len(windows) % batch
+    t0 = time.perf_counter()
+    for i in range(0, n, batch):
+        it.set_tensor(inp["index"], spectrum_features(windows[i : i + batch]))
+        it.invoke()
+        for o in outs:
+            it.get_tensor(o["index"])
+    return n / (time.perf_counter() - t0)
+
+
+def ours(windows: np.ndarray, batch: int, threads: int) -> float:
+    pf = Prefilter(DEFAULT_MANIFEST, threads=threads)
+    n = len(windows) - len(windows) % batch
+    t0 = time.perf_counter()
+    for i in range(0, n, batch):
+        pf.keep(windows[i : i + batch])
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_prefilter", description=__doc__.splitlines()[0])
+    ap.add_argument("--windows", type=int, default=4096, help="windows per contender")
+    ap.add_argument("--threads", type=int, default=1, help="interpreter threads (a device core)")
+    ap.add_argument("--repeat", type=int, default=3, help="best of N runs per cell")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    print(f"# generating {args.windows} windows ...", file=sys.stderr, flush=True)
+    windows = generate(args.windows, seed=11, fault_fraction=0.5).x
+    rows = []
+    for batch in BATCHES:
+        print(f"# batch {batch} ...", file=sys.stderr, flush=True)
+        raw = our = 0.0
+        for _ in range(args.repeat):  # alternate, so that both see the same machine weather
+            raw = max(raw, raw_litert(windows, batch, args.threads))
+            our = max(our, ours(windows, batch, args.threads))
+        rows.append({"batch": batch, "raw_litert": raw, "ours": our})
+    base = rows[0]["raw_litert"]
+    print("| batch | raw LiteRT windows/s | ours windows/s | ours x one-per-call | ours / raw |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['batch']} | {r['raw_litert']:,.0f} | {r['ours']:,.0f} | "
+            f"{r['ours'] / base:.1f} | {r['ours'] / r['raw_litert']:.2f} |"
+        )
+    print(
+        f"\n{args.windows} windows of 1024 samples, {args.threads} interpreter thread(s), best of "
+        f"{args.repeat}; one-per-call = raw LiteRT at batch 1 ({base:,.0f}/s). Python "
+        f"{platform.python_version()}, {os.cpu_count()} CPUs."
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": rows, "threads": args.threads}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
