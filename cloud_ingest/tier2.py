@@ -128,7 +128,8 @@ class Tier2Model:
         return binding.copy_outputs_to_cpu()  # type: ignore[no-any-return]
 
     def _batched(self, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"embeddings of shape {x.shape}, the model takes [n, {self.dim}]")
         if len(x) <= self.max_batch:

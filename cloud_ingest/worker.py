@@ -32,7 +32,7 @@ import numpy as np
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from cloud_ingest import metrics
 from cloud_ingest.config import IngestConfig
@@ -320,61 +320,80 @@ class Worker:
         while True:
             outcomes = await self._outbox.get()
             t0 = time.perf_counter()
-            await asyncio.gather(*(self._finish(o) for o in outcomes))
+            await self._write_results(outcomes)
             metrics.RESULT_PUBLISH_SECONDS.observe(time.perf_counter() - t0)
 
-    async def _finish(self, o: Outcome) -> None:
-        if o.error is not None:
-            await self._fail(o.work.msg, o.error, o.work.frame.upload_id)
-            return
-        assert self.js is not None and self.model is not None
-        assert o.labels is not None and o.confidences is not None
-        frame, msg = o.work.frame, o.work.msg
+    async def _write_results(self, outcomes: list[Outcome]) -> None:
+        """Publish every part of every answer at once, then ack each features message whose
+        parts JetStream has all acknowledged; the others are nak'ed and come back."""
+        assert self.js is not None
+        sent: list[tuple[Outcome, list[asyncio.Future[PubAck]]]] = []
+        answers = [o for o in outcomes if o.error is None]
+        try:
+            for o in answers:
+                sent.append((o, [await self.js.publish_async(*m) for m in self._result_messages(o)]))
+        except (nats.errors.Error, ValueError) as e:
+            log.warning("publishing results failed (%r); the batch's messages will be redelivered", e)
+        futures = [f for _, fs in sent for f in fs]
+        if futures:
+            _, late = await asyncio.wait(futures, timeout=self.cfg.ingest.publish_timeout_s)
+            for f in late:
+                f.cancel()
+        stored = [(o, fs) for o, fs in sent if all(not f.cancelled() and f.exception() is None for f in fs)]
+        for o, fs in stored:
+            with contextlib.suppress(nats.errors.Error):  # a lost ack is a redelivery, deduplicated
+                await o.work.msg.ack()
+            frame = o.work.frame
+            duplicate = all(f.result().duplicate for f in fs)
+            metrics.WORKER_MESSAGES.labels(frame.tenant, "duplicate" if duplicate else "done").inc()
+            if not duplicate:
+                metrics.WORKER_RECORDS.labels(frame.tenant).inc(frame.n)
+        done = {id(o) for o, _ in stored}
+        for o in answers:
+            if id(o) not in done:
+                # Redelivered, and the parts already stored are dropped then as duplicates.
+                log.warning("upload %s: results not written; it will be redelivered", o.work.frame.upload_id)
+                metrics.WORKER_MESSAGES.labels(o.work.frame.tenant, "retry").inc()
+                with contextlib.suppress(Exception):
+                    await o.work.msg.nak(delay=self.w.backoff_s[0])
+        for o in outcomes:
+            if o.error is not None:
+                await self._fail(o.work.msg, o.error, o.work.frame.upload_id)
+
+    def _result_messages(
+        self, o: Outcome
+    ) -> list[tuple[str, bytes, float | None, str | None, dict[str, str]]]:
+        """(subject, payload, wait_stall, stream, headers) of each part of one upload's answer."""
+        assert self.model is not None and o.labels is not None and o.confidences is not None
+        frame = o.work.frame
         step = self.w.results_max_records
         parts = -(-frame.n // step)
         now_ms = int(time.time() * 1000)
         subject = topics.results_subject(frame.tenant, frame.device)
-        try:
-            acks = await asyncio.gather(
-                *(
-                    self.js.publish(
-                        subject,
-                        encode_results(
-                            frame,
-                            slice(a, a + step),
-                            self.model.labels,
-                            o.labels[a : a + step],
-                            o.confidences[a : a + step],
-                            part=a // step,
-                            parts=parts,
-                            model=self.model.name,
-                            model_version=self.model.version,
-                            worker=self.w.instance,
-                            produced_ms=now_ms,
-                        ),
-                        headers={
-                            "Nats-Msg-Id": frame.upload_id if a == 0 else f"{frame.upload_id}#{a // step}",
-                            "Et-Upload-Id": frame.upload_id,
-                            "Et-Part": str(a // step),
-                            "Et-Parts": str(parts),
-                        },
-                    )
-                    for a in range(0, frame.n, step)
-                )
+        out = []
+        for a in range(0, frame.n, step):
+            part = a // step
+            body = encode_results(
+                frame,
+                slice(a, a + step),
+                self.model.labels,
+                o.labels[a : a + step],
+                o.confidences[a : a + step],
+                part=part,
+                parts=parts,
+                model=self.model.name,
+                model_version=self.model.version,
+                worker=self.w.instance,
+                produced_ms=now_ms,
             )
-            await msg.ack()
-        except (TimeoutError, nats.errors.Error, ValueError) as e:
-            # Not acked: redelivered (now, by the nak, or after ack_wait), and the parts
-            # already stored are dropped as duplicates then.
-            log.warning("upload %s: results not written (%r); it will be redelivered", frame.upload_id, e)
-            metrics.WORKER_MESSAGES.labels(frame.tenant, "retry").inc()
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=self.w.backoff_s[0])
-            return
-        duplicate = all(a.duplicate for a in acks)
-        metrics.WORKER_MESSAGES.labels(frame.tenant, "duplicate" if duplicate else "done").inc()
-        if not duplicate:
-            metrics.WORKER_RECORDS.labels(frame.tenant).inc(frame.n)
+            headers = {
+                "Nats-Msg-Id": frame.upload_id if part == 0 else f"{frame.upload_id}#{part}",
+                "Et-Upload-Id": frame.upload_id,
+                "Et-Part": str(part),
+                "Et-Parts": str(parts),
+            }
+            out.append((subject, body, None, topics.RESULTS_STREAM, headers))
+        return out
 
     async def _fail(self, msg: Msg, reason: str, upload_id: str | None = None) -> None:
         """Nak with back-off; dead-letter on the last allowed delivery."""
