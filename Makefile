@@ -30,6 +30,8 @@ test: deps
 bench: deps
 	$(PY) -m bench.bench_enqueue
 	$(PY) -m bench.bench_pipeline
+	$(PY) -m bench.bench_prefilter
+	$(PY) -m bench.bench_tier2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     x = np.random.default_rng(1).normal(0, 4, (args.features, 16)).astype(np.float32)
+    model_rates(x[:20_000], 64, args.providers, 1)  # warm-up: caches, allocator, CPU clock
     rows = []
     for batch in BATCHES:
         print(f"# model: batch {batch} ...", file=sys.stderr, flush=True)
