@@ -165,7 +165,9 @@ async def our_worker(url: str, uploads: int, records: int, providers: list[str],
     task = asyncio.create_task(worker.run())
     await worker.ready.wait()
     t0 = time.perf_counter()
-    while await results_stored(js) < uploads:
+    while True:  # polled: what is measured is JetStream holding every result
+        if await results_stored(js) >= uploads:
+            break
         await asyncio.sleep(0.02)
     elapsed = time.perf_counter() - t0
     task.cancel()

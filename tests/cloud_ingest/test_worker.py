@@ -317,3 +317,28 @@ def test_a_result_written_just_before_a_crash_is_not_written_again(nats_server: 
     assert [b.worker for b in got if b.upload_id == first.upload_id] == ["dead"]
     keys = result_keys(got)
     assert len(keys) == len(set(keys)) == 30
+
+
+def test_nats_server_kill_9_mid_run_still_answers_each_record_once(nats_server: NatsServer) -> None:
+    sent = [f for d in ("n1", "n2") for f in device_frames(d, 300, 200)]
+    total = 2 * 300 * 200
+
+    async def scenario() -> list[ResultBatch]:
+        await publish_features(nats_server.url, sent)
+        async with running(nats_server.url, ack_wait_s=2.0, max_batch=256, prefetch=4, tenant_rate=20_000):
+            deadline = time.monotonic() + 30
+            while (n := await message_count(nats_server.url, topics.RESULTS_STREAM)) < 20:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert n < 300, "done before the fault: the test proves nothing"
+            await asyncio.to_thread(nats_server.kill)  # SIGKILL: in-flight publishes and acks are lost
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(nats_server.start)
+            await wait_for_rows(nats_server.url, total, within=60)
+            await asyncio.sleep(2.5)  # past ack_wait: a redelivery would add rows now
+            return [decode_results(m.data) for m in await stored(nats_server.url, topics.RESULTS_STREAM)]
+
+    got = asyncio.run(scenario())
+    keys = result_keys(got)
+    assert len(keys) - len(set(keys)) == 0, "duplicate results"
+    assert len(set(keys)) == total
