@@ -11,28 +11,21 @@ from edge_tier.cli import run_service, setup_logging
 from edge_tier.config import ConfigError
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, service: str) -> int:
+    cfg = load_ingest_config(args.config)
+    setup_logging(cfg.log_level)
+    port = cfg.worker.metrics_port if service == "worker" else cfg.ingest.metrics_port
+    if port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr="127.0.0.1")
+    if service == "worker":
+        from cloud_ingest.worker import Worker
+
+        return run_service(Worker(cfg).run)
     from cloud_ingest.ingest import Ingest
 
-    cfg = load_ingest_config(args.config)
-    setup_logging(cfg.log_level)
-    if cfg.ingest.metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        start_http_server(cfg.ingest.metrics_port, addr="127.0.0.1")
     return run_service(Ingest(cfg).run)
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    from cloud_ingest.worker import Worker
-
-    cfg = load_ingest_config(args.config)
-    setup_logging(cfg.log_level)
-    if cfg.worker.metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        start_http_server(cfg.worker.metrics_port, addr="127.0.0.1")
-    return run_service(Worker(cfg).run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="MQTT uploads -> JetStream, with receipts to devices")
     r.add_argument("--config", "-c", help="ingest.toml (defaults and CLOUD_INGEST_* env if omitted)")
-    r.set_defaults(fn=cmd_run)
+    r.set_defaults(fn=lambda a: _serve(a, "ingest"))
     w = sub.add_parser("worker", help="tier-two inference: JetStream features -> results, batched")
     w.add_argument("--config", "-c", help="ingest.toml ([worker] section; CLOUD_INGEST_WORKER__* env)")
-    w.set_defaults(fn=cmd_worker)
+    w.set_defaults(fn=lambda a: _serve(a, "worker"))
     args = p.parse_args(argv)
     try:
         return int(args.fn(args))

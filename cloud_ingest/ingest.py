@@ -40,7 +40,7 @@ from nats.js.kv import KeyValue
 
 from cloud_ingest import metrics
 from cloud_ingest.config import IngestConfig
-from cloud_ingest.streams import ensure_streams
+from cloud_ingest.streams import clip_header, ensure_streams, publish_dead_letter
 from edge_tier import topics
 from edge_tier.mqtt import Message, MqttBridge
 from edge_tier.wire import (
@@ -58,11 +58,6 @@ log = logging.getLogger(__name__)
 GAP_WAITS, GAP_WAIT_S = 4, 0.025  # look again for a missing predecessor, for up to ~75 ms
 WRONG_LAST_SEQUENCE = 10071  # JetStream API error code for Nats-Expected-Last-Subject-Sequence
 H_FIRST, H_LAST, H_PREV, H_RECORDS = "Et-First-Seq", "Et-Last-Seq", "Et-Prev-Seq", "Et-Records"
-
-
-def clip_header(text: str, max_bytes: int) -> str:
-    """At most ``max_bytes`` of UTF-8 (headers share the message's max_payload)."""
-    return text.encode()[:max_bytes].decode(errors="ignore").replace("\r", " ").replace("\n", " ")
 
 
 @dataclass(slots=True)
@@ -395,13 +390,8 @@ class Ingest:
         }
         if upload_id:
             headers["Et-Upload-Id"] = upload_id
-        payload = msg.payload
-        room = self.nc.max_payload - 4096
-        if len(payload) > room:
-            headers["Et-Truncated-From"] = str(len(payload))
-            payload = payload[:room]
         safe = [t if t and t.replace("-", "").replace("_", "").isalnum() else None for t in (tenant, device)]
-        await self.js.publish(topics.dlq_subject("ingest", *safe), payload, headers=headers)
+        await publish_dead_letter(self.nc, self.js, topics.dlq_subject("ingest", *safe), msg.payload, headers)
 
     # -- high-water marks -------------------------------------------------
 

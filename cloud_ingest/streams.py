@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import nats.js.errors
+from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -23,31 +24,40 @@ from edge_tier import topics
 log = logging.getLogger(__name__)
 
 
+def _record_stream(
+    name: str, subjects: str, s: StreamSettings, age_s: int, max_bytes: int, dedup_s: int
+) -> StreamConfig:
+    return StreamConfig(
+        name=name,
+        subjects=[subjects],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=float(age_s),
+        max_bytes=max_bytes,
+        duplicate_window=float(dedup_s),
+        num_replicas=s.replicas,
+        discard=DiscardPolicy.OLD,
+        allow_direct=True,
+    )
+
+
 def stream_configs(s: StreamSettings) -> list[StreamConfig]:
     return [
-        StreamConfig(
-            name=topics.FEATURES_STREAM,
-            subjects=[topics.FEATURES_SUBJECTS],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=float(s.features_max_age_s),
-            max_bytes=s.features_max_bytes,
-            duplicate_window=float(s.duplicate_window_s),
-            num_replicas=s.replicas,
-            discard=DiscardPolicy.OLD,
-            allow_direct=True,
+        _record_stream(
+            topics.FEATURES_STREAM,
+            topics.FEATURES_SUBJECTS,
+            s,
+            s.features_max_age_s,
+            s.features_max_bytes,
+            s.duplicate_window_s,
         ),
-        StreamConfig(
-            name=topics.RESULTS_STREAM,
-            subjects=[topics.RESULTS_SUBJECTS],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=float(s.results_max_age_s),
-            max_bytes=s.results_max_bytes,
-            duplicate_window=float(s.results_duplicate_window_s),
-            num_replicas=s.replicas,
-            discard=DiscardPolicy.OLD,
-            allow_direct=True,
+        _record_stream(
+            topics.RESULTS_STREAM,
+            topics.RESULTS_SUBJECTS,
+            s,
+            s.results_max_age_s,
+            s.results_max_bytes,
+            s.results_duplicate_window_s,
         ),
         StreamConfig(
             name=topics.DEADLETTER_STREAM,
@@ -91,6 +101,22 @@ async def ensure_streams(js: JetStreamContext, s: StreamSettings) -> KeyValue:
         raise StreamSetupError(f"bucket {topics.HWM_BUCKET}: {e}") from e
     log.info("created bucket %s", topics.HWM_BUCKET)
     return kv
+
+
+def clip_header(text: str, max_bytes: int) -> str:
+    """At most ``max_bytes`` of UTF-8 on one line (headers share the message's max_payload)."""
+    return text.encode()[:max_bytes].decode(errors="ignore").replace("\r", " ").replace("\n", " ")
+
+
+async def publish_dead_letter(
+    nc: NatsClient, js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str]
+) -> None:
+    """Store refused input with its reason headers; cut to what the server accepts, saying so."""
+    room = nc.max_payload - 4096
+    if len(payload) > room:
+        headers = {**headers, "Et-Truncated-From": str(len(payload))}
+        payload = payload[:room]
+    await js.publish(subject, payload, headers=headers)
 
 
 async def read_all(js: JetStreamContext, stream: str) -> list[RawStreamMsg]:

@@ -37,8 +37,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 from cloud_ingest import metrics
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.fairness import TokenBucket
-from cloud_ingest.ingest import clip_header, connect_nats
-from cloud_ingest.streams import ensure_streams
+from cloud_ingest.ingest import connect_nats
+from cloud_ingest.streams import clip_header, ensure_streams, publish_dead_letter
 from cloud_ingest.tier2 import Tier2Model
 from edge_tier import topics
 from edge_tier.wire import Dtype, Frame, WireError, decode_frame, encode_results
@@ -421,14 +421,10 @@ class Worker:
             }
             if upload_id:
                 headers["Et-Upload-Id"] = upload_id
-            payload = msg.data
-            room = self.nc.max_payload - 4096
-            if len(payload) > room:
-                headers["Et-Truncated-From"] = str(len(payload))
-                payload = payload[:room]
             parts = msg.subject.split(".")
             device = parts[3] if len(parts) == 4 else None
-            await self.js.publish(topics.dlq_subject("worker", tenant, device), payload, headers=headers)
+            subject = topics.dlq_subject("worker", tenant, device)
+            await publish_dead_letter(self.nc, self.js, subject, msg.data, headers)
             await msg.term()
             metrics.WORKER_MESSAGES.labels(tenant, "deadletter").inc()
             metrics.WORKER_DEADLETTERED.labels(reason.split(":")[0][:40]).inc()

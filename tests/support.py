@@ -32,6 +32,24 @@ TENANT, DEVICE = "acme", "press-7"
 DIM = 16
 
 
+def copy_models(dst: Path, *files: str) -> Path:
+    """The manifest and ``files`` from models/ copied into ``dst``; the copied manifest's path."""
+    import shutil
+
+    from models.manifest import DEFAULT_MANIFEST
+
+    for name in ("manifest.json", *files):
+        shutil.copy(DEFAULT_MANIFEST.parent / name, dst / name)
+    return dst / "manifest.json"
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Corrupt one byte of a file, as a bad disk or a tampering hand would."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +17,7 @@ ort = pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 from cloud_ingest.errors import ModelError  # noqa: E402
 from cloud_ingest.tier2 import Tier2Model  # noqa: E402
 from models.manifest import DEFAULT_MANIFEST  # noqa: E402
-
-
-def copy_models(tmp_path: Path) -> Path:
-    for name in ("manifest.json", "tier2.onnx"):
-        shutil.copy(DEFAULT_MANIFEST.parent / name, tmp_path / name)
-    return tmp_path / "manifest.json"
+from tests.support import copy_models, flip_byte  # noqa: E402
 
 
 def embeddings(n: int) -> np.ndarray:
@@ -57,11 +51,9 @@ def test_io_binding_batches_and_single_calls_agree() -> None:
 
 
 def test_a_tampered_or_missing_model_is_refused_and_the_worker_does_not_start(tmp_path: Path) -> None:
-    manifest = copy_models(tmp_path)
+    manifest = copy_models(tmp_path, "tier2.onnx")
     model = tmp_path / "tier2.onnx"
-    data = bytearray(model.read_bytes())
-    data[200] ^= 0x01
-    model.write_bytes(bytes(data))
+    flip_byte(model, 200)
     with pytest.raises(ModelError, match=r"tier2\.onnx: sha256 .* does not match"):
         Tier2Model(manifest)
     cfg = tmp_path / "ingest.toml"
@@ -80,7 +72,7 @@ def test_a_tampered_or_missing_model_is_refused_and_the_worker_does_not_start(tm
 
 
 def test_a_manifest_naming_the_wrong_tensors_is_refused(tmp_path: Path) -> None:
-    manifest = copy_models(tmp_path)
+    manifest = copy_models(tmp_path, "tier2.onnx")
     doc = json.loads(manifest.read_text())
     doc["tier2"]["input"]["name"] = "x"
     manifest.write_text(json.dumps(doc))

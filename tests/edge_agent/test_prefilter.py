@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,9 @@ pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-li
 
 from edge_agent.prefilter import ModelError, Prefilter
 from models.generator import HEALTHY, generate
+from tests.support import copy_models, flip_byte
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
-
-
-def copy_models(tmp_path: Path) -> Path:
-    for name in ("manifest.json", "prefilter.tflite"):
-        shutil.copy(MODELS / name, tmp_path / name)
-    return tmp_path / "manifest.json"
 
 
 def test_keeps_faults_and_drops_healthy_in_batches_of_any_size() -> None:
@@ -41,17 +35,14 @@ def test_keeps_faults_and_drops_healthy_in_batches_of_any_size() -> None:
 
 
 def test_a_tampered_model_is_refused_with_its_path(tmp_path: Path) -> None:
-    manifest = copy_models(tmp_path)
-    model = tmp_path / "prefilter.tflite"
-    data = bytearray(model.read_bytes())
-    data[100] ^= 0xFF
-    model.write_bytes(bytes(data))
+    manifest = copy_models(tmp_path, "prefilter.tflite")
+    flip_byte(tmp_path / "prefilter.tflite", 100)
     with pytest.raises(ModelError, match=r"prefilter\.tflite: sha256 .* does not match"):
         Prefilter(manifest)
 
 
 def test_missing_model_and_bad_manifest_say_which_file(tmp_path: Path) -> None:
-    manifest = copy_models(tmp_path)
+    manifest = copy_models(tmp_path, "prefilter.tflite")
     (tmp_path / "prefilter.tflite").unlink()
     with pytest.raises(ModelError, match=r"prefilter\.tflite: cannot read"):
         Prefilter(manifest)
@@ -63,7 +54,7 @@ def test_missing_model_and_bad_manifest_say_which_file(tmp_path: Path) -> None:
 
 
 def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
-    manifest = copy_models(tmp_path)
+    manifest = copy_models(tmp_path, "prefilter.tflite")
     junk = b"not a flatbuffer at all" * 10
     (tmp_path / "prefilter.tflite").write_bytes(junk)
     m = json.loads(manifest.read_text())
@@ -80,7 +71,7 @@ def test_the_agent_refuses_to_start_with_a_bad_model(
 ) -> None:
     from edge_agent.cli import main
 
-    manifest = copy_models(tmp_path)
+    manifest = copy_models(tmp_path, "prefilter.tflite")
     (tmp_path / "prefilter.tflite").write_bytes(b"\0" * 64)
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f'[store]\npath = "{tmp_path / "q.db"}"\n[prefilter]\nmanifest = "{manifest}"\n')
@@ -127,7 +118,7 @@ def test_int8_upload_round_trips_within_half_a_step_and_needs_a_scale(tmp_path: 
     data, scale = pf.encode(emb, Dtype.INT8)
     back = np.frombuffer(data, np.int8).reshape(emb.shape).astype(np.float32) * scale
     assert len(data) == emb.size and np.abs(back - emb).max() <= scale / 2 + 1e-6
-    manifest = copy_models(tmp_path)
+    manifest = copy_models(tmp_path, "prefilter.tflite")
     doc = json.loads(manifest.read_text())
     del doc["prefilter"]["embedding_scale"]
     manifest.write_text(json.dumps(doc))
