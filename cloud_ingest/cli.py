@@ -1,4 +1,4 @@
-"""``cloud-ingest``: the cloud services: ``run`` (ingest) and ``worker`` (tier-two inference)."""
+"""``cloud-ingest``: the cloud services: ``run`` (ingest), ``worker`` (tier two), ``api`` (results)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def _serve(args: argparse.Namespace, service: str) -> int:
     cfg = load_ingest_config(args.config)
     setup_logging(cfg.log_level)
     port = cfg.worker.metrics_port if service == "worker" else cfg.ingest.metrics_port
-    if port is not None:
+    if port is not None and service != "api":  # the API serves /metrics itself
         from prometheus_client import start_http_server
 
         start_http_server(port, addr="127.0.0.1")
@@ -23,6 +23,10 @@ def _serve(args: argparse.Namespace, service: str) -> int:
         from cloud_ingest.worker import Worker
 
         return run_service(Worker(cfg).run)
+    if service == "api":
+        from cloud_ingest.api import ResultApi
+
+        return run_service(ResultApi(cfg).run)
     from cloud_ingest.ingest import Ingest
 
     return run_service(Ingest(cfg).run)
@@ -37,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("worker", help="tier-two inference: JetStream features -> results, batched")
     w.add_argument("--config", "-c", help="ingest.toml ([worker] section; CLOUD_INGEST_WORKER__* env)")
     w.set_defaults(fn=lambda a: _serve(a, "worker"))
+    api = sub.add_parser("api", help="the result API: devices, result pages, uploads, SSE (aiohttp)")
+    api.add_argument("--config", "-c", help="ingest.toml ([api] section; CLOUD_INGEST_API__* env)")
+    api.set_defaults(fn=lambda a: _serve(a, "api"))
     args = p.parse_args(argv)
     try:
         return int(args.fn(args))

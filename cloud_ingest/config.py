@@ -51,6 +51,8 @@ class IngestSettings(BaseModel):
     max_records: int = Field(65536, ge=1)
     max_dim: int = Field(65536, ge=1)
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    # Also publish each tier-two result to MQTT et/{tenant}/{device}/results.
+    relay_results: bool = True
 
     @property
     def limits(self) -> FrameLimits:
@@ -105,6 +107,26 @@ class WorkerSettings(BaseModel):
         return None if v is None else [validate_id("tenant", t) for t in v]
 
 
+class ApiSettings(BaseModel):
+    """The result API (``cloud-ingest api``)."""
+
+    model_config = {"extra": "forbid"}
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # The fleet registry with the API tokens (edge-provision --fleet DIR token add TENANT).
+    registry: Path | None = None
+    token_cache_s: float = Field(5.0, ge=0, description="a revoked token works at most this long")
+    # Per token: requests per second and bucket size (429 + Retry-After beyond).
+    rate_per_token: float = Field(50.0, gt=0)
+    burst_per_token: float = Field(100.0, ge=1)
+    page_default: int = Field(100, ge=1)
+    page_max: int = Field(1000, ge=1)
+    keepalive_s: float = Field(15.0, gt=0, description="SSE comment interval, so proxies keep it open")
+    # The rebuildable view of ET_RESULTS (docs/operations.md); in memory by default.
+    index_path: str = ":memory:"
+    stream_queue: int = Field(10_000, ge=10, description="events buffered per SSE client")
+
+
 class IngestConfig(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="CLOUD_INGEST_", env_nested_delimiter="__", extra="forbid")
 
@@ -113,6 +135,7 @@ class IngestConfig(ServiceSettings):
     streams: StreamSettings = StreamSettings()
     ingest: IngestSettings = IngestSettings()
     worker: WorkerSettings = WorkerSettings()
+    api: ApiSettings = ApiSettings()
     log_level: str = "INFO"
 
 

@@ -37,11 +37,11 @@ class TokenBucket:
         self._t = now
 
     def wait_s(self) -> float:
-        """Seconds until there is at least one token (0: take now)."""
+        """Seconds until there is at least one whole token (0: take now)."""
         if not self.rate:
             return 0.0
         self._refill()
-        return 0.0 if self._tokens > 0 else (1.0 - self._tokens) / self.rate
+        return 0.0 if self._tokens >= 1 else (1.0 - self._tokens) / self.rate
 
     def take(self, n: float) -> None:
         if self.rate:

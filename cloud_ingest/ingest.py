@@ -27,6 +27,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -35,7 +36,9 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 from cloud_ingest import metrics
@@ -49,6 +52,7 @@ from edge_tier.wire import (
     ReceiptStatus,
     WireError,
     decode_frame,
+    decode_status,
     encode_receipt,
     peek_header,
 )
@@ -57,6 +61,7 @@ log = logging.getLogger(__name__)
 
 GAP_WAITS, GAP_WAIT_S = 4, 0.025  # look again for a missing predecessor, for up to ~75 ms
 WRONG_LAST_SEQUENCE = 10071  # JetStream API error code for Nats-Expected-Last-Subject-Sequence
+RESULTS_RELAY = "et-results-mqtt"  # the durable consumer ingest processes share to relay results
 H_FIRST, H_LAST, H_PREV, H_RECORDS = "Et-First-Seq", "Et-Last-Seq", "Et-Prev-Seq", "Et-Records"
 
 
@@ -96,10 +101,13 @@ class Ingest:
         up = topics.mqtt_filter("up")
         shared = ing.shared_group and cfg.mqtt.version == "5"
         self.subscription = f"$share/{ing.shared_group}/{up}" if shared else up
+        # Not shared: retained statuses are not sent to shared subscriptions, and every
+        # ingest process writing the same status to the bucket is harmless.
+        subscriptions = [(self.subscription, 1), (topics.mqtt_filter("status"), 1)]
         self.mqtt = MqttBridge(
             cfg.mqtt,
             client_id=cfg.mqtt.client_id or f"et-ingest-{ing.instance}",
-            subscriptions=[(self.subscription, 1)],
+            subscriptions=subscriptions,
             manual_ack=True,
             clean=False,
             name="ingest-mqtt",
@@ -107,6 +115,7 @@ class Ingest:
         self.nc: NatsClient | None = None
         self.js: JetStreamContext | None = None
         self.kv: KeyValue | None = None
+        self.devices: KeyValue | None = None
         self.ledgers: dict[tuple[str, str], Ledger] = {}
         self._order: collections.deque[_Entry] = collections.deque()
         self._lanes: dict[tuple[str, str], asyncio.Queue[_Entry]] = {}
@@ -133,12 +142,15 @@ class Ingest:
             self.limits = dataclasses.replace(self.limits, max_frame_bytes=room)
         self.js = self.nc.jetstream(timeout=self.cfg.ingest.publish_timeout_s)
         self.kv = await ensure_streams(self.js, self.cfg.streams)
+        self.devices = await self.js.key_value(topics.DEVICES_BUCKET)
         await self.mqtt.start()
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 tg.create_task(self._dispatch(), name="ingest-dispatch")
                 tg.create_task(self._flush_hwm_loop(), name="ingest-hwm")
+                if self.cfg.ingest.relay_results:
+                    tg.create_task(self._relay_results(), name="ingest-results-relay")
                 self.ready.set()
                 log.info("ingest ready: %s -> JetStream %s", self.subscription, topics.FEATURES_STREAM)
         finally:
@@ -202,10 +214,13 @@ class Ingest:
     async def handle(self, msg: Message) -> None:
         try:
             tenant, device, channel = topics.parse_mqtt_topic(msg.topic)
-            if channel != "up":
-                raise ValueError(f"topic {msg.topic!r} is not an upload topic")
+            if channel not in ("up", "status"):
+                raise ValueError(f"topic {msg.topic!r} is not an upload or status topic")
         except ValueError as e:
             await self.dead_letter(msg, str(e), None, None)
+            return
+        if channel == "status":
+            await self.record_status(msg, tenant, device)
             return
         try:
             frame = decode_frame(msg.payload, limits=self.limits)
@@ -392,6 +407,72 @@ class Ingest:
             headers["Et-Upload-Id"] = upload_id
         safe = [t if t and t.replace("-", "").replace("_", "").isalnum() else None for t in (tenant, device)]
         await publish_dead_letter(self.nc, self.js, topics.dlq_subject("ingest", *safe), msg.payload, headers)
+
+    # -- device status and results to MQTT ---------------------------------
+
+    async def record_status(self, msg: Message, tenant: str, device: str) -> None:
+        """Keep the device's last status in the devices bucket, for the result API."""
+        assert self.devices is not None
+        if not msg.payload:
+            return  # a cleared retained message
+        try:
+            status = decode_status(msg.payload)
+        except WireError as e:
+            log.warning("device %s/%s sent a status that is not one (%s); ignored", tenant, device, e)
+            return
+        doc = {**status.model_dump(), "seen_ms": int(time.time() * 1000)}
+        await self.devices.put(topics.device_key(tenant, device), json.dumps(doc).encode())
+
+    async def _relay_results(self) -> None:
+        """Every tier-two result also to MQTT ``et/{tenant}/{device}/results`` (QoS 1), acked in
+        JetStream after the broker's PUBACK: at least once (subscribers tell repeats apart by
+        upload id and part). Ingest processes share one durable consumer."""
+        assert self.js is not None
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.NEW,
+            ack_wait=30.0,
+            max_deliver=-1,
+            max_ack_pending=1000,
+            description="results to MQTT (cloud-ingest)",
+        )
+        while True:
+            try:
+                sub = await self.js.pull_subscribe(
+                    topics.RESULTS_SUBJECTS,
+                    durable=RESULTS_RELAY,
+                    stream=topics.RESULTS_STREAM,
+                    config=config,
+                )
+                break
+            except (nats.errors.Error, TimeoutError) as e:
+                log.warning("results relay: cannot bind its consumer (%r); retrying", e)
+                await asyncio.sleep(1.0)
+        while True:
+            await self.mqtt.connected.wait()
+            try:
+                msgs = await sub.fetch(64, timeout=1.0)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            except nats.errors.Error as e:
+                log.warning("results relay: fetch failed (%r); retrying", e)
+                await asyncio.sleep(0.5)
+                continue
+            sent = await asyncio.gather(*(self._relay_one(m) for m in msgs))
+            metrics.RESULTS_RELAYED.inc(sum(sent))
+
+    async def _relay_one(self, m: Msg) -> bool:
+        parts = m.subject.split(".")
+        if len(parts) != 4:
+            await m.term()
+            return False
+        topic = topics.mqtt_topic(parts[2], parts[3], "results")
+        if await self.mqtt.publish_confirmed(topic, m.data):
+            await m.ack()
+            return True
+        with contextlib.suppress(nats.errors.Error):
+            await m.nak(delay=1.0)
+        return False
 
     # -- high-water marks -------------------------------------------------
 

@@ -5,6 +5,7 @@ from prometheus_client import Counter, Gauge, Histogram
 FRAMES = Counter("et_ingest_frames_total", "Upload frames handled, by outcome", ["outcome"])
 RECORDS = Counter("et_ingest_records_committed_total", "Records committed to JetStream")
 DEADLETTERED = Counter("et_ingest_deadletter_total", "Messages sent to the dead-letter stream")
+RESULTS_RELAYED = Counter("et_ingest_results_relayed_total", "Result messages relayed to MQTT")
 JS_RETRIES = Counter("et_ingest_jetstream_retries_total", "Handling attempts retried for JetStream errors")
 PUBLISH_SECONDS = Histogram(
     "et_ingest_publish_seconds",

@@ -71,7 +71,7 @@ def stream_configs(s: StreamSettings) -> list[StreamConfig]:
 
 
 async def ensure_streams(js: JetStreamContext, s: StreamSettings) -> KeyValue:
-    """Create the streams and the high-water-mark bucket, or bring them up to date."""
+    """Create the streams and buckets, or bring the streams up to date; the marks' bucket."""
     for cfg in stream_configs(s):
         try:
             try:
@@ -83,23 +83,25 @@ async def ensure_streams(js: JetStreamContext, s: StreamSettings) -> KeyValue:
                 await js.update_stream(cfg)
         except nats.js.errors.APIError as e:
             raise StreamSetupError(f"stream {cfg.name}: {e}") from e
+    devices = "per-device last status (backlog, evictions, model version, online), for the result API"
+    await _bucket(js, topics.DEVICES_BUCKET, s, devices)
+    return await _bucket(js, topics.HWM_BUCKET, s, "per-device committed high-water mark (last seq)")
+
+
+async def _bucket(js: JetStreamContext, name: str, s: StreamSettings, description: str) -> KeyValue:
     try:
-        return await js.key_value(topics.HWM_BUCKET)
+        return await js.key_value(name)
     except nats.js.errors.BucketNotFoundError:
         pass
     try:
         kv = await js.create_key_value(
             KeyValueConfig(
-                bucket=topics.HWM_BUCKET,
-                history=1,
-                storage=StorageType.FILE,
-                replicas=s.replicas,
-                description="per-device committed high-water mark (last committed seq)",
+                bucket=name, history=1, storage=StorageType.FILE, replicas=s.replicas, description=description
             )
         )
     except nats.js.errors.APIError as e:
-        raise StreamSetupError(f"bucket {topics.HWM_BUCKET}: {e}") from e
-    log.info("created bucket %s", topics.HWM_BUCKET)
+        raise StreamSetupError(f"bucket {name}: {e}") from e
+    log.info("created bucket %s", name)
     return kv
 
 

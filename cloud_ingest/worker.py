@@ -386,11 +386,17 @@ class Worker:
                 worker=self.w.instance,
                 produced_ms=now_ms,
             )
+            rows = frame.seqs[a : a + step]
             headers = {
                 "Nats-Msg-Id": frame.upload_id if part == 0 else f"{frame.upload_id}#{part}",
                 "Et-Upload-Id": frame.upload_id,
                 "Et-Part": str(part),
                 "Et-Parts": str(parts),
+                # what the result API indexes, without parsing the body
+                "Et-Records": str(len(rows)),
+                "Et-First-Seq": str(rows[0]),
+                "Et-Last-Seq": str(rows[-1]),
+                "Et-Produced-Ms": str(now_ms),
             }
             out.append((subject, body, None, topics.RESULTS_STREAM, headers))
         return out

@@ -128,6 +128,8 @@ class MqttBridge:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self._pubacks: dict[int, asyncio.Future[None]] = {}
 
     # -- paho thread side -------------------------------------------------
 
@@ -151,6 +153,9 @@ class MqttBridge:
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:  # type: ignore[no-untyped-def]
         m = Message(msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain))
         self._call(self.messages.put_nowait, m)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        self._call(self._puback, mid)
 
     def _connect_props(self) -> Properties | None:
         if not self._v5:
@@ -228,6 +233,27 @@ class MqttBridge:
         """Queue a PUBLISH; False when there is no session (the caller re-sends later)."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    async def publish_confirmed(self, topic: str, payload: bytes, within: float = 10.0) -> bool:
+        """QoS 1 publish that returns True once the broker's PUBACK came back (paho re-sends
+        it across reconnects); False when there is no session or no PUBACK ``within`` seconds."""
+        info = self.client.publish(topic, payload, qos=1)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return False
+        # paho's callback is handed to this loop, so it cannot run before this line
+        fut = self._pubacks[info.mid] = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(fut, within)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._pubacks.pop(info.mid, None)
+
+    def _puback(self, mid: int) -> None:
+        fut = self._pubacks.get(mid)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     def ack(self, msg: Message) -> None:
         if msg.qos > 0:

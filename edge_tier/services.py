@@ -94,3 +94,16 @@ class WorkerProcess(ServiceProcess):
 
     def _command(self, exe: str) -> list[str]:
         return [exe, "-m", self.module, "worker", "--config", str(self.config_path)]
+
+
+class ApiProcess(ServiceProcess):
+    """``cloud-ingest api``; its port is the API's."""
+
+    module = "cloud_ingest.cli"
+    _ready_marker = "api ready"
+
+    def _bind_port(self, port: int) -> None:
+        self.config.setdefault("api", {})["port"] = port
+
+    def _command(self, exe: str) -> list[str]:
+        return [exe, "-m", self.module, "api", "--config", str(self.config_path)]

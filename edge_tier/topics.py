@@ -35,6 +35,7 @@ def parse_mqtt_topic(topic: str) -> tuple[str, str, str]:
 FEATURES_STREAM = "ET_FEATURES"
 DEADLETTER_STREAM = "ET_DEADLETTER"
 HWM_BUCKET = "et_hwm"
+DEVICES_BUCKET = "et_devices"  # key {tenant}.{device}: the device's last status, as ingest saw it
 
 
 def features_subject(tenant: str, device: str) -> str:
@@ -75,3 +76,6 @@ DLQ_SUBJECTS = f"{ROOT}.dlq.>"
 
 def hwm_key(tenant: str, device: str) -> str:
     return f"{tenant}.{device}"
+
+
+device_key = hwm_key

@@ -8,11 +8,12 @@ that return every seq JetStream holds (with repeats, so duplicates show).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from cloud_ingest.config import IngestConfig
 from cloud_ingest.streams import read_all
+from cloud_ingest.worker import Worker
 from edge_tier import services, topics
 from edge_tier.brokers import Mosquitto, NatsServer
 from edge_tier.services import AgentProcess, IngestProcess
@@ -231,6 +234,56 @@ def results(url: str) -> list[ResultBatch]:
 def result_keys(batches: list[ResultBatch]) -> list[tuple[str, str, int]]:
     """(tenant, device, seq) of every result row, repeats kept."""
     return [(b.tenant, b.device, s) for b in batches for s in b.seqs]
+
+
+def worker_config(url: str, **worker: Any) -> dict[str, Any]:
+    return {
+        "log_level": "INFO",
+        "nats": {"servers": [url]},
+        "worker": {"max_wait_ms": 2.0, "discover_s": 0.2, "backoff_s": [0.2], **worker},
+    }
+
+
+@contextlib.asynccontextmanager
+async def running_worker(url: str, **worker: Any) -> AsyncIterator[Worker]:
+    w = Worker(IngestConfig(**worker_config(url, **worker)))
+    task = asyncio.create_task(w.run())
+    ready = asyncio.create_task(w.ready.wait())
+    await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raises what stopped it
+    assert w.ready.is_set(), "the worker did not become ready"
+    try:
+        yield w
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def stored(url: str, stream: str) -> list[Any]:
+    nc = await nats.connect(url)
+    try:
+        return await read_all(nc.jetstream(), stream)
+    finally:
+        await nc.close()
+
+
+async def message_count(url: str, stream: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        return (await nc.jetstream().stream_info(stream)).state.messages
+    finally:
+        await nc.close()
+
+
+async def wait_for_rows(url: str, n: int, within: float = 30) -> list[ResultBatch]:
+    deadline = time.monotonic() + within
+    while True:
+        got = [decode_results(m.data) for m in await stored(url, topics.RESULTS_STREAM)]
+        if sum(len(b.seqs) for b in got) >= n or time.monotonic() > deadline:
+            return got
+        await asyncio.sleep(0.1)
 
 
 def assert_exactly_once(stored: list[int], expected: set[int]) -> None:

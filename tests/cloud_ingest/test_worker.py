@@ -8,9 +8,7 @@ checks read ET_RESULTS and ET_DEADLETTER.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,6 @@ pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
 from cloud_ingest import metrics
 from cloud_ingest.config import IngestConfig
-from cloud_ingest.streams import read_all
 from cloud_ingest.tier2 import Tier2Model
 from cloud_ingest.worker import Outcome, Work, Worker
 from edge_tier import topics
@@ -30,59 +27,20 @@ from edge_tier.brokers import NatsServer
 from edge_tier.services import WorkerProcess
 from edge_tier.wire import ResultBatch, decode_frame, decode_results
 from models.manifest import DEFAULT_MANIFEST
-from tests.support import frame, publish_features, result_keys, results, wait_until
+from tests.support import (
+    frame,
+    message_count,
+    publish_features,
+    result_keys,
+    results,
+    running_worker,
+    stored,
+    wait_for_rows,
+    wait_until,
+    worker_config,
+)
 
 DIM = 16
-
-
-def worker_config(url: str, **worker: Any) -> dict[str, Any]:
-    return {
-        "log_level": "INFO",
-        "nats": {"servers": [url]},
-        "worker": {"max_wait_ms": 2.0, "discover_s": 0.2, "backoff_s": [0.2], **worker},
-    }
-
-
-@contextlib.asynccontextmanager
-async def running(url: str, **worker: Any) -> AsyncIterator[Worker]:
-    w = Worker(IngestConfig(**worker_config(url, **worker)))
-    task = asyncio.create_task(w.run())
-    ready = asyncio.create_task(w.ready.wait())
-    await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()  # raises what stopped it
-    assert w.ready.is_set(), "the worker did not become ready"
-    try:
-        yield w
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def stored(url: str, stream: str) -> list[Any]:
-    nc = await nats.connect(url)
-    try:
-        return await read_all(nc.jetstream(), stream)
-    finally:
-        await nc.close()
-
-
-async def message_count(url: str, stream: str) -> int:
-    nc = await nats.connect(url)
-    try:
-        return (await nc.jetstream().stream_info(stream)).state.messages
-    finally:
-        await nc.close()
-
-
-async def wait_for_rows(url: str, n: int, within: float = 30) -> list[ResultBatch]:
-    deadline = time.monotonic() + within
-    while True:
-        got = [decode_results(m.data) for m in await stored(url, topics.RESULTS_STREAM)]
-        if sum(len(b.seqs) for b in got) >= n or time.monotonic() > deadline:
-            return got
-        await asyncio.sleep(0.1)
 
 
 def device_frames(device: str, frames: int, per: int, *, tenant: str = "acme", dim: int = DIM) -> list[bytes]:
@@ -95,7 +53,7 @@ def test_each_record_gets_the_models_answer_once_in_batches(nats_server: NatsSer
     async def scenario() -> list[ResultBatch]:
         await publish_features(nats_server.url, sent)
         batches_before = metrics.BATCH_RECORDS._sum.get()  # type: ignore[attr-defined]
-        async with running(nats_server.url, max_batch=256, max_wait_ms=20):
+        async with running_worker(nats_server.url, max_batch=256, max_wait_ms=20):
             got = await wait_for_rows(nats_server.url, 900)
             await asyncio.sleep(0.3)  # anything extra would show now
             got = [decode_results(m.data) for m in await stored(nats_server.url, topics.RESULTS_STREAM)]
@@ -120,7 +78,7 @@ def test_each_record_gets_the_models_answer_once_in_batches(nats_server: NatsSer
 def test_large_uploads_are_split_into_parts_each_written_once(nats_server: NatsServer) -> None:
     async def scenario() -> list[ResultBatch]:
         await publish_features(nats_server.url, device_frames("big", 2, 2500))
-        async with running(nats_server.url, results_max_records=1000, max_batch=512):
+        async with running_worker(nats_server.url, results_max_records=1000, max_batch=512):
             return await wait_for_rows(nats_server.url, 5000)
 
     got = asyncio.run(scenario())
@@ -145,7 +103,7 @@ def test_poison_messages_are_retried_then_dead_lettered_and_hold_nothing_back(
         await nc.jetstream().publish(topics.features_subject("acme", "junk"), b"not a frame at all")
         await nc.close()
         t0 = time.monotonic()
-        async with running(nats_server.url, max_deliveries=3, backoff_s=[0.3, 0.6]):
+        async with running_worker(nats_server.url, max_deliveries=3, backoff_s=[0.3, 0.6]):
             got = await wait_for_rows(nats_server.url, 100)
             t_good = time.monotonic() - t0
             deadline = time.monotonic() + 20
@@ -201,7 +159,7 @@ def test_a_flooding_tenant_does_not_hold_back_another(nats_server: NatsServer) -
     async def scenario() -> tuple[list[float], int, float]:
         await publish_features(nats_server.url, flood)
         latencies: list[float] = []
-        async with running(
+        async with running_worker(
             nats_server.url, tenant_rates={"flood": 20_000}, tenant_burst=5_000, max_batch=1024, prefetch=8
         ):
             await asyncio.sleep(1.0)  # the flood is being worked on
@@ -308,7 +266,7 @@ def test_a_result_written_just_before_a_crash_is_not_written_again(nats_server: 
             headers={"Nats-Msg-Id": first.upload_id},
         )
         await nc.close()
-        async with running(nats_server.url):
+        async with running_worker(nats_server.url):
             await wait_for_rows(nats_server.url, 30)
             await asyncio.sleep(0.5)
         return [decode_results(m.data) for m in await stored(nats_server.url, topics.RESULTS_STREAM)]
@@ -325,7 +283,9 @@ def test_nats_server_kill_9_mid_run_still_answers_each_record_once(nats_server: 
 
     async def scenario() -> list[ResultBatch]:
         await publish_features(nats_server.url, sent)
-        async with running(nats_server.url, ack_wait_s=2.0, max_batch=256, prefetch=4, tenant_rate=20_000):
+        async with running_worker(
+            nats_server.url, ack_wait_s=2.0, max_batch=256, prefetch=4, tenant_rate=20_000
+        ):
             deadline = time.monotonic() + 30
             while (n := await message_count(nats_server.url, topics.RESULTS_STREAM)) < 20:
                 assert time.monotonic() < deadline
