@@ -257,20 +257,23 @@ class ResultApi:
             ordered_consumer=True,
             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
         )
-        pending: list[Msg] = []
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                msg = await sub.next_msg(timeout=0.05 if pending else 1.0)
-                pending.append(msg)
-                if len(pending) < 500:
-                    continue
+                first = await sub.next_msg(timeout=1.0)
             except (nats.errors.TimeoutError, TimeoutError):
-                if not pending:
-                    continue
+                continue
+            # Index (and fan out) what arrives within a few ms together: one SQLite
+            # transaction per batch, at most a few ms added to an event's latency.
+            pending, deadline = [first], loop.time() + 0.005
+            while len(pending) < 1000 and (left := deadline - loop.time()) > 0:
+                try:
+                    pending.append(await sub.next_msg(timeout=left))
+                except (nats.errors.TimeoutError, TimeoutError):
+                    break
             self._index(pending)
             if pending[-1].metadata.sequence.stream >= target:
                 self.caught_up.set()
-            pending = []
 
     def _index(self, msgs: list[Msg]) -> None:
         entries = []
