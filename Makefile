@@ -32,6 +32,7 @@ bench: deps
 	$(PY) -m bench.bench_pipeline
 	$(PY) -m bench.bench_prefilter
 	$(PY) -m bench.bench_tier2
+	$(PY) -m bench.bench_api
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
