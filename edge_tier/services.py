@@ -38,6 +38,8 @@ def agent_drained(port: int, host: str = "127.0.0.1") -> bool:
 
 class ServiceProcess(BrokerProcess):
     module = ""
+    command = "run"
+    port_field = ("", "")  # (config section, key) that gets the port readiness waits for
 
     def __init__(self, workdir: Path | str, config: dict[str, Any], *, name: str, port: int | None = None):
         self.name = name
@@ -46,7 +48,8 @@ class ServiceProcess(BrokerProcess):
         self._bind_port(self.port)
 
     def _bind_port(self, port: int) -> None:
-        """Put the port that readiness waits for into the config."""
+        section, key = self.port_field
+        self.config.setdefault(section, {})[key] = port
 
     def _executable(self) -> str:
         return sys.executable
@@ -56,17 +59,15 @@ class ServiceProcess(BrokerProcess):
         self.config_path.write_bytes(tomli_w.dumps(self.config).encode())
 
     def _command(self, exe: str) -> list[str]:
-        return [exe, "-m", self.module, "run", "--config", str(self.config_path)]
+        return [exe, "-m", self.module, self.command, "--config", str(self.config_path)]
 
 
 class AgentProcess(ServiceProcess):
     """``edge-agent run``; its port is the local enqueue endpoint."""
 
     module = "edge_agent.cli"
+    port_field = ("endpoint", "port")
     _ready_marker = "agent ready:"
-
-    def _bind_port(self, port: int) -> None:
-        self.config.setdefault("endpoint", {})["port"] = port
 
     @property
     def endpoint(self) -> str:
@@ -77,33 +78,23 @@ class IngestProcess(ServiceProcess):
     """``cloud-ingest run``; its port is the Prometheus metrics port."""
 
     module = "cloud_ingest.cli"
+    port_field = ("ingest", "metrics_port")
     _ready_marker = "ingest ready"
-
-    def _bind_port(self, port: int) -> None:
-        self.config.setdefault("ingest", {})["metrics_port"] = port
 
 
 class WorkerProcess(ServiceProcess):
     """``cloud-ingest worker``; its port is the Prometheus metrics port."""
 
     module = "cloud_ingest.cli"
+    command = "worker"
+    port_field = ("worker", "metrics_port")
     _ready_marker = "worker ready"
-
-    def _bind_port(self, port: int) -> None:
-        self.config.setdefault("worker", {})["metrics_port"] = port
-
-    def _command(self, exe: str) -> list[str]:
-        return [exe, "-m", self.module, "worker", "--config", str(self.config_path)]
 
 
 class ApiProcess(ServiceProcess):
     """``cloud-ingest api``; its port is the API's."""
 
     module = "cloud_ingest.cli"
+    command = "api"
+    port_field = ("api", "port")
     _ready_marker = "api ready"
-
-    def _bind_port(self, port: int) -> None:
-        self.config.setdefault("api", {})["port"] = port
-
-    def _command(self, exe: str) -> list[str]:
-        return [exe, "-m", self.module, "api", "--config", str(self.config_path)]
