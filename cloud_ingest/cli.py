@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Awaitable, Callable
 
 from cloud_ingest.config import load_ingest_config
 from cloud_ingest.errors import IngestError
@@ -14,22 +15,24 @@ from edge_tier.config import ConfigError
 def _serve(args: argparse.Namespace, service: str) -> int:
     cfg = load_ingest_config(args.config)
     setup_logging(cfg.log_level)
-    port = cfg.worker.metrics_port if service == "worker" else cfg.ingest.metrics_port
-    if port is not None and service != "api":  # the API serves /metrics itself
-        from prometheus_client import start_http_server
-
-        start_http_server(port, addr="127.0.0.1")
+    main: Callable[[], Awaitable[None]]
     if service == "worker":
         from cloud_ingest.worker import Worker
 
-        return run_service(Worker(cfg).run)
-    if service == "api":
+        main, port = Worker(cfg).run, cfg.worker.metrics_port
+    elif service == "api":
         from cloud_ingest.api import ResultApi
 
-        return run_service(ResultApi(cfg).run)
-    from cloud_ingest.ingest import Ingest
+        main, port = ResultApi(cfg).run, None  # it serves /metrics on its own port
+    else:
+        from cloud_ingest.ingest import Ingest
 
-    return run_service(Ingest(cfg).run)
+        main, port = Ingest(cfg).run, cfg.ingest.metrics_port
+    if port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr="127.0.0.1")
+    return run_service(main)
 
 
 def main(argv: list[str] | None = None) -> int:
