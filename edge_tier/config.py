@@ -70,7 +70,16 @@ def load_config(cls: type[S], path: str | Path | None) -> S:
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: cannot read: {e}") from None
     try:
-        return cls(**data)
+        cfg = cls(**data)
     except ValidationError as e:
         prefix = str(cls.model_config.get("env_prefix", ""))
         raise ConfigError(f"{where}: invalid config:\n{_describe(e, prefix)}") from None
+    mqtt = getattr(cfg, "mqtt", None)
+    if path is not None and mqtt is not None:
+        # Credentials named in a config file sit beside it (a device bundle): relative
+        # paths are relative to the file, not to wherever the process was started.
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            value = getattr(mqtt, name)
+            if value and not Path(value).is_absolute():
+                setattr(mqtt, name, str(Path(path).parent / value))
+    return cfg

@@ -1,8 +1,9 @@
-"""``edge-provision``: the fleet's identities and credentials.
+"""``edge-provision``: the fleet's identities and credentials (``provisioning/fleet.py``).
 
-So far: API tokens for the result API (``token add|list|revoke``), kept hashed in the
-fleet registry (``--fleet DIR``, file ``registry.db``). Device certificates, broker
-config and model signing come with issue 5.
+``init DIR`` makes a fleet directory (CA, model-signing key, registry); ``device
+add|list|revoke`` issues and withdraws device bundles; ``user add`` makes MQTT users for
+ingest processes and applications; ``broker-config`` renders mosquitto's config,
+password file and ACL from the registry; ``token add|list|revoke`` are result-API tokens.
 """
 
 from __future__ import annotations
@@ -15,16 +16,71 @@ from pathlib import Path
 
 from edge_tier.tokens import TokenError, TokenStore
 from edge_tier.wire import WireError
+from provisioning.fleet import Fleet, FleetError
 
 REGISTRY = "registry.db"
 
 
 def _fleet(args: argparse.Namespace) -> Path:
-    return Path(args.fleet or os.environ.get("EDGE_PROVISION_FLEET", ".")) / REGISTRY
+    return _fleet_dir(args) / REGISTRY
 
 
 def _when(ms: int | None) -> str:
     return "-" if ms is None else dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _fleet_dir(args: argparse.Namespace) -> Path:
+    return Path(args.fleet or os.environ.get("EDGE_PROVISION_FLEET", "."))
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    Fleet.init(args.dir)
+    print(
+        f"fleet in {args.dir}: ca.pem, ca.key, signing.key/.pub, registry.db, crl.pem; ingest user et-ingest"
+    )
+    return 0
+
+
+def cmd_device_add(args: argparse.Namespace) -> int:
+    fleet = Fleet(_fleet_dir(args))
+    bundle = Path(args.bundle or f"{args.tenant}-{args.device}")
+    fleet.add_device(
+        args.tenant, args.device, bundle, broker_host=args.host, port=args.port, tls_port=args.tls_port
+    )
+    print(
+        f"device {args.tenant}/{args.device}: bundle in {bundle} (agent.toml, ca.pem, device.pem, device.key)"
+    )
+    print("run `edge-provision broker-config` again so the broker knows it", file=sys.stderr)
+    return 0
+
+
+def cmd_device_list(args: argparse.Namespace) -> int:
+    print(f"{'device':<40}{'serial':<42}{'created':<22}revoked")
+    for d in Fleet(_fleet_dir(args)).devices(args.tenant):
+        name = f"{d.tenant}/{d.device}"
+        print(f"{name:<40}{d.serial:<42}{_when(d.created_ms):<22}{_when(d.revoked_ms)}")
+    return 0
+
+
+def cmd_device_revoke(args: argparse.Namespace) -> int:
+    d = Fleet(_fleet_dir(args)).revoke_device(args.tenant, args.device)
+    print(f"device {d.tenant}/{d.device} revoked (certificate in crl.pem, password removed)")
+    print("run `edge-provision broker-config` again and reload the broker", file=sys.stderr)
+    return 0
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    password = Fleet(_fleet_dir(args)).add_user(args.name, args.role, args.tenant)
+    print(password)
+    return 0
+
+
+def cmd_broker_config(args: argparse.Namespace) -> int:
+    files = Fleet(_fleet_dir(args)).broker_files(
+        Path(args.out), host=args.host, port=args.port, tls_port=args.tls_port
+    )
+    print(f"mosquitto -c {files['conf']}")
+    return 0
 
 
 def cmd_token_add(args: argparse.Namespace) -> int:
@@ -53,6 +109,38 @@ def main(argv: list[str] | None = None) -> int:
         "--fleet", help="fleet directory holding registry.db (default: $EDGE_PROVISION_FLEET or .)"
     )
     sub = p.add_subparsers(dest="cmd", required=True)
+    i = sub.add_parser("init", help="a new fleet directory: CA, model-signing key, registry")
+    i.add_argument("dir")
+    i.set_defaults(fn=cmd_init)
+    dev = sub.add_parser("device", help="device identities").add_subparsers(dest="sub", required=True)
+    da = dev.add_parser("add", help="register a device and write its bundle")
+    da.add_argument("tenant")
+    da.add_argument("device")
+    da.add_argument("--bundle", help="bundle directory (default TENANT-DEVICE)")
+    for q in (da,):
+        q.add_argument("--host", default="127.0.0.1", help="the broker the device connects to")
+        q.add_argument("--port", type=int, default=1883, help="password listener")
+        q.add_argument("--tls-port", type=int, default=8883, help="client-certificate listener")
+    da.set_defaults(fn=cmd_device_add)
+    dl = dev.add_parser("list")
+    dl.add_argument("tenant", nargs="?")
+    dl.set_defaults(fn=cmd_device_list)
+    dr = dev.add_parser("revoke", help="withdraw a device's certificate and password")
+    dr.add_argument("tenant")
+    dr.add_argument("device")
+    dr.set_defaults(fn=cmd_device_revoke)
+    users = sub.add_parser("user", help="MQTT users for services and applications")
+    ua = users.add_subparsers(dest="sub", required=True).add_parser("add", help="prints the password once")
+    ua.add_argument("name")
+    ua.add_argument("--role", choices=["ingest", "app"], required=True)
+    ua.add_argument("--tenant", help="the tenant an app may read results of")
+    ua.set_defaults(fn=cmd_user_add)
+    b = sub.add_parser("broker-config", help="mosquitto config, password file and ACL from the registry")
+    b.add_argument("--out", default="broker")
+    b.add_argument("--host", default="127.0.0.1", help="the broker's name in its certificate")
+    b.add_argument("--port", type=int, default=1883)
+    b.add_argument("--tls-port", type=int, default=8883)
+    b.set_defaults(fn=cmd_broker_config)
     tok = sub.add_parser("token", help="API tokens for the result API").add_subparsers(
         dest="sub", required=True
     )
@@ -69,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return int(args.fn(args))
-    except (TokenError, WireError, OSError) as e:
+    except (TokenError, FleetError, WireError, OSError) as e:
         print(f"edge-provision: {e}", file=sys.stderr)
         return 2
 

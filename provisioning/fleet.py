@@ -1,0 +1,356 @@
+"""The fleet directory: a CA, a model-signing key, and a registry of devices, apps and tokens.
+
+``DIR/ca.pem`` and ``ca.key`` (EC P-256, the fleet's CA), ``signing.key`` / ``signing.pub``
+(Ed25519, for model updates), ``registry.db`` (SQLite: devices, application users,
+API tokens), ``crl.pem`` (revoked device certificates). Private files are 0600.
+
+A device's MQTT identity is ``{tenant}/{device}``: the CN of its certificate (TLS
+listener, ``use_identity_as_username``) and its username (password listener,
+``use_username_as_clientid``). The broker's ACL substitutes it with ``%u``, so
+``pattern write et/%u/up`` lets a device write its own upload topic and no other.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
+
+from edge_tier import topics
+from edge_tier.tokens import SCHEMA as TOKENS_SCHEMA
+from edge_tier.wire import validate_id
+
+REGISTRY = "registry.db"
+INGEST_USER = "et-ingest"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    tenant TEXT NOT NULL,
+    device TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    password_hash TEXT,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER,
+    PRIMARY KEY (tenant, device)
+);
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    tenant TEXT,
+    password_hash TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+"""
+
+
+class FleetError(Exception):
+    """The fleet directory cannot do what was asked; the message says what and where."""
+
+
+def mosquitto_hash(password: str, iterations: int = 101) -> str:
+    """mosquitto's own password-file hash (``$7$``: PBKDF2-SHA512, as mosquitto_passwd writes)."""
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edge-tier"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    tenant: str
+    device: str
+    serial: str
+    created_ms: int
+    revoked_ms: int | None
+
+
+class Fleet:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not (self.root / REGISTRY).exists() or not (self.root / "ca.key").exists():
+            raise FleetError(
+                f"{self.root}: not a fleet directory (create one with edge-provision init {self.root})"
+            )
+        self.db = sqlite3.connect(self.root / REGISTRY)
+        self.db.executescript(SCHEMA + TOKENS_SCHEMA)
+
+    @classmethod
+    def init(cls, root: str | Path, *, name: str = "edge-tier fleet") -> Fleet:
+        root = Path(root)
+        if (root / "ca.key").exists():
+            raise FleetError(f"{root}: already a fleet directory (ca.key exists); not touching it")
+        root.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(_name(f"{name} CA"))
+            .issuer_name(_name(f"{name} CA"))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .sign(key, hashes.SHA256())
+        )
+        _write_private(root / "ca.key", _pem_key(key))
+        (root / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        signing = ed25519.Ed25519PrivateKey.generate()
+        _write_private(root / "signing.key", _pem_key(signing))
+        (root / "signing.pub").write_bytes(
+            signing.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        sqlite3.connect(root / REGISTRY).executescript(SCHEMA + TOKENS_SCHEMA)
+        (root / REGISTRY).chmod(0o600)
+        fleet = cls(root)
+        fleet.add_user(INGEST_USER, "ingest", None)
+        fleet.write_crl()
+        return fleet
+
+    # -- certificates ---------------------------------------------------------
+
+    def _ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        cert = x509.load_pem_x509_certificate((self.root / "ca.pem").read_bytes())
+        key = serialization.load_pem_private_key((self.root / "ca.key").read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return cert, key
+
+    def issue(
+        self, cn: str, *, server_names: list[str] | None = None, days: int = 397
+    ) -> tuple[bytes, bytes, str]:
+        """(certificate PEM, key PEM, serial hex) for ``cn``, signed by the fleet CA."""
+        ca, ca_key = self._ca()
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        serial = x509.random_serial_number()
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(_name(cn))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        )
+        if server_names:
+            import ipaddress
+
+            alt: list[x509.GeneralName] = []
+            for n in server_names:
+                try:
+                    alt.append(x509.IPAddress(ipaddress.ip_address(n)))
+                except ValueError:
+                    alt.append(x509.DNSName(n))
+            b = b.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        cert = b.sign(ca_key, hashes.SHA256())
+        return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key), format(serial, "x")
+
+    def write_crl(self) -> Path:
+        ca, ca_key = self._ca()
+        now = dt.datetime.now(dt.UTC)
+        b = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(now + dt.timedelta(days=30))
+        )
+        for serial, revoked_ms in self.db.execute(
+            "SELECT serial, revoked_ms FROM devices WHERE revoked_ms IS NOT NULL"
+        ):
+            b = b.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(int(serial, 16))
+                .revocation_date(dt.datetime.fromtimestamp(revoked_ms / 1000, dt.UTC))
+                .build()
+            )
+        path = self.root / "crl.pem"
+        path.write_bytes(b.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        return path
+
+    # -- devices and users ----------------------------------------------------
+
+    def add_device(
+        self, tenant: str, device: str, bundle: Path, *, broker_host: str, port: int, tls_port: int
+    ) -> DeviceInfo:
+        """Register a device and write its bundle: agent.toml, ca.pem, device.pem, device.key."""
+        validate_id("tenant", tenant)
+        validate_id("device", device)
+        if self.db.execute(
+            "SELECT 1 FROM devices WHERE tenant = ? AND device = ?", (tenant, device)
+        ).fetchone():
+            raise FleetError(
+                f"device {tenant}/{device} is already registered (revoke it, or rotate its credentials)"
+            )
+        identity = f"{tenant}/{device}"
+        cert, key, serial = self.issue(identity)
+        password = secrets.token_urlsafe(24)
+        now = int(time.time() * 1000)
+        with self.db:
+            self.db.execute(
+                "INSERT INTO devices (tenant, device, serial, password_hash, created_ms) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (tenant, device, serial, mosquitto_hash(password), now),
+            )
+        bundle.mkdir(parents=True, exist_ok=True)
+        (bundle / "ca.pem").write_bytes((self.root / "ca.pem").read_bytes())
+        (bundle / "device.pem").write_bytes(cert)
+        _write_private(bundle / "device.key", key)
+        agent = {
+            "device": {"tenant": tenant, "device": device},
+            "mqtt": {
+                "host": broker_host,
+                "port": tls_port,
+                "tls_ca": "ca.pem",
+                "tls_cert": "device.pem",
+                "tls_key": "device.key",
+                # the password listener, for brokers without client certificates:
+                # port = PORT, username = USER, password = PASSWORD, and no tls_* keys
+            },
+        }
+        _write_private(bundle / "agent.toml", tomli_w.dumps(agent).encode())
+        _write_private(
+            bundle / "password.toml",
+            tomli_w.dumps({"mqtt": {"port": port, "username": identity, "password": password}}).encode(),
+        )
+        return DeviceInfo(tenant, device, serial, now, None)
+
+    def devices(self, tenant: str | None = None) -> list[DeviceInfo]:
+        rows = self.db.execute(
+            "SELECT tenant, device, serial, created_ms, revoked_ms FROM devices "
+            "WHERE ? IS NULL OR tenant = ? ORDER BY tenant, device",
+            (tenant, tenant),
+        ).fetchall()
+        return [DeviceInfo(*r) for r in rows]
+
+    def revoke_device(self, tenant: str, device: str) -> DeviceInfo:
+        with self.db:
+            cur = self.db.execute(
+                "UPDATE devices SET revoked_ms = ?, password_hash = NULL WHERE tenant = ? AND device = ? "
+                "AND revoked_ms IS NULL",
+                (int(time.time() * 1000), tenant, device),
+            )
+        if cur.rowcount == 0:
+            raise FleetError(f"device {tenant}/{device}: not registered, or already revoked")
+        self.write_crl()
+        return next(d for d in self.devices(tenant) if d.device == device)
+
+    def add_user(self, name: str, role: str, tenant: str | None) -> str:
+        """An MQTT user: ``ingest`` (the cloud side) or ``app`` (reads one tenant's results); its password."""
+        if role == "app":
+            validate_id("tenant", tenant or "")
+        validate_id("user", name)
+        password = secrets.token_urlsafe(24)
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO users (name, role, tenant, password_hash, created_ms) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (name, role, tenant, mosquitto_hash(password), int(time.time() * 1000)),
+            )
+        _write_private(self.root / f"{name}.password", password.encode())
+        return password
+
+    # -- the broker -----------------------------------------------------------
+
+    def broker_files(self, out: Path, *, host: str, port: int, tls_port: int) -> dict[str, Path]:
+        """mosquitto's side of the fleet: password file, ACL, server certificate, CRL and a
+        config with a TLS listener (client certificates) and a password listener."""
+        out.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for tenant, device, h in self.db.execute(
+            "SELECT tenant, device, password_hash FROM devices "
+            "WHERE revoked_ms IS NULL AND password_hash IS NOT NULL"
+        ):
+            lines.append(f"{tenant}/{device}:{h}")
+        for name, h in self.db.execute("SELECT name, password_hash FROM users ORDER BY name"):
+            lines.append(f"{name}:{h}")
+        _write_private(out / "passwd", ("\n".join(lines) + "\n").encode())
+        acl = [
+            "# written by edge-provision broker-config; devices are {tenant}/{device} (%u)",
+            "pattern write et/%u/up",
+            "pattern write et/%u/status",
+            "pattern read et/%u/receipt",
+            "pattern read et/%u/control",
+        ]
+        # Each ingest process needs a user of its own: the password listener makes the
+        # username the client id, and two sessions with one client id evict each other.
+        for (name,) in self.db.execute("SELECT name FROM users WHERE role = 'ingest' ORDER BY name"):
+            acl += [
+                "",
+                f"user {name}",
+                f"topic read {topics.mqtt_filter('up')}",
+                f"topic read {topics.mqtt_filter('status')}",
+                f"topic write {topics.mqtt_filter('receipt')}",
+                f"topic write {topics.mqtt_filter('results')}",
+                f"topic write {topics.mqtt_filter('control')}",
+            ]
+        for name, tenant in self.db.execute(
+            "SELECT name, tenant FROM users WHERE role = 'app' ORDER BY name"
+        ):
+            acl += [
+                "",
+                f"user {name}",
+                f"topic read et/{tenant}/+/results",
+                f"topic read et/{tenant}/+/status",
+            ]
+        (out / "acl").write_text("\n".join(acl) + "\n")
+        cert, key, _ = self.issue("mqtt-broker", server_names=[host, "localhost", "127.0.0.1"])
+        (out / "server.pem").write_bytes(cert)
+        _write_private(out / "server.key", key)
+        (out / "ca.pem").write_bytes((self.root / "ca.pem").read_bytes())
+        (out / "crl.pem").write_bytes(self.write_crl().read_bytes())
+        conf = f"""# written by edge-provision broker-config
+per_listener_settings false
+allow_anonymous false
+password_file {out / "passwd"}
+acl_file {out / "acl"}
+
+# devices with client certificates: the certificate's CN is the MQTT username
+listener {tls_port}
+cafile {out / "ca.pem"}
+certfile {out / "server.pem"}
+keyfile {out / "server.key"}
+crlfile {out / "crl.pem"}
+require_certificate true
+use_identity_as_username true
+
+# devices and services with passwords: the username is the client id
+listener {port}
+use_username_as_clientid true
+"""
+        (out / "mosquitto.conf").write_text(conf)
+        return {"conf": out / "mosquitto.conf", "passwd": out / "passwd", "acl": out / "acl"}

@@ -1,0 +1,246 @@
+"""edge-provision: the fleet directory, device bundles, and a real mosquitto run on the broker
+config it renders (ACL by identity, client certificates, revocation)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from cryptography import x509
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.config import load_agent_config
+from edge_tier.brokers import free_port
+from provisioning.fleet import Fleet, FleetError
+from tests.conftest import need_binary
+
+
+def test_init_writes_private_files_private_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    fleet = Fleet.init(tmp_path / "fleet")
+    for name in ("ca.key", "signing.key", "registry.db", "et-ingest.password"):
+        assert (tmp_path / "fleet" / name).stat().st_mode & 0o777 == 0o600, name
+    with pytest.raises(FleetError, match="already a fleet directory"):
+        Fleet.init(tmp_path / "fleet")
+    with pytest.raises(FleetError, match="not a fleet directory"):
+        Fleet(tmp_path / "elsewhere")
+    info = fleet.add_device(
+        "acme", "press-7", tmp_path / "b", broker_host="broker.example", port=1883, tls_port=8883
+    )
+    cert = x509.load_pem_x509_certificate((tmp_path / "b" / "device.pem").read_bytes())
+    assert cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value == "acme/press-7"
+    assert format(cert.serial_number, "x") == info.serial
+    assert (tmp_path / "b" / "device.key").stat().st_mode & 0o777 == 0o600
+    cfg = load_agent_config(tmp_path / "b" / "agent.toml")
+    assert (cfg.device.tenant, cfg.device.device, cfg.mqtt.host, cfg.mqtt.port) == (
+        "acme",
+        "press-7",
+        "broker.example",
+        8883,
+    )
+    assert cfg.mqtt.tls_key == str(tmp_path / "b" / "device.key")  # relative to the bundle
+    with pytest.raises(FleetError, match="already registered"):
+        fleet.add_device("acme", "press-7", tmp_path / "b2", broker_host="h", port=1, tls_port=2)
+
+
+@pytest.mark.parametrize("bad", ["a/b", "a+b", "a#", "a\x00b", "x" * 65, "", "a.b"])
+def test_device_ids_that_would_break_topics_are_refused(tmp_path: Path, bad: str) -> None:
+    fleet = Fleet.init(tmp_path / "fleet")
+    with pytest.raises(ValueError, match="device id"):
+        fleet.add_device("acme", bad, tmp_path / "b", broker_host="h", port=1, tls_port=2)
+    assert fleet.devices() == []
+
+
+def test_the_cli_round_trip(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "provisioning.cli", "--fleet", str(tmp_path / "f"), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=tmp_path)
+
+    assert run("init", str(tmp_path / "f")).returncode == 0
+    assert (
+        run("device", "add", "acme", "d1").returncode == 0 and (tmp_path / "acme-d1" / "agent.toml").exists()
+    )
+    r = run("device", "add", "acme", "bad/id")
+    assert r.returncode == 2 and "device id 'bad/id'" in r.stderr
+    assert "acme/d1" in run("device", "list").stdout
+    assert run("device", "revoke", "acme", "d1").returncode == 0
+    r = run("device", "revoke", "acme", "d1")
+    assert r.returncode == 2 and "already revoked" in r.stderr
+    assert run("broker-config", "--out", str(tmp_path / "broker")).returncode == 0
+    assert "acme/d1" not in (tmp_path / "broker" / "passwd").read_text()
+
+
+# -- a real mosquitto on the rendered config -----------------------------------------------
+
+
+class Broker:
+    def __init__(self, fleet: Fleet, out: Path) -> None:
+        self.fleet, self.out = fleet, out
+        self.port, self.tls_port = free_port(), free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        files = self.fleet.broker_files(self.out, host="127.0.0.1", port=self.port, tls_port=self.tls_port)
+        conf = files["conf"].read_text()
+        if os.geteuid() == 0:  # mosquitto would drop to user "mosquitto", who cannot read 0600 files
+            conf = "user root\n" + conf
+        (self.out / "test.conf").write_text(conf)
+        log = open(self.out / "mosquitto.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [need_binary("mosquitto"), "-c", str(self.out / "test.conf")], stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.tls_port), 0.2).close()
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                assert self.proc.poll() is None, (self.out / "mosquitto.log").read_text()[-2000:]
+                time.sleep(0.05)
+        raise AssertionError("mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+
+class Client:
+    """A paho client that records what it receives and whether it got in."""
+
+    def __init__(self, broker: Broker, *, user: str | None = None, password: str | None = None,
+                 bundle: Path | None = None, client_id: str = "") -> None:  # fmt: skip
+        self.got: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or (user or "tls"))
+        self.c.on_message = self._on_message
+        self.c.on_connect = lambda c, u, f, rc, p: setattr(self, "rc", rc)
+        self.rc: Any = None
+        port = broker.port
+        if bundle is not None:
+            self.c.tls_set(str(bundle / "ca.pem"), str(bundle / "device.pem"), str(bundle / "device.key"))
+            port = broker.tls_port
+        if user is not None:
+            self.c.username_pw_set(user, password)
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        deadline = time.monotonic() + 5
+        while self.rc is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    @property
+    def admitted(self) -> bool:
+        return self.rc is not None and not self.rc.is_failure
+
+    def _on_message(self, c: Any, u: Any, m: Any) -> None:
+        with self.lock:
+            self.got.append((m.topic, bytes(m.payload)))
+
+    def sub(self, topic: str) -> None:
+        self.c.subscribe(topic, 1)
+        time.sleep(0.2)
+
+    def pub(self, topic: str, payload: bytes = b"x") -> None:
+        self.c.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+@pytest.fixture
+def fleet_broker(tmp_path: Path) -> Iterator[tuple[Fleet, Broker, dict[str, str]]]:
+    need_binary("mosquitto")
+    fleet = Fleet.init(tmp_path / "fleet")
+    for d in ("a", "b"):
+        fleet.add_device("acme", d, tmp_path / f"bundle-{d}", broker_host="127.0.0.1", port=0, tls_port=0)
+    passwords = {
+        "et-ingest": (tmp_path / "fleet" / "et-ingest.password").read_text(),
+        "app-acme": fleet.add_user("app-acme", "app", "acme"),
+        "app-globex": fleet.add_user("app-globex", "app", "globex"),
+    }
+    for d in ("a", "b"):
+        passwords[f"acme/{d}"] = _bundle_password(tmp_path / f"bundle-{d}")
+    broker = Broker(fleet, tmp_path / "broker")
+    broker.start()
+    try:
+        yield fleet, broker, passwords
+    finally:
+        broker.stop()
+
+
+def _bundle_password(bundle: Path) -> str:
+    import tomllib
+
+    return str(tomllib.loads((bundle / "password.toml").read_text())["mqtt"]["password"])
+
+
+def test_a_device_writes_only_its_own_topics_over_password_and_certificate(
+    fleet_broker: tuple[Fleet, Broker, dict[str, str]], tmp_path: Path
+) -> None:
+    _, broker, pw = fleet_broker
+    ingest = Client(broker, user="et-ingest", password=pw["et-ingest"])
+    ingest.sub("et/+/+/up")
+    a = Client(broker, user="acme/a", password=pw["acme/a"])
+    a_tls = Client(broker, bundle=tmp_path / "bundle-a", client_id="et-acme-a")
+    assert ingest.admitted and a.admitted and a_tls.admitted
+    for c, tag in ((a, b"pw"), (a_tls, b"tls")):
+        c.pub("et/acme/a/up", b"own-" + tag)
+        c.pub("et/acme/b/up", b"forged-" + tag)  # B's topic: the broker must drop it
+    time.sleep(0.5)
+    assert sorted(ingest.got) == [("et/acme/a/up", b"own-pw"), ("et/acme/a/up", b"own-tls")]
+    # a device cannot read another's receipts, nor anyone's uploads
+    a.sub("et/acme/b/receipt")
+    a.sub("et/+/+/up")
+    ingest.pub("et/acme/b/receipt", b"for b")
+    Client(broker, user="acme/b", password=pw["acme/b"]).pub("et/acme/b/up", b"b's")
+    time.sleep(0.5)
+    assert a.got == []
+    for c in (ingest, a, a_tls):
+        c.close()
+
+
+def test_an_application_reads_only_its_tenants_results(
+    fleet_broker: tuple[Fleet, Broker, dict[str, str]],
+) -> None:
+    _, broker, pw = fleet_broker
+    ingest = Client(broker, user="et-ingest", password=pw["et-ingest"])
+    mine = Client(broker, user="app-acme", password=pw["app-acme"])
+    other = Client(broker, user="app-globex", password=pw["app-globex"])
+    mine.sub("et/acme/+/results")
+    other.sub("et/acme/+/results")
+    other.sub("et/+/+/results")
+    ingest.pub("et/acme/a/results", b"r1")
+    other.pub("et/acme/a/results", b"forged")  # an app may not write results either
+    time.sleep(0.5)
+    assert mine.got == [("et/acme/a/results", b"r1")] and other.got == []
+    for c in (ingest, mine, other):
+        c.close()
+
+
+def test_a_revoked_device_cannot_connect_with_password_or_certificate(
+    fleet_broker: tuple[Fleet, Broker, dict[str, str]], tmp_path: Path
+) -> None:
+    fleet, broker, pw = fleet_broker
+    fleet.revoke_device("acme", "b")
+    broker.stop()
+    broker.start()  # the operator re-renders the config and restarts (or reloads) the broker
+    assert not Client(broker, user="acme/b", password=pw["acme/b"]).admitted
+    try:  # TLS 1.3 may refuse in the handshake or right after it: never a CONNACK
+        admitted = Client(broker, bundle=tmp_path / "bundle-b", client_id="et-acme-b").admitted
+    except (ssl.SSLError, OSError):
+        admitted = False
+    assert not admitted, "a revoked certificate got in"
+    ok = Client(broker, bundle=tmp_path / "bundle-a", client_id="et-acme-a")
+    assert ok.admitted
+    ok.close()
