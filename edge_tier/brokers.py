@@ -210,6 +210,7 @@ class BrokerProcess:
         self.last_returncode: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.RLock()
+        self.env: dict[str, str] = {}  # added to the environment the process starts with
 
     # -- subclass hooks ---------------------------------------------------------------------
 
@@ -364,6 +365,7 @@ class BrokerProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                env={**os.environ, **self.env} if self.env else None,
             )
         self._proc = proc
         with _LIVE_LOCK:
