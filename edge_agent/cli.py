@@ -88,6 +88,32 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from edge_agent.install import install
+
+    todo = install(Path(args.bundle), Path(args.root))
+    print(f"installed into {args.root}: etc/edge-agent, etc/systemd/system/edge-agent.service")
+    for cmd in todo:
+        print(f"  now run: {cmd}")
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from edge_agent.install import uninstall
+
+    todo = uninstall(Path(args.root), purge=args.purge)
+    print(
+        "removed the unit and /etc/edge-agent" + ("; the queue too" if args.purge else "; the queue is kept")
+    )
+    for cmd in todo:
+        print(f"  now run: {cmd}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edge-agent", description="edge-tier device agent")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -112,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--stream", default="vibration")
     m.add_argument("--json", action="store_true", help="machine-readable summary")
     m.set_defaults(fn=cmd_simulate)
+    ins = sub.add_parser("install", help="install a device bundle and the systemd unit, enable and start it")
+    ins.add_argument("--bundle", required=True, help="a bundle from edge-provision device add")
+    ins.add_argument("--root", default="/", help="install under this root (images, tests)")
+    ins.set_defaults(fn=cmd_install)
+    uni = sub.add_parser("uninstall", help="stop and remove the unit and config; keeps the queue")
+    uni.add_argument("--root", default="/")
+    uni.add_argument("--purge", action="store_true", help="also delete the queue (undelivered records)")
+    uni.set_defaults(fn=cmd_uninstall)
     args = p.parse_args(argv)
     try:
         return int(args.fn(args))
