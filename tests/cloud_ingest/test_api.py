@@ -188,9 +188,17 @@ def test_pages_have_no_gaps_or_repeats_while_results_arrive(api: Api) -> None:
 
 
 def read_events(
-    api: Api, path: str, *, tenant: str = "acme", want: int, within: float, last_id: str | None = None
+    api: Api,
+    path: str,
+    *,
+    tenant: str = "acme",
+    want: int,
+    within: float,
+    last_id: str | None = None,
+    connected: threading.Event | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
-    """(id, result) of SSE events until ``want`` arrived or ``within`` seconds passed; then drop."""
+    """(id, result) of SSE events until ``want`` arrived or ``within`` seconds passed; then drop.
+    ``connected`` is set once the stream has begun (the server is listening for us)."""
     sock = socket.create_connection(("127.0.0.1", api.proc.port), timeout=within)
     head = f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api.tokens[tenant]}\r\n"
     if last_id is not None:
@@ -208,6 +216,8 @@ def read_events(
                 break
             if not chunk:
                 break
+            if connected is not None and b"retry:" in buf + chunk:
+                connected.set()
             buf += chunk
             while b"\n\n" in buf:
                 block, buf = buf.split(b"\n\n", 1)
@@ -224,7 +234,7 @@ def read_events(
 
 
 def test_the_event_stream_resumes_after_a_drop_and_loses_nothing(api: Api) -> None:
-    first = read_events(api, "/v1/stream?device=press-2", want=10, within=1.0, last_id="0")
+    first = read_events(api, "/v1/stream?device=press-2", want=10, within=3.0, last_id="0")
     assert [b["upload_id"] for _, b in first] == [f"acme.press-2.{1 + 7 * i}-{7 * (i + 1)}" for i in range(3)]
     last = first[-1][0]
     # dropped; meanwhile more results arrive
@@ -237,9 +247,12 @@ def test_the_event_stream_resumes_after_a_drop_and_loses_nothing(api: Api) -> No
     assert ids == sorted(set(ids))
     # live: a client without Last-Event-ID gets what is new
     got: list[Any] = []
-    t = threading.Thread(target=lambda: got.extend(read_events(api, "/v1/stream", want=2, within=15)))
+    live = threading.Event()
+    t = threading.Thread(
+        target=lambda: got.extend(read_events(api, "/v1/stream", want=2, within=30, connected=live))
+    )
     t.start()
-    time.sleep(1.0)
+    assert live.wait(10), "the stream did not begin"
     answer(api.nats_url, uploads("acme", "press-3", 2), 37 * 7 + 35 + 14)
     t.join()
     assert [b["device"] for _, b in got] == ["press-3", "press-3"]
