@@ -19,9 +19,9 @@ import pytest
 pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
 from edge_tier.brokers import NatsServer
-from edge_tier.services import ApiProcess
+from edge_tier.services import ApiProcess, WorkerProcess
 from edge_tier.tokens import TokenStore
-from tests.support import frame, publish_features, running_worker, wait_for_rows, wait_until
+from tests.support import frame, publish_features, wait_for_rows, wait_until, worker_config
 
 DIM = 16
 
@@ -55,13 +55,12 @@ def uploads(tenant: str, device: str, n: int, per: int = 7, start: int = 0) -> l
 
 
 def answer(url: str, frames: list[bytes], total_rows: int) -> None:
-    """Through a real worker, until ET_RESULTS holds ``total_rows`` rows."""
+    """Features in; back once the fixture's worker made ET_RESULTS hold ``total_rows`` rows."""
 
     async def go() -> None:
         await publish_features(url, frames)
-        async with running_worker(url):
-            got = await wait_for_rows(url, total_rows)
-            assert sum(len(b.seqs) for b in got) >= total_rows
+        got = await wait_for_rows(url, total_rows, within=60)
+        assert sum(len(b.seqs) for b in got) >= total_rows
 
     asyncio.run(go())
 
@@ -74,6 +73,8 @@ def api_config(nats_url: str, registry: Path, **api: Any) -> dict[str, Any]:
 def api(nats_server: NatsServer, tmp_path: Path) -> Iterator[Api]:
     store = TokenStore(tmp_path / "fleet" / "registry.db")
     tokens = {t: store.add(t, "test")[1] for t in ("acme", "globex")}
+    worker = WorkerProcess(tmp_path / "worker", worker_config(nats_server.url), name="worker")
+    worker.start(timeout=30)
     answer(
         nats_server.url,
         uploads("acme", "press-1", 30) + uploads("acme", "press-2", 3) + uploads("globex", "mill-1", 4),
@@ -89,6 +90,7 @@ def api(nats_server: NatsServer, tmp_path: Path) -> Iterator[Api]:
         yield Api(proc, nats_server.url, tokens, store)
     finally:
         proc.stop()
+        worker.stop()
 
 
 def test_a_token_sees_only_its_own_tenant(api: Api) -> None:
