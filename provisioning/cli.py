@@ -54,6 +54,17 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_device_rotate(args: argparse.Namespace) -> int:
+    fleet = Fleet(_fleet_dir(args))
+    bundle = Path(args.bundle or f"{args.tenant}-{args.device}")
+    where = {"broker_host": args.host, "port": args.port, "tls_port": args.tls_port}
+    fleet.rotate_device(args.tenant, args.device, bundle, overlap_s=args.overlap_hours * 3600, **where)
+    print(f"device {args.tenant}/{args.device}: new credentials in {bundle}; the old certificate "
+          f"works {args.overlap_hours:g} h more")  # fmt: skip
+    print("run `edge-provision broker-config` again (the old password ends then)", file=sys.stderr)
+    return 0
+
+
 def cmd_device_list(args: argparse.Namespace) -> int:
     print(f"{'device':<40}{'serial':<42}{'created':<22}revoked")
     for d in Fleet(_fleet_dir(args)).devices(args.tenant):
@@ -117,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     da.add_argument("tenant")
     da.add_argument("device")
     da.add_argument("--bundle", help="bundle directory (default TENANT-DEVICE)")
-    for q in (da,):
+    dro = dev.add_parser("rotate", help="new credentials; the old certificate stays valid for an overlap")
+    dro.add_argument("tenant")
+    dro.add_argument("device")
+    dro.add_argument("--bundle", help="bundle directory (default TENANT-DEVICE)")
+    dro.add_argument("--overlap-hours", type=float, default=168.0)
+    dro.set_defaults(fn=cmd_device_rotate)
+    for q in (da, dro):
         q.add_argument("--host", default="127.0.0.1", help="the broker the device connects to")
         q.add_argument("--port", type=int, default=1883, help="password listener")
         q.add_argument("--tls-port", type=int, default=8883, help="client-certificate listener")

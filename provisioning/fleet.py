@@ -43,6 +43,12 @@ CREATE TABLE IF NOT EXISTS devices (
     revoked_ms INTEGER,
     PRIMARY KEY (tenant, device)
 );
+CREATE TABLE IF NOT EXISTS retired_certs (
+    serial TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    device TEXT NOT NULL,
+    retire_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY,
     role TEXT NOT NULL,
@@ -189,13 +195,17 @@ class Fleet:
             .last_update(now - dt.timedelta(minutes=5))
             .next_update(now + dt.timedelta(days=30))
         )
-        for serial, revoked_ms in self.db.execute(
-            "SELECT serial, revoked_ms FROM devices WHERE revoked_ms IS NOT NULL"
-        ):
+        now_ms = int(time.time() * 1000)
+        gone = self.db.execute(
+            "SELECT serial, revoked_ms FROM devices WHERE revoked_ms IS NOT NULL "
+            "UNION SELECT serial, retire_ms FROM retired_certs WHERE retire_ms <= ?",
+            (now_ms,),
+        ).fetchall()
+        for serial, when_ms in gone:
             b = b.add_revoked_certificate(
                 x509.RevokedCertificateBuilder()
                 .serial_number(int(serial, 16))
-                .revocation_date(dt.datetime.fromtimestamp(revoked_ms / 1000, dt.UTC))
+                .revocation_date(dt.datetime.fromtimestamp(when_ms / 1000, dt.UTC))
                 .build()
             )
         path = self.root / "crl.pem"
@@ -210,22 +220,52 @@ class Fleet:
         """Register a device and write its bundle: agent.toml, ca.pem, device.pem, device.key."""
         validate_id("tenant", tenant)
         validate_id("device", device)
-        if self.db.execute(
-            "SELECT 1 FROM devices WHERE tenant = ? AND device = ?", (tenant, device)
-        ).fetchone():
-            raise FleetError(
-                f"device {tenant}/{device} is already registered (revoke it, or rotate its credentials)"
-            )
-        identity = f"{tenant}/{device}"
-        cert, key, serial = self.issue(identity)
-        password = secrets.token_urlsafe(24)
+        if self._row(tenant, device) is not None:
+            raise FleetError(f"device {tenant}/{device} is already registered (revoke it, or rotate it)")
+        serial, password_hash = self._write_bundle(tenant, device, bundle, broker_host, port, tls_port)
         now = int(time.time() * 1000)
         with self.db:
             self.db.execute(
                 "INSERT INTO devices (tenant, device, serial, password_hash, created_ms) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (tenant, device, serial, mosquitto_hash(password), now),
+                (tenant, device, serial, password_hash, now),
             )
+        return DeviceInfo(tenant, device, serial, now, None)
+
+    def rotate_device(
+        self, tenant: str, device: str, bundle: Path, *, broker_host: str, port: int, tls_port: int,
+        overlap_s: float = 7 * 24 * 3600,
+    ) -> DeviceInfo:  # fmt: skip
+        """New certificate and password in a new bundle. The old certificate stays valid for
+        ``overlap_s`` (it goes into the CRL at the first ``broker-config`` after that); the
+        old password ends at the next ``broker-config`` (mosquitto keeps one per user)."""
+        row = self._row(tenant, device)
+        if row is None or row[1] is not None:
+            raise FleetError(f"device {tenant}/{device}: not registered, or revoked")
+        serial, password_hash = self._write_bundle(tenant, device, bundle, broker_host, port, tls_port)
+        retire = int((time.time() + overlap_s) * 1000)
+        with self.db:
+            self.db.execute(
+                "INSERT INTO retired_certs (serial, tenant, device, retire_ms) VALUES (?, ?, ?, ?)",
+                (row[0], tenant, device, retire),
+            )
+            self.db.execute(
+                "UPDATE devices SET serial = ?, password_hash = ? WHERE tenant = ? AND device = ?",
+                (serial, password_hash, tenant, device),
+            )
+        return next(d for d in self.devices(tenant) if d.device == device)
+
+    def _row(self, tenant: str, device: str) -> tuple[str, int | None] | None:
+        q = "SELECT serial, revoked_ms FROM devices WHERE tenant = ? AND device = ?"
+        return self.db.execute(q, (tenant, device)).fetchone()  # type: ignore[no-any-return]
+
+    def _write_bundle(
+        self, tenant: str, device: str, bundle: Path, broker_host: str, port: int, tls_port: int
+    ) -> tuple[str, str]:
+        """Write a bundle with fresh credentials; (certificate serial, password hash)."""
+        identity = f"{tenant}/{device}"
+        cert, key, serial = self.issue(identity)
+        password = secrets.token_urlsafe(24)
         bundle.mkdir(parents=True, exist_ok=True)
         (bundle / "ca.pem").write_bytes((self.root / "ca.pem").read_bytes())
         (bundle / "device.pem").write_bytes(cert)
@@ -238,16 +278,15 @@ class Fleet:
                 "tls_ca": "ca.pem",
                 "tls_cert": "device.pem",
                 "tls_key": "device.key",
-                # the password listener, for brokers without client certificates:
-                # port = PORT, username = USER, password = PASSWORD, and no tls_* keys
             },
         }
         _write_private(bundle / "agent.toml", tomli_w.dumps(agent).encode())
+        # for brokers without client certificates: merge into agent.toml, drop the tls_* keys
         _write_private(
             bundle / "password.toml",
             tomli_w.dumps({"mqtt": {"port": port, "username": identity, "password": password}}).encode(),
         )
-        return DeviceInfo(tenant, device, serial, now, None)
+        return serial, mosquitto_hash(password)
 
     def devices(self, tenant: str | None = None) -> list[DeviceInfo]:
         rows = self.db.execute(

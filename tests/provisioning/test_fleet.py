@@ -158,6 +158,9 @@ class Client:
         self.c.disconnect()
 
 
+FleetBroker = tuple[Fleet, Broker, dict[str, str]]
+
+
 @pytest.fixture
 def fleet_broker(tmp_path: Path) -> Iterator[tuple[Fleet, Broker, dict[str, str]]]:
     need_binary("mosquitto")
@@ -186,7 +189,7 @@ def _bundle_password(bundle: Path) -> str:
 
 
 def test_a_device_writes_only_its_own_topics_over_password_and_certificate(
-    fleet_broker: tuple[Fleet, Broker, dict[str, str]], tmp_path: Path
+    fleet_broker: FleetBroker, tmp_path: Path
 ) -> None:
     _, broker, pw = fleet_broker
     ingest = Client(broker, user="et-ingest", password=pw["et-ingest"])
@@ -211,7 +214,7 @@ def test_a_device_writes_only_its_own_topics_over_password_and_certificate(
 
 
 def test_an_application_reads_only_its_tenants_results(
-    fleet_broker: tuple[Fleet, Broker, dict[str, str]],
+    fleet_broker: FleetBroker,
 ) -> None:
     _, broker, pw = fleet_broker
     ingest = Client(broker, user="et-ingest", password=pw["et-ingest"])
@@ -229,7 +232,7 @@ def test_an_application_reads_only_its_tenants_results(
 
 
 def test_a_revoked_device_cannot_connect_with_password_or_certificate(
-    fleet_broker: tuple[Fleet, Broker, dict[str, str]], tmp_path: Path
+    fleet_broker: FleetBroker, tmp_path: Path
 ) -> None:
     fleet, broker, pw = fleet_broker
     fleet.revoke_device("acme", "b")
@@ -244,3 +247,30 @@ def test_a_revoked_device_cannot_connect_with_password_or_certificate(
     ok = Client(broker, bundle=tmp_path / "bundle-a", client_id="et-acme-a")
     assert ok.admitted
     ok.close()
+
+
+def test_rotation_keeps_the_old_certificate_for_the_overlap_only(
+    fleet_broker: FleetBroker, tmp_path: Path
+) -> None:
+    fleet, broker, pw = fleet_broker
+    old = tmp_path / "bundle-a-old"
+    (tmp_path / "bundle-a").rename(old)
+    where = {"broker_host": "127.0.0.1", "port": 0, "tls_port": 0}
+    fleet.rotate_device("acme", "a", tmp_path / "bundle-a", overlap_s=3600, **where)
+    broker.stop()
+    broker.start()
+    for bundle in (old, tmp_path / "bundle-a"):  # inside the overlap: both certificates work
+        c = Client(broker, bundle=bundle, client_id="et-acme-a")
+        assert c.admitted, bundle
+        c.close()
+    assert Client(broker, user="acme/a", password=_bundle_password(tmp_path / "bundle-a")).admitted
+    assert not Client(broker, user="acme/a", password=pw["acme/a"]).admitted  # one password per user
+    fleet.rotate_device("acme", "a", tmp_path / "bundle-a3", overlap_s=0, **where)
+    broker.stop()
+    broker.start()
+    for bundle, ok in ((tmp_path / "bundle-a", False), (tmp_path / "bundle-a3", True)):
+        try:
+            admitted = Client(broker, bundle=bundle, client_id="et-acme-a").admitted
+        except (ssl.SSLError, OSError):
+            admitted = False
+        assert admitted is ok, bundle
