@@ -33,6 +33,7 @@ import aiohttp
 import nats
 import numpy as np
 
+from bench.figures import save_json
 from cloud_ingest.config import StreamSettings
 from cloud_ingest.streams import ensure_streams
 from edge_tier import topics
@@ -256,9 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nindex rebuilt at start: {out['index_rebuild_msgs_per_s']:,.0f} result messages/s. "
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs."
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+    save_json(args.json, out)
     return 0
 
 

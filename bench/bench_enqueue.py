@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -40,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.figures import save_json
 from edge_agent.config import EvictionPolicy, StoreSettings
 from edge_agent.store import AsyncQueue, NewRecord, RecordKind, Store
 from edge_tier.wire import Dtype
@@ -387,8 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 for r in results
             ],
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        save_json(args.json, payload)
         print(f"# figures written to {args.json}", file=sys.stderr)
     return 0
 

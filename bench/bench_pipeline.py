@@ -63,6 +63,7 @@ import paho.mqtt.client as paho
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bench.figures import save_json
 from edge_tier import topics
 from edge_tier.brokers import Mosquitto, NatsServer
 from edge_tier.services import AgentProcess, IngestProcess
@@ -846,8 +847,7 @@ def main(argv: list[str] | None = None) -> int:
             "median_saturating_features_per_s": max_rate,
             "results": [{**asdict(r), "features_per_s": r.rate} for r in results],
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        save_json(args.json, payload)
         print(f"# figures written to {args.json}", file=sys.stderr)
     return 0
 

@@ -17,7 +17,6 @@ Run as ``python -m bench.bench_prefilter``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.figures import save_json
 from edge_agent.prefilter import Prefilter
 from models.features import spectrum_features
 from models.generator import generate
@@ -93,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.repeat}; one-per-call = raw LiteRT at batch 1 ({base:,.0f}/s). Python "
         f"{platform.python_version()}, {os.cpu_count()} CPUs."
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "threads": args.threads}, indent=2))
+    save_json(args.json, {"rows": rows, "threads": args.threads})
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 import nats
 import numpy as np
 
+from bench.figures import save_json
 from cloud_ingest.config import IngestConfig, StreamSettings
 from cloud_ingest.streams import ensure_streams
 from cloud_ingest.tier2 import Tier2Model
@@ -245,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nPython {platform.python_version()}, {os.cpu_count()} CPUs; best of {args.repeat} for the model."
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+    save_json(args.json, out)
     return 0
 
 
