@@ -43,6 +43,7 @@ from cloud_ingest.openapi import document
 from cloud_ingest.results_index import Entry, ResultsIndex
 from cloud_ingest.streams import ensure_streams
 from edge_tier import topics
+from edge_tier.tasks import running
 from edge_tier.tokens import TokenError, TokenStore
 from edge_tier.wire import ResultBatch, WireError, decode_results, parse_upload_id, validate_id
 
@@ -258,7 +259,7 @@ class ResultApi:
             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
         )
         loop = asyncio.get_running_loop()
-        while True:
+        while running():
             try:
                 first = await sub.next_msg(timeout=1.0)
             except (nats.errors.TimeoutError, TimeoutError):
@@ -309,7 +310,7 @@ class ResultApi:
         assert self.js is not None
         kv = await self.js.key_value(topics.DEVICES_BUCKET)
         watcher = await kv.watchall()
-        while True:
+        while running():
             try:
                 entry = await watcher.updates(timeout=5.0)
             except (nats.errors.TimeoutError, TimeoutError):

@@ -46,6 +46,7 @@ from cloud_ingest.config import IngestConfig
 from cloud_ingest.streams import clip_header, ensure_streams, publish_dead_letter
 from edge_tier import topics
 from edge_tier.mqtt import Message, MqttBridge
+from edge_tier.tasks import running
 from edge_tier.wire import (
     Frame,
     Receipt,
@@ -157,12 +158,15 @@ class Ingest:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._flush_hwm())
             await self.mqtt.stop()
+            # flush, then close: a drain would wait on the results relay's pull request
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                await self.nc.flush(timeout=2)
+            with contextlib.suppress(Exception):
+                await self.nc.close()
 
     async def _dispatch(self) -> None:
         assert self._tg is not None
-        while True:
+        while running():
             msg = await self.mqtt.messages.get()
             entry = _Entry(msg)
             self._order.append(entry)
@@ -179,7 +183,7 @@ class Ingest:
 
     async def _lane(self, key: tuple[str, str], lane: asyncio.Queue[_Entry]) -> None:
         """One device's frames, one at a time, so its chain is committed in order."""
-        while True:
+        while running():
             entry = lane.get_nowait() if not lane.empty() else None
             if entry is None:
                 del self._lanes[key]
@@ -195,7 +199,7 @@ class Ingest:
 
     async def _handle_with_retry(self, msg: Message) -> None:
         delay = 0.1
-        while True:
+        while running():
             try:
                 await self.handle(msg)
                 return
@@ -436,7 +440,7 @@ class Ingest:
             max_ack_pending=1000,
             description="results to MQTT (cloud-ingest)",
         )
-        while True:
+        while running():
             try:
                 sub = await self.js.pull_subscribe(
                     topics.RESULTS_SUBJECTS,
@@ -448,7 +452,7 @@ class Ingest:
             except (nats.errors.Error, TimeoutError) as e:
                 log.warning("results relay: cannot bind its consumer (%r); retrying", e)
                 await asyncio.sleep(1.0)
-        while True:
+        while running():
             await self.mqtt.connected.wait()
             try:
                 msgs = await sub.fetch(64, timeout=1.0)
@@ -477,7 +481,7 @@ class Ingest:
     # -- high-water marks -------------------------------------------------
 
     async def _flush_hwm_loop(self) -> None:
-        while True:
+        while running():
             await asyncio.sleep(self.cfg.ingest.hwm_flush_s)
             try:
                 await self._flush_hwm()

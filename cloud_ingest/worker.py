@@ -41,6 +41,7 @@ from cloud_ingest.ingest import connect_nats
 from cloud_ingest.streams import clip_header, ensure_streams, publish_dead_letter
 from cloud_ingest.tier2 import Tier2Model
 from edge_tier import topics
+from edge_tier.tasks import running
 from edge_tier.wire import Dtype, Frame, WireError, decode_frame, encode_results
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class Worker:
     async def _discover_loop(self) -> None:
         """Start a fetcher for every tenant with features (or the configured list)."""
         assert self._tg is not None and self.js is not None
-        while True:
+        while running():
             try:
                 tenants = self.w.tenants if self.w.tenants is not None else await self._tenants_in_stream()
                 for tenant in tenants:
@@ -196,14 +197,14 @@ class Worker:
         )
 
     async def _fetch_loop(self, lane: Lane) -> None:
-        while True:
+        while running():
             try:
                 sub = await self._subscribe(lane.tenant)
                 break
             except (TimeoutError, nats.errors.Error) as e:
                 log.warning("tenant %s: cannot bind its consumer: %r (retrying)", lane.tenant, e)
                 await asyncio.sleep(1.0)
-        while True:
+        while running():
             await lane.room.wait()
             wait = lane.bucket.wait_s()
             if wait > 0:
@@ -271,7 +272,7 @@ class Worker:
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while running():
             await self._ready_work.wait()
             deadline = loop.time() + self.w.max_wait_ms / 1000
             batch: list[Work] = []
@@ -317,7 +318,7 @@ class Worker:
     # -- results ------------------------------------------------------------
 
     async def _publish_loop(self) -> None:
-        while True:
+        while running():
             outcomes = await self._outbox.get()
             t0 = time.perf_counter()
             await self._write_results(outcomes)

@@ -13,6 +13,8 @@ import logging
 import os
 import socket
 
+from edge_tier.tasks import running
+
 log = logging.getLogger(__name__)
 
 
@@ -44,6 +46,6 @@ class Notifier:
         """Ping while the event loop runs; returns at once without a watchdog."""
         if self.watchdog_s is None:
             return
-        while True:
+        while running():
             self.notify("WATCHDOG=1")
             await asyncio.sleep(self.watchdog_s)

@@ -26,6 +26,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.store import AsyncQueue, FrameRows
 from edge_tier import topics
 from edge_tier.mqtt import Message, MqttBridge
+from edge_tier.tasks import running
 from edge_tier.wire import (
     DeviceStatus,
     Frame,
@@ -84,7 +85,7 @@ class Uplink:
             tg.create_task(self._status_loop(), name="uplink-status")
 
     async def _send_loop(self) -> None:
-        while True:
+        while running():
             if not self.mqtt.connected.is_set():
                 await self.mqtt.connected.wait()
             if self.mqtt.connections != self._session:
@@ -115,7 +116,7 @@ class Uplink:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._next_deadline())
 
     async def _receipt_loop(self) -> None:
-        while True:
+        while running():
             # Whatever receipts have arrived are handled together: one commit for all.
             msgs: list[Message] = [await self.mqtt.messages.get()]
             while not self.mqtt.messages.empty():
@@ -132,7 +133,7 @@ class Uplink:
                 await self.handle_receipts(receipts)
 
     async def _status_loop(self) -> None:
-        while True:
+        while running():
             await asyncio.sleep(self.cfg.status_interval_s)
             if self.mqtt.connected.is_set():
                 await self.publish_status()

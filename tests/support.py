@@ -258,7 +258,7 @@ async def running_worker(url: str, **worker: Any) -> AsyncIterator[Worker]:
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await task
+            await asyncio.wait_for(task, 20)  # a worker that does not stop fails here, loudly
 
 
 async def stored(url: str, stream: str) -> list[Any]:
