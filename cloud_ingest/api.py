@@ -33,7 +33,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import Counter, Histogram
 
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.errors import IngestError
@@ -43,6 +43,7 @@ from cloud_ingest.openapi import document
 from cloud_ingest.results_index import Entry, ResultsIndex
 from cloud_ingest.streams import ensure_streams
 from edge_tier import topics
+from edge_tier.http import metrics_page, problem, serve_tcp
 from edge_tier.tasks import running
 from edge_tier.tokens import TokenError, TokenStore
 from edge_tier.wire import ResultBatch, WireError, decode_results, parse_upload_id, validate_id
@@ -64,15 +65,6 @@ class ApiError(Exception):
     def __init__(self, status: int, title: str, detail: str, **headers: str) -> None:
         super().__init__(detail)
         self.status, self.title, self.detail, self.headers = status, title, detail, headers
-
-
-def problem(status: int, title: str, detail: str, instance: str, **headers: str) -> web.Response:
-    return web.json_response(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail, "instance": instance},
-        status=status,
-        content_type="application/problem+json",
-        headers=headers or None,
-    )
 
 
 def bad_request(detail: str) -> ApiError:
@@ -208,7 +200,7 @@ class ResultApi:
                 web.get("/v1/stream", self.get_stream),
                 web.get("/healthz", self.healthz),
                 web.get("/readyz", self.readyz),
-                web.get("/metrics", self.metrics),
+                web.get("/metrics", metrics_page),
                 web.get("/openapi.json", self.openapi),
             ]
         )
@@ -219,11 +211,7 @@ class ResultApi:
         await ensure_streams(self.js, self.cfg.streams)
         runner = web.AppRunner(self.app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.a.host, self.a.port)
-        await site.start()
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            self.port = server.sockets[0].getsockname()[1]
+        self.port = await serve_tcp(runner, self.a.host, self.a.port)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._follow(), name="api-follow")
@@ -550,9 +538,6 @@ class ResultApi:
                 checks["streams"] = False
         ok = all(checks.values()) and "streams" in checks
         return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(self._openapi)

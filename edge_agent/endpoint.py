@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edge_agent import metrics
 from edge_agent.config import AgentConfig
 from edge_agent.errors import BadRecord, QueueFull, StoreError
 from edge_agent.prefilter import Prefilter
 from edge_agent.store import AsyncQueue, NewRecord, RecordBatch, RecordKind
+from edge_tier.http import metrics_page, problem, serve_tcp
 from edge_tier.wire import Dtype, WireError, check_meta
 
 log = logging.getLogger(__name__)
@@ -38,27 +38,18 @@ _DTYPES = {"float32": Dtype.FLOAT32, "float16": Dtype.FLOAT16, "int8": Dtype.INT
 _SCALARS = (str, int, float, bool, type(None))
 
 
-def _problem(status: int, title: str, detail: str, **headers: str) -> web.Response:
-    return web.json_response(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail},
-        status=status,
-        content_type="application/problem+json",
-        headers=headers or None,
-    )
-
-
 @web.middleware
 async def _answer_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """What a handler refuses becomes a problem+json answer, in one place."""
     try:
         return await handler(request)
     except BadRecord as e:
-        return _problem(400, "Bad Request", str(e))
+        return problem(400, "Bad Request", str(e))
     except QueueFull as e:
-        return _problem(503, "Queue Full", str(e), **{"Retry-After": "1"})
+        return problem(503, "Queue Full", str(e), **{"Retry-After": "1"})
     except StoreError as e:
         log.error("enqueue failed: %s", e)
-        return _problem(500, "Queue Error", str(e))
+        return problem(500, "Queue Error", str(e))
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -124,7 +115,7 @@ class Endpoint:
                 web.post("/v1/windows", self.post_windows),
                 web.get("/v1/status", self.get_status),
                 web.get("/healthz", self.healthz),
-                web.get("/metrics", self.metrics),
+                web.get("/metrics", metrics_page),
             ]
         )
         self._runner: web.AppRunner | None = None
@@ -133,11 +124,7 @@ class Endpoint:
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port)
-        await site.start()
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            self.port = server.sockets[0].getsockname()[1]
+        self.port = await serve_tcp(self._runner, self.cfg.host, self.cfg.port)
         if self.cfg.unix_socket is not None:
             await web.UnixSite(self._runner, str(self.cfg.unix_socket)).start()
         log.info(
@@ -161,7 +148,7 @@ class Endpoint:
             body = await _json_body(request)
             kind, records = self._parse_json(body)
         else:
-            return _problem(
+            return problem(
                 415,
                 "Unsupported Media Type",
                 f"send application/json or {BINARY_TYPE}, not {request.content_type}",
@@ -189,7 +176,7 @@ class Endpoint:
         """
         pf = self.prefilter
         if pf is None:
-            return _problem(404, "Not Found", "no prefilter is configured ([prefilter] manifest)")
+            return problem(404, "Not Found", "no prefilter is configured ([prefilter] manifest)")
         if request.content_type == WINDOWS_TYPE:
             stream = request.query.get("stream", "")
             raw = await request.read()
@@ -208,7 +195,7 @@ class Endpoint:
             if windows.ndim != 2 or windows.shape[1] != pf.window or not len(windows):
                 raise BadRecord(f"'windows' must be n lists of {pf.window} samples")
         else:
-            return _problem(
+            return problem(
                 415,
                 "Unsupported Media Type",
                 f"send application/json or {WINDOWS_TYPE}, not {request.content_type}",
@@ -334,6 +321,3 @@ class Endpoint:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
