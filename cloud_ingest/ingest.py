@@ -152,6 +152,9 @@ class Ingest:
                 tg.create_task(self._flush_hwm_loop(), name="ingest-hwm")
                 if self.cfg.ingest.relay_results:
                     tg.create_task(self._relay_results(), name="ingest-results-relay")
+                # Ready means an upload sent now is received: a first session's messages
+                # published before the SUBACK would never reach us.
+                await self.mqtt.subscribed.wait()
                 self.ready.set()
                 log.info("ingest ready: %s -> JetStream %s", self.subscription, topics.FEATURES_STREAM)
         finally:

@@ -129,6 +129,10 @@ class MqttBridge:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
+        self.client.on_subscribe = self._on_subscribe
+        # set once the broker acknowledged every subscription of the current session
+        self.subscribed = asyncio.Event()
+        self._unacked_subs: set[int] = set()
         self._pubacks: dict[int, asyncio.Future[None]] = {}
 
     # -- paho thread side -------------------------------------------------
@@ -143,9 +147,15 @@ class MqttBridge:
         if reason_code.is_failure:
             log.warning("%s: broker refused connection: %s", self.name, reason_code)
             return
-        for topic, qos in self.subscriptions:
-            client.subscribe(topic, qos)
+        self._unacked_subs = {client.subscribe(topic, qos)[1] for topic, qos in self.subscriptions}
         self._call(self._set_connected, True)
+        if not self._unacked_subs:
+            self._call(self.subscribed.set)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]
+        self._unacked_subs.discard(mid)
+        if not self._unacked_subs:
+            self._call(self.subscribed.set)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         self._call(self._set_connected, False)
@@ -217,6 +227,7 @@ class MqttBridge:
             log.info("%s: connected to %s:%s", self.name, self.settings.host, self.settings.port)
         elif not up and self.connected.is_set():
             self.connected.clear()
+            self.subscribed.clear()
             log.warning("%s: disconnected", self.name)
         self._state_changed.set()
 
