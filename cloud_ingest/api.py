@@ -37,13 +37,13 @@ from prometheus_client import Counter, Histogram
 
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.errors import IngestError
-from cloud_ingest.fairness import TokenBucket
 from cloud_ingest.ingest import connect_nats
 from cloud_ingest.openapi import document
 from cloud_ingest.results_index import Entry, ResultsIndex
 from cloud_ingest.streams import ensure_streams
 from edge_tier import topics
 from edge_tier.http import metrics_page, problem, serve_tcp
+from edge_tier.ratelimit import TokenBucket
 from edge_tier.tasks import running
 from edge_tier.tokens import TokenError, TokenStore
 from edge_tier.wire import ResultBatch, WireError, decode_results, parse_upload_id, validate_id
@@ -390,6 +390,7 @@ class ResultApi:
                     "oldest_age_s": st.get("oldest_age_s"),
                     "evictions": st.get("evictions", {}),
                     "model_version": st.get("model_version"),
+                    "control": st.get("control"),  # the device's acknowledgement of its control document
                     "results": n,
                     "last_result_ms": last_result,
                 }

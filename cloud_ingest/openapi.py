@@ -184,6 +184,11 @@ def document(page_max: int = 1000) -> dict[str, Any]:
                         "oldest_age_s": {"type": ["number", "null"]},
                         "evictions": {"type": "object", "additionalProperties": {"type": "integer"}},
                         "model_version": {"type": ["string", "null"]},
+                        "control": {
+                            "type": ["object", "null"],
+                            "description": "the device's acknowledgement of its control document "
+                            "(generation, paused, threshold, upload cap, model state; docs/wire-format.md)",
+                        },
                         "results": {"type": "integer", "minimum": 0},
                         "last_result_ms": nullable_int,
                     },

@@ -15,6 +15,13 @@ each result exactly once.
 A message that cannot be answered (undecodable, wrong shape, non-finite values,
 inference error) is nak'ed with back-off and dead-lettered with the reason when
 it fails on its ``max_deliveries``-th delivery; the rest of its batch goes on.
+
+Fair shares between tenants: each tenant's backlog waits in its own consumer, never
+in front of another's messages; a token bucket per tenant caps its features per
+second (per worker process), and a tenant over its rate is not fetched from until
+the bucket refills, its messages waiting in JetStream unacknowledged and unharmed;
+batches are filled one message per tenant per turn, so a tenant with a deep local
+queue does not fill a batch while another waits.
 """
 
 from __future__ import annotations
@@ -36,11 +43,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from cloud_ingest import metrics
 from cloud_ingest.config import IngestConfig
-from cloud_ingest.fairness import TokenBucket
 from cloud_ingest.ingest import connect_nats
 from cloud_ingest.streams import clip_header, ensure_streams, publish_dead_letter
 from cloud_ingest.tier2 import Tier2Model
 from edge_tier import topics
+from edge_tier.ratelimit import TokenBucket
 from edge_tier.tasks import running
 from edge_tier.wire import Dtype, Frame, WireError, decode_frame, encode_results
 

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from edge_agent.config import load_agent_config
+from edge_agent.config import AgentConfig, load_agent_config
 from edge_agent.errors import AgentError
 from edge_agent.store import Store
 from edge_tier.cli import run_service, setup_logging
@@ -51,7 +51,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"last receipt  {_age(st.last_receipt_ms)}")
     if st.corrupt_resets:
         print(f"corrupt resets {st.corrupt_resets} (old files kept beside the queue)")
+    control = _control_summary(cfg)
+    if control:
+        print(control)
     return 0
+
+
+def _control_summary(cfg: AgentConfig) -> str:
+    """What the control channel last set, from the files the agent keeps beside the queue."""
+    from edge_tier.control import decode_control
+    from edge_tier.wire import WireError
+
+    lines = []
+    try:
+        doc = decode_control(cfg.control_path("control.json").read_bytes())
+        c = doc.config
+        lines.append(f"control       generation {doc.generation}: paused={c.paused}, threshold="
+                     f"{c.threshold if c.threshold is not None else 'model'}, upload cap="
+                     f"{c.upload_bytes_per_s or 'none'}")  # fmt: skip
+    except (OSError, WireError):
+        pass
+    try:
+        active = json.loads(cfg.control_path("models/active.json").read_text())
+        cur, prev = (str(active.get(k))[:12] for k in ("current", "previous"))
+        lines.append(f"model update  {cur} (previous {prev})")
+    except (OSError, ValueError):
+        pass
+    return "\n".join(lines)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -94,6 +94,17 @@ class EndpointSettings(BaseModel):
     metadata_allow: list[str] = Field(default_factory=lambda: ["site", "sensor", "label"])
 
 
+class ControlSettings(BaseModel):
+    """The control channel: config changes and signed model updates from the cloud."""
+
+    model_config = {"extra": "forbid"}
+    # the fleet's Ed25519 public key (signing.pub in a device bundle); without it, every
+    # model update is refused (config changes still apply)
+    signing_key: Path | None = None
+    # where model updates and the last control document live (default: beside the queue)
+    dir: Path | None = None
+
+
 class AgentConfig(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="EDGE_AGENT_", env_nested_delimiter="__", extra="forbid")
 
@@ -103,7 +114,12 @@ class AgentConfig(ServiceSettings):
     uplink: UplinkSettings = UplinkSettings()
     endpoint: EndpointSettings = EndpointSettings()
     prefilter: PrefilterSettings = PrefilterSettings()
+    control: ControlSettings = ControlSettings()
     log_level: str = "INFO"
+
+    def control_path(self, name: str) -> Path:
+        """``name`` in the control directory (the agent makes it at start)."""
+        return (self.control.dir or self.store.path.with_name(self.store.path.stem + ".control")) / name
 
     @model_validator(mode="after")
     def _budget_holds_window(self) -> AgentConfig:

@@ -7,13 +7,15 @@ import contextlib
 import logging
 
 from edge_agent.config import AgentConfig
+from edge_agent.control import Controller, startup_prefilter
 from edge_agent.endpoint import Endpoint
+from edge_agent.model_store import ModelStore
 from edge_agent.notify import Notifier
+from edge_agent.prefilter import Prefilter
 from edge_agent.store import AsyncQueue, Store
 from edge_agent.uplink import Uplink
 from edge_tier import topics
 from edge_tier.mqtt import MqttBridge
-from edge_tier.wire import Dtype
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +41,28 @@ class Agent:
             name=f"agent-mqtt[{dev.tenant}/{dev.device}]",
         )
         self.uplink = Uplink(cfg, self.queue, self.mqtt)
-        self.prefilter = None
-        if cfg.prefilter.manifest is not None:
-            from edge_agent.prefilter import Prefilter
-
-            self.prefilter = Prefilter(
-                cfg.prefilter.manifest,
-                threshold=cfg.prefilter.threshold,
-                threads=cfg.prefilter.threads,
-                upload_dtype=Dtype[cfg.prefilter.upload_dtype.upper()],
-            )
-            self.uplink.model_version = self.prefilter.version
+        # An installed model update wins over the configured model; one that no longer
+        # loads is rolled back here, before anything runs.
+        self.models = ModelStore(cfg.control_path("models"))
+        self.prefilter, active_sha = startup_prefilter(cfg, self.models)
+        self.uplink.model_version = self.prefilter.version if self.prefilter else None
         self.mqtt.client.will_set(self.uplink.status_topic, self.uplink.offline_status(), 1, True)
         self.endpoint = Endpoint(cfg, self.queue, self.prefilter)
+        self.control = Controller(
+            cfg,
+            self.mqtt,
+            self.models,
+            prefilter=self.prefilter,
+            active_sha=active_sha,
+            swap=self._swap_model,
+            limit=lambda c: self.uplink.limit(paused=c.paused, bytes_per_s=c.upload_bytes_per_s),
+            publish_status=self.uplink.publish_status,
+        )
+        self.uplink.control = self.control.state
+        self.endpoint.status_fields = lambda: {
+            "model_version": self.uplink.model_version,
+            "control": self.control.state().model_dump(exclude_none=True),
+        }
         self.notifier = Notifier()
         self.ready = asyncio.Event()
 
@@ -65,6 +76,7 @@ class Agent:
                 tg.create_task(self.queue.run(), name="queue-commit")
                 tg.create_task(self.queue.checkpoints(), name="queue-checkpoint")
                 tg.create_task(self.uplink.run(), name="uplink")
+                tg.create_task(self.control.run(), name="control")
                 tg.create_task(self.notifier.watchdog(), name="watchdog")
                 self.ready.set()
                 self.notifier.notify("READY=1", f"STATUS=serving {dev.tenant}/{dev.device}")
@@ -76,3 +88,7 @@ class Agent:
                 await self.queue.close()
             await self.mqtt.stop(final=(self.uplink.status_topic, self.uplink.offline_status(), True))
             log.info("edge agent %s/%s stopped", dev.tenant, dev.device)
+
+    def _swap_model(self, pf: Prefilter) -> None:
+        self.prefilter = self.endpoint.prefilter = pf
+        self.uplink.model_version = pf.version

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,7 @@ class Endpoint:
         self.queue = queue
         self.prefilter = prefilter
         self._model_lock = asyncio.Lock()  # one interpreter: one inference at a time
+        self.status_fields: Callable[[], dict[str, Any]] = dict  # what the agent adds to /v1/status
         self.allow = set(self.cfg.metadata_allow)
         self.app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[_answer_errors])
         self.app.add_routes(
@@ -317,7 +319,7 @@ class Endpoint:
     async def get_status(self, request: web.Request) -> web.Response:
         st = await self.queue.call(self.queue.store.stats)
         metrics.observe_queue(st)
-        return web.json_response(st.as_dict())
+        return web.json_response({**st.as_dict(), **self.status_fields()})
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})

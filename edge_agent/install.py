@@ -55,7 +55,8 @@ def install(bundle: Path, root: Path = Path("/")) -> list[str]:
         raise InstallError(f"{bundle / 'agent.toml'}: {e}") from None
     etc = root / "etc" / "edge-agent"
     etc.mkdir(parents=True, exist_ok=True)
-    for name in ("ca.pem", "device.pem"):
+    public = ["ca.pem", "device.pem"] + (["signing.pub"] if (bundle / "signing.pub").is_file() else [])
+    for name in public:
         shutil.copyfile(bundle / name, etc / name)
         (etc / name).chmod(0o644)
     key = etc / "device.key"
@@ -65,6 +66,8 @@ def install(bundle: Path, root: Path = Path("/")) -> list[str]:
     mqtt = cfg.setdefault("mqtt", {})
     mqtt.update(tls_ca="/etc/edge-agent/ca.pem", tls_cert="/etc/edge-agent/device.pem")
     mqtt["tls_key"] = "/etc/edge-agent/device.key"  # the unit hands it over as a credential
+    if "signing.pub" in public:  # the fleet key that model updates must be signed with
+        cfg.setdefault("control", {})["signing_key"] = "/etc/edge-agent/signing.pub"
     cfg.setdefault("store", {}).setdefault("path", "/var/lib/edge-agent/queue.db")
     (etc / "agent.toml").write_text(tomli_w.dumps(cfg))
     (etc / "agent.toml").chmod(0o644)

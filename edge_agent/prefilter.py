@@ -73,7 +73,8 @@ class Prefilter:
         try:
             model = load_model(self.manifest_path, "prefilter")
             self.model_path = model.path
-            self.threshold = float(model.entry["threshold"] if threshold is None else threshold)
+            self.model_threshold = float(model.entry["threshold"])
+            self.threshold = self.model_threshold if threshold is None else float(threshold)
             self.version = model.version
             self.window = int(model.manifest["signal"]["window"])
             # int8 upload: embedding = int8 value x scale (symmetric, from the training set's range)

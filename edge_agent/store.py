@@ -43,6 +43,7 @@ import numpy as np
 
 from edge_agent.config import EvictionPolicy, StoreSettings
 from edge_agent.errors import QueueFull, StoreError
+from edge_agent.files import write_atomic
 from edge_tier.wire import Dtype, WireError, check_kind
 
 log = logging.getLogger(__name__)
@@ -517,12 +518,7 @@ class Store:
             return 0
 
     def _write_floor(self, floor: int) -> None:
-        tmp = self.floor_path.with_name(self.floor_path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{floor}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.floor_path)
+        write_atomic(self.floor_path, f"{floor}\n".encode())
         self._floor_written = floor
 
     def close(self) -> None:

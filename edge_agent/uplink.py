@@ -9,6 +9,9 @@ may PUBACK and later drop the message when a subscriber's queue overflows.
 Re-sends: a frame without a receipt after ``receipt_timeout_s`` is sent again,
 with every later frame (the cloud commits one device's frames in chain order);
 after a reconnect everything in flight is sent again, oldest first.
+
+The control channel may pause uploads (receipts still count) or cap them in bytes per
+second; a frame held by either waits, already framed, and goes when allowed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +30,10 @@ from edge_agent.config import AgentConfig
 from edge_agent.store import AsyncQueue, FrameRows
 from edge_tier import topics
 from edge_tier.mqtt import Message, MqttBridge
+from edge_tier.ratelimit import TokenBucket
 from edge_tier.tasks import running
 from edge_tier.wire import (
+    ControlState,
     DeviceStatus,
     Frame,
     Receipt,
@@ -68,7 +74,18 @@ class Uplink:
         self._wake = asyncio.Event()
         self._session = 0
         self.model_version: str | None = None
+        self.control: Callable[[], ControlState | None] = lambda: None  # the control channel's state
+        self.paused = False
+        self._rate = TokenBucket(0)
         queue.on_commit.append(self._wake.set)
+
+    def limit(self, *, paused: bool, bytes_per_s: int | None) -> None:
+        """Hold uploads, or cap them (None: no cap); frames already in flight still get receipts."""
+        self.paused = paused
+        if bytes_per_s != (self._rate.rate or None):
+            # a second's worth of burst; a bigger frame still goes, and the debt is waited off
+            self._rate = TokenBucket(bytes_per_s or 0, bytes_per_s or 0)
+        self._wake.set()
 
     # -- tasks ------------------------------------------------------------
 
@@ -180,9 +197,13 @@ class Uplink:
         )
 
     def _send(self, f: InFlight) -> None:
+        if self.paused or self._rate.wait_s() > 0:
+            f.sent_at = None  # due: sent when allowed (the send loop wakes for it)
+            return
         if not self.mqtt.publish(self.up_topic, f.payload, qos=1):
             f.sent_at = None  # no session right now; the reconnect re-sends it
             return
+        self._rate.take(len(f.payload))
         now = time.monotonic()
         f.sent_at = now
         f.first_sent_at = f.first_sent_at or now
@@ -214,9 +235,12 @@ class Uplink:
 
     def _next_deadline(self) -> float:
         sent = [f.sent_at for f in self.in_flight.values() if f.sent_at is not None]
-        if not sent:
-            return self.cfg.receipt_timeout_s
-        return max(0.01, min(sent) + self.cfg.receipt_timeout_s - time.monotonic())
+        deadline = self.cfg.receipt_timeout_s
+        if sent:
+            deadline = min(sent) + self.cfg.receipt_timeout_s - time.monotonic()
+        if not self.paused and any(f.sent_at is None and not f.hold for f in self.in_flight.values()):
+            deadline = min(deadline, self._rate.wait_s())  # a frame waits for the rate limit
+        return max(0.01, deadline)
 
     # -- receipts ---------------------------------------------------------
 
@@ -308,6 +332,7 @@ class Uplink:
             evictions=st.evictions,
             last_receipt_ms=st.last_receipt_ms,
             model_version=self.model_version,
+            control=self.control(),
         )
         self.mqtt.publish(self.status_topic, encode_status(status), qos=1, retain=True)
 

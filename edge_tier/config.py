@@ -38,6 +38,7 @@ class ServiceSettings(BaseSettings):
 
 
 S = TypeVar("S", bound=ServiceSettings)
+BUNDLE_PATHS = (("mqtt", "tls_ca"), ("mqtt", "tls_cert"), ("mqtt", "tls_key"), ("control", "signing_key"))
 
 
 def _describe(err: ValidationError, env_prefix: str) -> str:
@@ -74,12 +75,12 @@ def load_config(cls: type[S], path: str | Path | None) -> S:
     except ValidationError as e:
         prefix = str(cls.model_config.get("env_prefix", ""))
         raise ConfigError(f"{where}: invalid config:\n{_describe(e, prefix)}") from None
-    mqtt = getattr(cfg, "mqtt", None)
-    if path is not None and mqtt is not None:
+    if path is not None:
         # Credentials named in a config file sit beside it (a device bundle): relative
         # paths are relative to the file, not to wherever the process was started.
-        for name in ("tls_ca", "tls_cert", "tls_key"):
-            value = getattr(mqtt, name)
+        for section, name in BUNDLE_PATHS:
+            part = getattr(cfg, section, None)
+            value = getattr(part, name, None)
             if value and not Path(value).is_absolute():
-                setattr(mqtt, name, str(Path(path).parent / value))
+                setattr(part, name, type(value)(Path(path).parent / value))
     return cfg

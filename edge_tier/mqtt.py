@@ -72,7 +72,7 @@ class Will:
 class MqttBridge:
     """A paho client driven by its own thread, seen from asyncio.
 
-    ``messages`` receives every inbound PUBLISH; ``connected`` is set while a
+    ``messages`` receives every inbound PUBLISH that no ``inbox`` claims; ``connected`` is set while a
     session is up and ``connections`` counts the sessions begun, so callers can
     tell that a reconnect happened and re-send what was in flight.
     """
@@ -133,7 +133,8 @@ class MqttBridge:
         # set once the broker acknowledged every subscription of the current session
         self.subscribed = asyncio.Event()
         self._unacked_subs: set[int] = set()
-        self._pubacks: dict[int, asyncio.Future[None]] = {}
+        self._pubacks: dict[int, asyncio.Future[bool]] = {}
+        self._inboxes: list[tuple[str, asyncio.Queue[Message]]] = []
 
     # -- paho thread side -------------------------------------------------
 
@@ -147,7 +148,7 @@ class MqttBridge:
         if reason_code.is_failure:
             log.warning("%s: broker refused connection: %s", self.name, reason_code)
             return
-        self._unacked_subs = {client.subscribe(topic, qos)[1] for topic, qos in self.subscriptions}
+        self._unacked_subs = {client.subscribe(topic, qos)[1] for topic, qos in list(self.subscriptions)}
         self._call(self._set_connected, True)
         if not self._unacked_subs:
             self._call(self.subscribed.set)
@@ -162,10 +163,10 @@ class MqttBridge:
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:  # type: ignore[no-untyped-def]
         m = Message(msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain))
-        self._call(self.messages.put_nowait, m)
+        self._call(self._deliver, m)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
-        self._call(self._puback, mid)
+        self._call(self._puback, mid, not reason_code.is_failure)
 
     def _connect_props(self) -> Properties | None:
         if not self._v5:
@@ -231,6 +232,33 @@ class MqttBridge:
             log.warning("%s: disconnected", self.name)
         self._state_changed.set()
 
+    def _deliver(self, m: Message) -> None:
+        for pattern, queue in self._inboxes:
+            if paho.topic_matches_sub(pattern, m.topic):
+                queue.put_nowait(m)
+                return
+        self.messages.put_nowait(m)
+
+    def inbox(self, pattern: str) -> asyncio.Queue[Message]:
+        """A queue of its own for messages on topics matching ``pattern`` (they skip ``messages``)."""
+        queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._inboxes.append((pattern, queue))
+        return queue
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Subscribe now if a session is up, and again in every later session."""
+        if (topic, qos) not in self.subscriptions:
+            self.subscriptions.append((topic, qos))
+            # also while no session is up (paho says so, harmlessly): one may be starting
+            # and have read the list already
+            self.client.subscribe(topic, qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        before = len(self.subscriptions)
+        self.subscriptions = [(t, q) for t, q in self.subscriptions if t != topic]
+        if len(self.subscriptions) != before:
+            self.client.unsubscribe(topic)
+
     async def wait_state_change(self) -> None:
         self._state_changed.clear()
         await self._state_changed.wait()
@@ -245,26 +273,28 @@ class MqttBridge:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
-    async def publish_confirmed(self, topic: str, payload: bytes, within: float = 10.0) -> bool:
+    async def publish_confirmed(
+        self, topic: str, payload: bytes, within: float = 10.0, *, retain: bool = False
+    ) -> bool:
         """QoS 1 publish that returns True once the broker's PUBACK came back (paho re-sends
-        it across reconnects); False when there is no session or no PUBACK ``within`` seconds."""
-        info = self.client.publish(topic, payload, qos=1)
+        it across reconnects); False when there is no session, no PUBACK ``within`` seconds,
+        or a PUBACK that refuses it (MQTT 5: not authorized, say)."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             return False
         # paho's callback is handed to this loop, so it cannot run before this line
         fut = self._pubacks[info.mid] = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(fut, within)
-            return True
+            return await asyncio.wait_for(fut, within)
         except TimeoutError:
             return False
         finally:
             self._pubacks.pop(info.mid, None)
 
-    def _puback(self, mid: int) -> None:
+    def _puback(self, mid: int, ok: bool) -> None:
         fut = self._pubacks.get(mid)
         if fut is not None and not fut.done():
-            fut.set_result(None)
+            fut.set_result(ok)
 
     def ack(self, msg: Message) -> None:
         if msg.qos > 0:

@@ -1,6 +1,7 @@
 """The topic and subject scheme, in one place (see docs/topics.md).
 
 MQTT:  et/{tenant}/{device}/{up|receipt|status|control|results}
+       et/{tenant}/_models/{sha256}/{index}   (retained model chunks, shared by a tenant)
 NATS:  et.features.{tenant}.{device}   (stream ET_FEATURES)
        et.results.{tenant}.{device}    (stream ET_RESULTS)
        et.dlq.{source}.{tenant}.{device} (stream ET_DEADLETTER)
@@ -30,6 +31,18 @@ def parse_mqtt_topic(topic: str) -> tuple[str, str, str]:
     if len(parts) != 4 or parts[0] != ROOT or parts[3] not in CHANNELS or not parts[1] or not parts[2]:
         raise ValueError(f"topic {topic!r} is not et/{{tenant}}/{{device}}/{{channel}}")
     return parts[1], parts[2], parts[3]
+
+
+MODELS = "_models"  # five levels and more below it, so it never meets a device's four-level topics
+
+
+def model_chunk_topic(tenant: str, sha256: str, index: int) -> str:
+    """One retained chunk of a model update; chunks are shared by a tenant's devices."""
+    return f"{ROOT}/{tenant}/{MODELS}/{sha256}/{index}"
+
+
+def model_chunks_filter(tenant: str) -> str:
+    return f"{ROOT}/{tenant}/{MODELS}/#"
 
 
 FEATURES_STREAM = "ET_FEATURES"

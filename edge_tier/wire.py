@@ -35,6 +35,7 @@ __all__ = [
     "ID_MAX_LEN",
     "MAGIC",
     "ChecksumMismatch",
+    "ControlState",
     "DeviceStatus",
     "Dtype",
     "Frame",
@@ -42,6 +43,7 @@ __all__ = [
     "FrameLimits",
     "FrameTooLarge",
     "MetaValue",
+    "ModelState",
     "Receipt",
     "ReceiptStatus",
     "UnsupportedVersion",
@@ -1077,6 +1079,34 @@ class Receipt(BaseModel):
         return self
 
 
+class ModelState(BaseModel):
+    """Where the device's model update stands (the ``model`` of a control document)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    state: Literal["active", "downloading", "refused", "failed"]
+    version: Annotated[str, Field(max_length=64)] | None = None  # of the update in question
+    sha256: Annotated[str, Field(max_length=64)] | None = None
+    chunks_have: _U64 = 0
+    chunks_total: _U64 = 0
+    chunks_fetched: _U64 = 0  # received since the agent started (a resumed transfer fetches only the rest)
+    error: Annotated[str, Field(max_length=1024)] | None = None
+
+
+class ControlState(BaseModel):
+    """The device's acknowledgement of its control document (et/{tenant}/{device}/control)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    generation: _U64 = 0  # of the last document applied
+    applied_ms: _U64 | None = None
+    error: Annotated[str, Field(max_length=1024)] | None = None  # why the newest document was refused
+    paused: bool = False
+    threshold: Annotated[float, Field(ge=0, le=1)] | None = None
+    upload_bytes_per_s: _U64 | None = None
+    model: ModelState | None = None
+
+
 class DeviceStatus(BaseModel):
     """Device health, retained on et/{tenant}/{device}/status (last will: offline)."""
 
@@ -1091,6 +1121,7 @@ class DeviceStatus(BaseModel):
     evictions: dict[Annotated[str, Field(max_length=64)], _U64] = Field(default_factory=dict)
     last_receipt_ms: _U64 | None = None
     model_version: Annotated[str, Field(max_length=64)] | None = None
+    control: ControlState | None = None
 
 
 def _decode_json_model(

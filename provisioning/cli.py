@@ -3,7 +3,8 @@
 ``init DIR`` makes a fleet directory (CA, model-signing key, registry); ``device
 add|list|revoke`` issues and withdraws device bundles; ``user add`` makes MQTT users for
 ingest processes and applications; ``broker-config`` renders mosquitto's config,
-password file and ACL from the registry; ``token add|list|revoke`` are result-API tokens.
+password file and ACL from the registry; ``token add|list|revoke`` are result-API tokens;
+``control set`` and ``model push`` publish config changes and signed model updates to devices.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+from edge_tier.mqtt import MqttSettings
 from edge_tier.tokens import TokenError, TokenStore
-from edge_tier.wire import WireError
+from provisioning.control import ControlPlane, Published
 from provisioning.fleet import Fleet, FleetError
 
 REGISTRY = "registry.db"
@@ -87,10 +89,11 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 
 def cmd_broker_config(args: argparse.Namespace) -> int:
-    files = Fleet(_fleet_dir(args)).broker_files(
-        Path(args.out), host=args.host, port=args.port, tls_port=args.tls_port
-    )
+    fleet = Fleet(_fleet_dir(args))
+    files = fleet.broker_files(Path(args.out), host=args.host, port=args.port, tls_port=args.tls_port)
+    nats = fleet.nats_config(Path(args.out), port=args.nats_port, mqtt_port=args.port)
     print(f"mosquitto -c {files['conf']}")
+    print(f"nats-server -c {nats}    # or: the embedded mode, NATS's own MQTT listener instead of mosquitto")
     return 0
 
 
@@ -112,6 +115,54 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     t = TokenStore(_fleet(args)).revoke(args.id)
     print(f"token {t.id} of tenant {t.tenant} revoked at {_when(t.revoked_ms)}")
     return 0
+
+
+def _control(args: argparse.Namespace) -> ControlPlane:
+    fleet = Fleet(_fleet_dir(args))
+    password = args.password
+    if password is None:
+        f = Path(args.password_file) if args.password_file else fleet.root / f"{args.user}.password"
+        password = f.read_text().strip()
+    mqtt = MqttSettings(host=args.host, port=args.port, username=args.user, password=password)
+    return ControlPlane(fleet, mqtt)
+
+
+def _targets(args: argparse.Namespace) -> str | None:
+    if (args.device is None) == (not args.all):
+        raise FleetError("name one DEVICE, or --all for every device of the tenant")
+    return None if args.all else str(args.device)
+
+
+def _published(args: argparse.Namespace, p: Published, what: str) -> int:
+    who = "every device" if args.all else args.device
+    print(f"{what} for {args.tenant}/{who}: {p.documents} control documents, "
+          f"{p.chunks} model chunks (retained)")  # fmt: skip
+    return 0
+
+
+def cmd_control_set(args: argparse.Namespace) -> int:
+    change: dict[str, object] = {}
+    if args.threshold is not None:
+        try:
+            change["threshold"] = None if args.threshold == "model" else float(args.threshold)
+        except ValueError:
+            raise FleetError(f"--threshold {args.threshold!r}: a number from 0 to 1, or 'model'") from None
+    if args.upload_rate is not None:
+        change["upload_bytes_per_s"] = None if args.upload_rate == 0 else args.upload_rate
+    if args.pause or args.resume:
+        change["paused"] = bool(args.pause)
+    if not change:
+        raise FleetError("nothing to change: give --threshold, --upload-rate, --pause or --resume")
+    p = _control(args).set_config(args.tenant, _targets(args), **change)  # type: ignore[arg-type]
+    return _published(args, p, "config " + ", ".join(f"{k}={v}" for k, v in change.items()))
+
+
+def cmd_model_push(args: argparse.Namespace) -> int:
+    manifest = Path(args.model)
+    if manifest.suffix == ".tflite":  # the manifest beside it says what the model is
+        manifest = manifest.with_name("manifest.json")
+    p = _control(args).push_model(args.tenant, _targets(args), manifest, chunk_bytes=args.chunk_bytes)
+    return _published(args, p, f"model {manifest}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     ua.add_argument("--role", choices=["ingest", "app"], required=True)
     ua.add_argument("--tenant", help="the tenant an app may read results of")
     ua.set_defaults(fn=cmd_user_add)
-    b = sub.add_parser("broker-config", help="mosquitto config, password file and ACL from the registry")
+    b = sub.add_parser("broker-config", help="mosquitto config, password file and ACL; nats.conf")
     b.add_argument("--out", default="broker")
     b.add_argument("--host", default="127.0.0.1", help="the broker's name in its certificate")
     b.add_argument("--port", type=int, default=1883)
     b.add_argument("--tls-port", type=int, default=8883)
+    b.add_argument("--nats-port", type=int, default=4222, help="client port in nats.conf (embedded mode)")
     b.set_defaults(fn=cmd_broker_config)
     tok = sub.add_parser("token", help="API tokens for the result API").add_subparsers(
         dest="sub", required=True
@@ -171,10 +223,34 @@ def main(argv: list[str] | None = None) -> int:
     r = tok.add_parser("revoke", help="revoke a token by id (the API stops taking it within seconds)")
     r.add_argument("id")
     r.set_defaults(fn=cmd_token_revoke)
+    ctl = sub.add_parser("control", help="config changes for devices").add_subparsers(
+        dest="sub", required=True
+    )
+    cs = ctl.add_parser("set", help="change settings on devices without a restart (the others stay)")
+    mp = sub.add_parser("model", help="model updates").add_subparsers(dest="sub", required=True)
+    mpp = mp.add_parser("push", help="sign a prefilter with the fleet key and send it to devices")
+    for q in (cs, mpp):
+        q.add_argument("tenant")
+        q.add_argument("device", nargs="?", help="one device (or --all)")
+        q.add_argument("--all", action="store_true", help="every registered device of the tenant")
+        q.add_argument("--host", default="127.0.0.1", help="the MQTT broker")
+        q.add_argument("--port", type=int, default=1883)
+        q.add_argument("--user", default="et-ingest", help="an MQTT user that may write control topics")
+        q.add_argument("--password", help="default: the user's password file in the fleet directory")
+        q.add_argument("--password-file")
+    cs.add_argument("--threshold", help="prefilter threshold 0..1, or 'model' for the model's own")
+    cs.add_argument("--upload-rate", type=int, help="upload cap in bytes/s (0: no cap)")
+    pr = cs.add_mutually_exclusive_group()
+    pr.add_argument("--pause", action="store_true", help="hold uploads (the queue keeps recording)")
+    pr.add_argument("--resume", action="store_true")
+    cs.set_defaults(fn=cmd_control_set)
+    mpp.add_argument("model", metavar="MODEL", help="the model's manifest.json (or the .tflite beside it)")
+    mpp.add_argument("--chunk-bytes", type=int, default=64 * 1024)
+    mpp.set_defaults(fn=cmd_model_push)
     args = p.parse_args(argv)
     try:
         return int(args.fn(args))
-    except (TokenError, FleetError, WireError, OSError) as e:
+    except (TokenError, FleetError, ValueError, OSError) as e:  # WireError, ManifestError: ValueErrors
         print(f"edge-provision: {e}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import json
+import logging
 import secrets
 import sqlite3
 import time
@@ -31,6 +33,7 @@ from edge_tier import topics
 from edge_tier.tokens import SCHEMA as TOKENS_SCHEMA
 from edge_tier.wire import validate_id
 
+log = logging.getLogger(__name__)
 REGISTRY = "registry.db"
 INGEST_USER = "et-ingest"
 SCHEMA = """
@@ -39,6 +42,7 @@ CREATE TABLE IF NOT EXISTS devices (
     device TEXT NOT NULL,
     serial TEXT NOT NULL,
     password_hash TEXT,
+    nats_hash TEXT,
     created_ms INTEGER NOT NULL,
     revoked_ms INTEGER,
     PRIMARY KEY (tenant, device)
@@ -54,6 +58,7 @@ CREATE TABLE IF NOT EXISTS users (
     role TEXT NOT NULL,
     tenant TEXT,
     password_hash TEXT NOT NULL,
+    nats_hash TEXT,
     created_ms INTEGER NOT NULL
 );
 """
@@ -68,6 +73,21 @@ def mosquitto_hash(password: str, iterations: int = 101) -> str:
     salt = secrets.token_bytes(12)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def nats_hash(password: str) -> str | None:
+    """The bcrypt hash nats-server takes in place of a password (as ``nats server passwd`` writes);
+    None without bcrypt (the identity is then left out of nats.conf, which says so)."""
+    try:
+        import bcrypt
+    except ImportError:
+        log.warning("bcrypt is not installed (pip install 'edge-tier[provision]'): no NATS password made")
+        return None
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=10, prefix=b"2a")).decode()
+
+
+def _hashes(password: str) -> tuple[str, str | None]:
+    return mosquitto_hash(password), nats_hash(password)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -108,6 +128,9 @@ class Fleet:
             )
         self.db = sqlite3.connect(self.root / REGISTRY)
         self.db.executescript(SCHEMA + TOKENS_SCHEMA)
+        for table in ("devices", "users"):  # registries made before the NATS config existed
+            if "nats_hash" not in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN nats_hash TEXT")
 
     @classmethod
     def init(cls, root: str | Path, *, name: str = "edge-tier fleet") -> Fleet:
@@ -222,13 +245,14 @@ class Fleet:
         validate_id("device", device)
         if self._row(tenant, device) is not None:
             raise FleetError(f"device {tenant}/{device} is already registered (revoke it, or rotate it)")
-        serial, password_hash = self._write_bundle(tenant, device, bundle, broker_host, port, tls_port)
+        where = (broker_host, port, tls_port)
+        serial, (password_hash, nhash) = self._write_bundle(tenant, device, bundle, *where)
         now = int(time.time() * 1000)
         with self.db:
             self.db.execute(
-                "INSERT INTO devices (tenant, device, serial, password_hash, created_ms) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (tenant, device, serial, password_hash, now),
+                "INSERT INTO devices (tenant, device, serial, password_hash, nats_hash, created_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (tenant, device, serial, password_hash, nhash, now),
             )
         return DeviceInfo(tenant, device, serial, now, None)
 
@@ -242,7 +266,8 @@ class Fleet:
         row = self._row(tenant, device)
         if row is None or row[1] is not None:
             raise FleetError(f"device {tenant}/{device}: not registered, or revoked")
-        serial, password_hash = self._write_bundle(tenant, device, bundle, broker_host, port, tls_port)
+        where = (broker_host, port, tls_port)
+        serial, (password_hash, nhash) = self._write_bundle(tenant, device, bundle, *where)
         retire = int((time.time() + overlap_s) * 1000)
         with self.db:
             self.db.execute(
@@ -250,8 +275,9 @@ class Fleet:
                 (row[0], tenant, device, retire),
             )
             self.db.execute(
-                "UPDATE devices SET serial = ?, password_hash = ? WHERE tenant = ? AND device = ?",
-                (serial, password_hash, tenant, device),
+                "UPDATE devices SET serial = ?, password_hash = ?, nats_hash = ? "
+                "WHERE tenant = ? AND device = ?",
+                (serial, password_hash, nhash, tenant, device),
             )
         return next(d for d in self.devices(tenant) if d.device == device)
 
@@ -261,14 +287,15 @@ class Fleet:
 
     def _write_bundle(
         self, tenant: str, device: str, bundle: Path, broker_host: str, port: int, tls_port: int
-    ) -> tuple[str, str]:
-        """Write a bundle with fresh credentials; (certificate serial, password hash)."""
+    ) -> tuple[str, tuple[str, str | None]]:
+        """Write a bundle with fresh credentials; (certificate serial, (mosquitto, NATS) password hashes)."""
         identity = f"{tenant}/{device}"
         cert, key, serial = self.issue(identity)
         password = secrets.token_urlsafe(24)
         bundle.mkdir(parents=True, exist_ok=True)
         (bundle / "ca.pem").write_bytes((self.root / "ca.pem").read_bytes())
         (bundle / "device.pem").write_bytes(cert)
+        (bundle / "signing.pub").write_bytes((self.root / "signing.pub").read_bytes())
         _write_private(bundle / "device.key", key)
         agent = {
             "device": {"tenant": tenant, "device": device},
@@ -279,6 +306,7 @@ class Fleet:
                 "tls_cert": "device.pem",
                 "tls_key": "device.key",
             },
+            "control": {"signing_key": "signing.pub"},  # model updates must be signed by the fleet
         }
         _write_private(bundle / "agent.toml", tomli_w.dumps(agent).encode())
         # for brokers without client certificates: merge into agent.toml, drop the tls_* keys
@@ -286,7 +314,7 @@ class Fleet:
             bundle / "password.toml",
             tomli_w.dumps({"mqtt": {"port": port, "username": identity, "password": password}}).encode(),
         )
-        return serial, mosquitto_hash(password)
+        return serial, _hashes(password)
 
     def devices(self, tenant: str | None = None) -> list[DeviceInfo]:
         rows = self.db.execute(
@@ -299,7 +327,8 @@ class Fleet:
     def revoke_device(self, tenant: str, device: str) -> DeviceInfo:
         with self.db:
             cur = self.db.execute(
-                "UPDATE devices SET revoked_ms = ?, password_hash = NULL WHERE tenant = ? AND device = ? "
+                "UPDATE devices SET revoked_ms = ?, password_hash = NULL, nats_hash = NULL "
+                "WHERE tenant = ? AND device = ? "
                 "AND revoked_ms IS NULL",
                 (int(time.time() * 1000), tenant, device),
             )
@@ -316,9 +345,9 @@ class Fleet:
         password = secrets.token_urlsafe(24)
         with self.db:
             self.db.execute(
-                "INSERT OR REPLACE INTO users (name, role, tenant, password_hash, created_ms) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (name, role, tenant, mosquitto_hash(password), int(time.time() * 1000)),
+                "INSERT OR REPLACE INTO users (name, role, tenant, password_hash, nats_hash, created_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (name, role, tenant, *_hashes(password), int(time.time() * 1000)),
             )
         _write_private(self.root / f"{name}.password", password.encode())
         return password
@@ -345,6 +374,11 @@ class Fleet:
             "pattern read et/%u/receipt",
             "pattern read et/%u/control",
         ]
+        # model chunks are shared by a tenant's devices: %u (tenant/device) cannot name that
+        for tenant, device in self.db.execute(
+            "SELECT tenant, device FROM devices WHERE revoked_ms IS NULL ORDER BY tenant, device"
+        ):
+            acl += ["", f"user {tenant}/{device}", f"topic read {topics.model_chunks_filter(tenant)}"]
         # Each ingest process needs a user of its own: the password listener makes the
         # username the client id, and two sessions with one client id evict each other.
         for (name,) in self.db.execute("SELECT name FROM users WHERE role = 'ingest' ORDER BY name"):
@@ -356,6 +390,7 @@ class Fleet:
                 f"topic write {topics.mqtt_filter('receipt')}",
                 f"topic write {topics.mqtt_filter('results')}",
                 f"topic write {topics.mqtt_filter('control')}",
+                f"topic write {topics.model_chunks_filter('+')}",
             ]
         for name, tenant in self.db.execute(
             "SELECT name, tenant FROM users WHERE role = 'app' ORDER BY name"
@@ -393,3 +428,55 @@ use_username_as_clientid true
 """
         (out / "mosquitto.conf").write_text(conf)
         return {"conf": out / "mosquitto.conf", "passwd": out / "passwd", "acl": out / "acl"}
+
+    def nats_config(self, out: Path, *, port: int = 4222, mqtt_port: int = 1883) -> Path:
+        """The embedded mode's broker: nats-server with JetStream and its MQTT listener, the
+        same identities and the same scoping as the mosquitto ACL, as subject permissions
+        (MQTT ``et/T/D/up`` is subject ``et.T.D.up``; ``#`` also covers its parent level)."""
+        out.mkdir(parents=True, exist_ok=True)
+        q = json.dumps  # a JSON string is a quoted string in the NATS config format
+
+        def user(name: str, h: str, pub: list[str] | None, sub: list[str] | None) -> str:
+            perms = ""
+            if pub is not None and sub is not None:
+                perms = (f", permissions: {{publish: {{allow: {q(pub)}}}, "
+                         f"subscribe: {{allow: {q(sub)}}}}}")  # fmt: skip
+            return f"    {{user: {q(name)}, password: {q(h)}{perms}}}"
+
+        users, skipped = [], []
+        for tenant, device, h in self.db.execute(
+            "SELECT tenant, device, nats_hash FROM devices WHERE revoked_ms IS NULL ORDER BY tenant, device"
+        ):
+            if h is None:
+                skipped.append(f"{tenant}/{device}")
+                continue
+            me = f"et.{tenant}.{device}"
+            models = f"et.{tenant}.{topics.MODELS}"
+            users.append(user(f"{tenant}/{device}", h, [f"{me}.up", f"{me}.status"],
+                              [f"{me}.receipt", f"{me}.control", models, f"{models}.>"]))  # fmt: skip
+        for name, role, tenant, h in self.db.execute(
+            "SELECT name, role, tenant, nats_hash FROM users ORDER BY name"
+        ):
+            if h is None:
+                skipped.append(name)
+            elif role == "app":
+                users.append(user(name, h, [], [f"et.{tenant}.*.results", f"et.{tenant}.*.status"]))
+            else:
+                users.append(user(name, h, None, None))  # ingest and workers: JetStream and all topics
+        note = ""
+        if skipped:
+            note = f"# no NATS password (made before NATS configs; rotate them): {', '.join(skipped)}\n"
+        conf = f"""# written by edge-provision broker-config: the embedded mode (no mosquitto)
+{note}port: {port}
+jetstream {{ store_dir: {q(str(out / "nats-data"))} }}
+server_name: et-embedded
+mqtt {{ port: {mqtt_port} }}
+authorization {{
+  users = [
+{chr(10).join(users)}
+  ]
+}}
+"""
+        path = out / "nats.conf"
+        _write_private(path, conf.encode())
+        return path

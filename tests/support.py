@@ -46,6 +46,69 @@ def copy_models(dst: Path, *files: str) -> Path:
     return dst / "manifest.json"
 
 
+def random_prefilter(seed: int = 0) -> tuple[Any, np.ndarray]:
+    """Prefilter weights (models.tflite_writer.PrefilterWeights) of random values, and inputs."""
+    from models.tflite_writer import Dense, PrefilterWeights
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 0.5, (2000, 256)).astype(np.float32)
+    w1, b1 = rng.normal(0, 0.1, (32, 256)), rng.normal(0, 0.05, 32)
+    w2, b2 = rng.normal(0, 0.3, (16, 32)), rng.normal(0, 0.05, 16)
+    w3, b3 = rng.normal(0, 0.5, (1, 16)), rng.normal(0, 0.05, 1)
+    h = np.maximum(0, x @ w1.T + b1)
+    e = h @ w2.T + b2
+    lg = e @ w3.T + b3
+
+    def rng_of(a: np.ndarray) -> tuple[float, float]:  # min/max: nothing clips
+        return float(a.min()), float(a.max())
+
+    pw = PrefilterWeights(
+        Dense(w1.astype(np.float32), b1.astype(np.float32)),
+        Dense(w2.astype(np.float32), b2.astype(np.float32)),
+        Dense(w3.astype(np.float32), b3.astype(np.float32)),
+        {"input": rng_of(x), "hidden": rng_of(h), "embedding": rng_of(e), "logit": rng_of(lg)},
+    )
+    return pw, x
+
+
+def new_prefilter(dst: Path, version: str, *, seed: int = 0, data: bytes | None = None) -> Path:
+    """A model directory like models/ with another prefilter (random weights, or ``data``
+    as the file, loadable or not) and ``version``; its manifest's path."""
+    import hashlib
+
+    from models.manifest import DEFAULT_MANIFEST
+    from models.tflite_writer import write_prefilter
+
+    dst.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = write_prefilter(random_prefilter(seed)[0])
+    (dst / "prefilter.tflite").write_bytes(data)
+    manifest = json.loads(DEFAULT_MANIFEST.read_text())
+    manifest["prefilter"].update(
+        version=version, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), file="prefilter.tflite"
+    )
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dst / "manifest.json"
+
+
+def post_windows(port: int, windows: np.ndarray) -> dict[str, Any]:
+    """Raw windows to the agent's prefilter (``POST /v1/windows``); its answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(
+            "POST",
+            "/v1/windows?stream=vibration",
+            windows.astype("<f4").tobytes(),
+            {"Content-Type": "application/x-edge-tier-windows"},
+        )
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        assert resp.status == 200, body
+        return body
+    finally:
+        conn.close()
+
+
 def flip_byte(path: Path, offset: int) -> None:
     """Corrupt one byte of a file, as a bad disk or a tampering hand would."""
     data = bytearray(path.read_bytes())

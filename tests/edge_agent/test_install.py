@@ -37,6 +37,8 @@ def test_install_puts_the_bundle_in_place_and_uninstall_keeps_the_queue(tmp_path
         and str(cfg.store.path) == "/var/lib/edge-agent/queue.db"
     )
     assert (cfg.device.tenant, cfg.device.device, cfg.mqtt.host) == ("acme", "press-7", "mqtt.example")
+    assert cfg.control.signing_key == Path("/etc/edge-agent/signing.pub")
+    assert (etc / "signing.pub").read_bytes() == (tmp_path / "fleet" / "signing.pub").read_bytes()
     unit = (root / "etc" / "systemd" / "system" / "edge-agent.service").read_text()
     assert (
         "ExecStart=/usr/local/bin" not in unit

@@ -7,33 +7,12 @@ import pytest
 
 litert = pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-litert")
 
-from models.tflite_writer import Dense, PrefilterWeights, write_prefilter  # noqa: E402
-
-
-def _weights(seed: int = 0) -> tuple[PrefilterWeights, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(0, 0.5, (2000, 256)).astype(np.float32)
-    w1, b1 = rng.normal(0, 0.1, (32, 256)), rng.normal(0, 0.05, 32)
-    w2, b2 = rng.normal(0, 0.3, (16, 32)), rng.normal(0, 0.05, 16)
-    w3, b3 = rng.normal(0, 0.5, (1, 16)), rng.normal(0, 0.05, 1)
-    h = np.maximum(0, x @ w1.T + b1)
-    e = h @ w2.T + b2
-    lg = e @ w3.T + b3
-
-    def rng_of(a: np.ndarray) -> tuple[float, float]:  # min/max: nothing clips
-        return float(a.min()), float(a.max())
-
-    pw = PrefilterWeights(
-        Dense(w1.astype(np.float32), b1.astype(np.float32)),
-        Dense(w2.astype(np.float32), b2.astype(np.float32)),
-        Dense(w3.astype(np.float32), b3.astype(np.float32)),
-        {"input": rng_of(x), "hidden": rng_of(h), "embedding": rng_of(e), "logit": rng_of(lg)},
-    )
-    return pw, x
+from models.tflite_writer import write_prefilter  # noqa: E402
+from tests.support import random_prefilter  # noqa: E402
 
 
 def test_int8_model_matches_the_float_forward_at_any_batch_size() -> None:
-    pw, x = _weights()
+    pw, x = random_prefilter()
     model = write_prefilter(pw)
     assert len(model) < 100_000
     h = np.maximum(0, x @ pw.hidden.weight.T + pw.hidden.bias)
@@ -54,5 +33,5 @@ def test_int8_model_matches_the_float_forward_at_any_batch_size() -> None:
 
 
 def test_the_file_is_reproducible() -> None:
-    pw, _ = _weights()
+    pw, _ = random_prefilter()
     assert write_prefilter(pw) == write_prefilter(pw)

@@ -48,6 +48,7 @@ def test_init_writes_private_files_private_and_refuses_to_overwrite(tmp_path: Pa
         8883,
     )
     assert cfg.mqtt.tls_key == str(tmp_path / "b" / "device.key")  # relative to the bundle
+    assert cfg.control.signing_key == tmp_path / "b" / "signing.pub"  # model updates are checked with it
     with pytest.raises(FleetError, match="already registered"):
         fleet.add_device("acme", "press-7", tmp_path / "b2", broker_host="h", port=1, tls_port=2)
 
@@ -274,3 +275,127 @@ def test_rotation_keeps_the_old_certificate_for_the_overlap_only(
         except (ssl.SSLError, OSError):
             admitted = False
         assert admitted is ok, bundle
+
+
+def test_model_push_and_control_set_reach_the_devices_named_and_no_one_else(
+    fleet_broker: FleetBroker, tmp_path: Path
+) -> None:
+    import json
+
+    from edge_tier.control import decode_control
+    from models.manifest import DEFAULT_MANIFEST
+
+    _, broker, pw = fleet_broker
+    a = Client(broker, user="acme/a", password=pw["acme/a"])
+    b = Client(broker, user="acme/b", password=pw["acme/b"])
+    app = Client(broker, user="app-globex", password=pw["app-globex"])
+    a.sub("et/acme/a/control")
+    a.sub("et/acme/_models/#")
+    b.sub("et/acme/a/control")  # another device's control: the ACL says no
+    app.sub("et/acme/_models/#")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "provisioning.cli", "--fleet", str(tmp_path / "fleet"), *args,
+               "--port", str(broker.port)]  # fmt: skip
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    r = cli("model", "push", "acme", "a", str(DEFAULT_MANIFEST), "--chunk-bytes", "4096")
+    assert r.returncode == 0, r.stderr
+    time.sleep(0.5)
+    docs = [decode_control(p) for t, p in a.got if t == "et/acme/a/control"]
+    chunks = sorted(t for t, _ in a.got if "/_models/" in t)
+    assert len(docs) == 1 and docs[0].model is not None
+    sha = json.loads(docs[0].model.update)["sha256"]
+    assert chunks == [f"et/acme/_models/{sha}/{i}" for i in range(3)]
+    assert b.got == [] and app.got == [], "another device or tenant read a's update"
+    # a device may not write model chunks (it would feed its neighbours)
+    a.pub(f"et/acme/_models/{sha}/0", b"forged")
+    time.sleep(0.3)
+    for c in (a, b):  # the password listener makes the username the client id: one session each
+        c.close()
+    a = Client(broker, user="acme/a", password=pw["acme/a"])
+    a.sub(f"et/acme/_models/{sha}/0")
+    assert a.got and a.got[0][1] != b"forged"
+    # a config change for the whole tenant keeps a's model and reaches b too
+    r = cli("control", "set", "acme", "--all", "--pause", "--threshold", "0.4")
+    assert r.returncode == 0, r.stderr
+    b = Client(broker, user="acme/b", password=pw["acme/b"])
+    b.sub("et/acme/b/control")
+    a.got.clear()
+    a.sub("et/acme/a/control")
+    new = decode_control(a.got[-1][1])
+    assert new.config.paused and new.config.threshold == 0.4 and new.model == docs[0].model
+    assert new.generation > docs[0].generation
+    assert decode_control(b.got[-1][1]).config.paused
+    r = cli("control", "set", "acme", "a", "--all", "--pause")
+    assert r.returncode == 2 and "one DEVICE, or --all" in r.stderr
+    r = cli("model", "push", "acme", "nope", str(DEFAULT_MANIFEST))
+    assert r.returncode == 2 and "acme/nope: not registered" in r.stderr
+    for c in (a, b, app):
+        c.close()
+
+
+def test_the_embedded_nats_config_scopes_each_device_as_the_mosquitto_acl_does(tmp_path: Path) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    import nats
+
+    exe = need_binary("nats-server")
+    fleet = Fleet.init(tmp_path / "fleet")
+    for d in ("a", "b", "gone"):
+        fleet.add_device("acme", d, tmp_path / f"bundle-{d}", broker_host="127.0.0.1", port=0, tls_port=0)
+    fleet.revoke_device("acme", "gone")
+    pw = {d: _bundle_password(tmp_path / f"bundle-{d}") for d in ("a", "b", "gone")}
+    pw["et-ingest"] = (tmp_path / "fleet" / "et-ingest.password").read_text()
+    pw["app-globex"] = fleet.add_user("app-globex", "app", "globex")
+    port, mqtt_port = free_port(), free_port()
+    conf = fleet.nats_config(tmp_path / "nats", port=port, mqtt_port=mqtt_port)
+    assert conf.stat().st_mode & 0o777 == 0o600 and pw["a"] not in conf.read_text()
+    log = open(tmp_path / "nats.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", mqtt_port), 0.2).close()
+                break
+            except OSError:
+                alive = proc.poll() is None and time.monotonic() < deadline
+                assert alive, (tmp_path / "nats.log").read_text()
+                time.sleep(0.05)
+        broker: Any = SimpleNamespace(port=mqtt_port)
+        ingest = Client(broker, user="et-ingest", password=pw["et-ingest"], client_id="ingest")
+        ingest.sub("et/+/+/up")
+        ingest.c.publish("et/acme/_models/f00/0", b"chunk", qos=1, retain=True).wait_for_publish(5)
+        a = Client(broker, user="acme/a", password=pw["a"], client_id="et-acme-a")
+        app = Client(broker, user="app-globex", password=pw["app-globex"], client_id="app")
+        assert ingest.admitted and a.admitted and app.admitted
+        assert not Client(broker, user="acme/gone", password=pw["gone"], client_id="x").admitted
+        assert not Client(broker, user="acme/a", password=pw["b"], client_id="y").admitted
+        a.sub("et/acme/_models/#")
+        a.sub("et/acme/b/receipt")
+        app.sub("et/acme/+/results")
+        a.pub("et/acme/a/up", b"own")
+        a.pub("et/acme/b/up", b"forged")
+        ingest.pub("et/acme/b/receipt", b"for b")
+        ingest.pub("et/acme/a/results", b"acme's")
+        time.sleep(0.5)
+        assert ingest.got == [("et/acme/a/up", b"own")]
+        assert a.got == [("et/acme/_models/f00/0", b"chunk")]
+        assert app.got == []
+
+        async def jetstream() -> int:  # ingest and workers use JetStream as that user
+            nc = await nats.connect(f"nats://127.0.0.1:{port}", user="et-ingest", password=pw["et-ingest"])
+            try:
+                info = await nc.jetstream().account_info()
+                return int(info.streams)
+            finally:
+                await nc.close()
+
+        assert asyncio.run(jetstream()) >= 0
+        for c in (ingest, a, app):
+            c.close()
+    finally:
+        proc.terminate()
+        proc.wait(5)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import http.client
-import json
 import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -16,26 +13,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-litert")
 
 from models.generator import HEALTHY, generate
-from tests.support import Pipeline, assert_exactly_once, stream_messages, stream_seqs
+from tests.support import Pipeline, assert_exactly_once, post_windows, stream_messages, stream_seqs
 
 MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.json"
-
-
-def post_windows(port: int, windows: np.ndarray) -> dict[str, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request(
-            "POST",
-            "/v1/windows?stream=vibration",
-            windows.astype("<f4").tobytes(),
-            {"Content-Type": "application/x-edge-tier-windows"},
-        )
-        resp = conn.getresponse()
-        body = json.loads(resp.read())
-        assert resp.status == 200, body
-        return body
-    finally:
-        conn.close()
 
 
 def test_raw_windows_never_reach_disk_or_wire(make_pipeline, tmp_path: Path) -> None:

@@ -63,4 +63,5 @@ def test_devices_results_and_mqtt_topics_agree(make_pipeline, tmp_path: Path) ->
         worker.stop()
     assert {(b["upload_id"], b["part"]) for b in on_mqtt} == {(b.upload_id, b.part) for b in stored}
     assert d["online"] and d["model_version"] == "1.0.0" and d["last_seen_ms"] > 0
+    assert (d["control"]["model"]["state"], d["control"]["model"]["version"]) == ("active", "1.0.0")
     assert d["backlog_records"] is not None and d["evictions"] == {}

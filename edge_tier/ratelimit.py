@@ -1,14 +1,5 @@
-"""Fair shares of tier-two capacity between tenants.
-
-Each tenant has its own JetStream consumer, so one tenant's backlog waits in
-its own queue and never in front of another's messages. On top of that:
-
-* a token bucket per tenant caps its features per second (per worker process);
-  a tenant over its rate is not fetched from until the bucket refills, and its
-  messages wait in JetStream, unacknowledged and unharmed;
-* batches are filled round-robin, one message per tenant per turn, so a tenant
-  with a deep local queue does not fill a batch while another waits.
-"""
+"""A token bucket, for rate limits on both sides: a tenant's share of tier two, an API
+token's requests, a device's upload bytes per second."""
 
 from __future__ import annotations
 

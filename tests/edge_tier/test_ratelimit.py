@@ -1,10 +1,10 @@
-"""The per-tenant token bucket, on a clock the test turns."""
+"""The token bucket (tenant shares, API rate limits, device upload rate), on a clock the test turns."""
 
 from __future__ import annotations
 
 import pytest
 
-from cloud_ingest.fairness import TokenBucket
+from edge_tier.ratelimit import TokenBucket
 
 
 class Clock:

@@ -1,0 +1,330 @@
+"""The agent's end of the control channel (the format is ``edge_tier/control.py``).
+
+The retained document on ``et/{tenant}/{device}/control`` is applied as it arrives and
+again at every start (the last one applied is kept on disk, so a device that boots
+without a broker runs as it was told): threshold, upload rate and pause take effect at
+once. A model update is verified against the fleet's key, fetched chunk by chunk
+(only the chunks not yet on disk are subscribed to, so a transfer resumes after a
+reconnect or a restart), joined, checked whole, loaded and tried on a dummy batch;
+only then does it replace the running model, atomically. A model that fails any step
+is refused and the running one stays. Every outcome is acknowledged in the status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.config import AgentConfig
+from edge_agent.files import write_atomic
+from edge_agent.model_store import ModelStore
+from edge_agent.prefilter import ModelError, Prefilter
+from edge_tier import topics
+from edge_tier.control import (
+    ControlConfig,
+    ControlDoc,
+    ModelRefused,
+    ModelUpdate,
+    SignedModel,
+    decode_control,
+    encode_control,
+    load_verify_key,
+    verify_model,
+)
+from edge_tier.mqtt import MqttBridge
+from edge_tier.tasks import running
+from edge_tier.wire import ControlState, Dtype, ModelState, WireError
+
+log = logging.getLogger(__name__)
+
+
+def load_prefilter(cfg: AgentConfig, manifest: Path, threshold: float | None = None) -> Prefilter:
+    """A prefilter from ``manifest`` with the agent's settings, tried on a dummy batch."""
+    p = cfg.prefilter
+    pf = Prefilter(
+        manifest,
+        threshold=threshold if threshold is not None else p.threshold,
+        threads=p.threads,
+        upload_dtype=Dtype[p.upload_dtype.upper()],
+    )
+    try:
+        kept = pf.keep(np.zeros((2, pf.window), np.float32))
+        if kept.embeddings.shape[1] != pf.embedding_dim:
+            raise ModelError(f"{pf.model_path}: embeddings of {kept.embeddings.shape[1]} values")
+    except (ValueError, RuntimeError) as e:
+        raise ModelError(f"{pf.model_path}: loads, but fails on a dummy batch ({e})") from None
+    return pf
+
+
+def startup_prefilter(cfg: AgentConfig, store: ModelStore) -> tuple[Prefilter | None, str | None]:
+    """The model to start with: the installed update, else the one before it, else the
+    configured one (whose failure stops the agent). (prefilter, its update's sha256)."""
+    for sha, manifest in store.candidates():
+        try:
+            return load_prefilter(cfg, manifest, _saved_threshold(cfg)), sha
+        except ModelError as e:
+            log.error("installed model %s does not load (%s); rolling back to the one before it", sha[:12], e)
+            store.demote(sha)
+    if cfg.prefilter.manifest is None:
+        return None, None
+    return load_prefilter(cfg, cfg.prefilter.manifest, _saved_threshold(cfg)), None
+
+
+def _saved_doc(cfg: AgentConfig) -> ControlDoc | None:
+    try:
+        return decode_control(cfg.control_path("control.json").read_bytes())
+    except (OSError, WireError):
+        return None
+
+
+def _saved_threshold(cfg: AgentConfig) -> float | None:
+    doc = _saved_doc(cfg)
+    return doc.config.threshold if doc is not None else None
+
+
+@dataclass
+class Transfer:
+    update: ModelUpdate
+    missing: set[int]
+    topics: dict[str, int] = field(default_factory=dict)  # chunk topic -> index
+    bad: dict[int, str] = field(default_factory=dict)  # chunks refused, until a good copy comes
+
+
+class Controller:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        mqtt: MqttBridge,
+        store: ModelStore,
+        *,
+        prefilter: Prefilter | None,
+        active_sha: str | None,
+        swap: Callable[[Prefilter], None],
+        limit: Callable[[ControlConfig], None],
+        publish_status: Callable[[], object],
+    ) -> None:
+        self.cfg = cfg
+        self.tenant, self.device = cfg.device.tenant, cfg.device.device
+        self.mqtt = mqtt
+        self.store = store
+        self.prefilter = prefilter
+        self.active_sha = active_sha
+        self._swap, self._limit, self._publish_status = swap, limit, publish_status
+        self.key = None
+        if cfg.control.signing_key is not None:
+            self.key = load_verify_key(cfg.control.signing_key)  # a bad key stops the agent at start
+        self.topic = topics.mqtt_topic(self.tenant, self.device, "control")
+        self.docs = mqtt.inbox(self.topic)
+        self.chunks = mqtt.inbox(topics.model_chunks_filter(self.tenant))
+        mqtt.subscribe(self.topic, 1)
+        self.doc: ControlDoc | None = None
+        self.error: str | None = None
+        self.model: ModelState | None = None
+        self.transfer: Transfer | None = None
+        self.failed: set[str] = set()  # updates that failed to install: not tried again
+        self.fetched = 0
+        self._applied_ms: int | None = None
+        saved = _saved_doc(cfg)
+        if saved is not None:
+            self._apply_config(saved)
+            if saved.model is None:
+                self.model = self._active_state()
+        elif prefilter is not None:
+            self.model = self._active_state()
+
+    # -- what the status says ------------------------------------------------------------------
+
+    def state(self) -> ControlState:
+        c = self.doc.config if self.doc is not None else ControlConfig()
+        return ControlState(
+            generation=self.doc.generation if self.doc is not None else 0,
+            applied_ms=self._applied_ms,
+            error=self.error,
+            paused=c.paused,
+            threshold=None if self.prefilter is None else self.prefilter.threshold,
+            upload_bytes_per_s=c.upload_bytes_per_s,
+            model=self.model,
+        )
+
+    def _active_state(self, **kw: object) -> ModelState:
+        pf = self.prefilter
+        return ModelState(
+            state="active",
+            version=None if pf is None else pf.version,
+            sha256=self.active_sha,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    async def _report(self) -> None:
+        result = self._publish_status()
+        if asyncio.iscoroutine(result):
+            await result
+
+    # -- the document --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        if self.doc is not None and self.doc.model is not None:
+            await self._begin_model(self.doc.model)  # an update cut short by a restart goes on
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._doc_loop(), name="control-docs")
+            tg.create_task(self._chunk_loop(), name="control-chunks")
+
+    async def _doc_loop(self) -> None:
+        while running():
+            msg = await self.docs.get()
+            while not self.docs.empty():  # only the newest document matters
+                msg = self.docs.get_nowait()
+            await self.handle(msg.payload)
+
+    async def handle(self, payload: bytes) -> None:
+        if not payload:
+            return  # the retained document was cleared: keep running as last told
+        try:
+            doc = decode_control(payload)
+        except WireError as e:
+            self.error = f"control document refused: {e}"
+            log.error("%s/%s: %s", self.tenant, self.device, self.error)
+            await self._report()
+            return
+        if self.doc is not None and doc.generation <= self.doc.generation:
+            if doc.generation < self.doc.generation:
+                log.info("ignoring control generation %d (%d applied)", doc.generation, self.doc.generation)
+            return
+        self._apply_config(doc)
+        await asyncio.to_thread(write_atomic, self.cfg.control_path("control.json"), encode_control(doc))
+        log.info(
+            "%s/%s: control generation %d applied (paused=%s, threshold=%s, upload_bytes_per_s=%s)",
+            self.tenant, self.device, doc.generation, doc.config.paused, doc.config.threshold,
+            doc.config.upload_bytes_per_s,
+        )  # fmt: skip
+        if doc.model is not None:
+            await self._begin_model(doc.model)
+        else:
+            self._drop_transfer()
+        await self._report()
+
+    def _apply_config(self, doc: ControlDoc) -> None:
+        self.doc, self.error = doc, None
+        self._applied_ms = time.time_ns() // 1_000_000
+        c = doc.config
+        self._limit(c)
+        if self.prefilter is not None:
+            self.prefilter.threshold = self._threshold(self.prefilter, c)
+
+    def _threshold(self, pf: Prefilter, c: ControlConfig) -> float:
+        # the cloud's, else the config file's, else the model's own
+        for t in (c.threshold, self.cfg.prefilter.threshold):
+            if t is not None:
+                return t
+        return pf.model_threshold
+
+    # -- model updates -------------------------------------------------------------------------
+
+    async def _begin_model(self, signed: SignedModel) -> None:
+        try:
+            if self.key is None:
+                raise ModelRefused("model update refused: no [control] signing_key is configured")
+            u = verify_model(self.key, signed, self.tenant)
+        except ModelRefused as e:
+            log.error("%s/%s: %s; the running model stays", self.tenant, self.device, e)
+            self.model = self._active_state(error=str(e)).model_copy(update={"state": "refused"})
+            self._drop_transfer()
+            return
+        if u.sha256 == self.active_sha:
+            self._drop_transfer()
+            self.model = self._active_state()
+            return
+        if u.sha256 in self.failed:
+            return
+        if self.transfer is not None and self.transfer.update.sha256 == u.sha256:
+            return
+        self._drop_transfer()
+        have = await asyncio.to_thread(self.store.chunks_have, u)
+        t = self.transfer = Transfer(u, set(range(len(u.chunks))) - have)
+        log.info(
+            "%s/%s: model %s (%s, %d bytes): %d of %d chunks to fetch",
+            self.tenant, self.device, u.version, u.sha256[:12], u.bytes, len(t.missing), len(u.chunks),
+        )  # fmt: skip
+        self._progress()
+        if not t.missing:
+            await self._install(t)
+            return
+        for i in sorted(t.missing):
+            topic = topics.model_chunk_topic(self.tenant, u.sha256, i)
+            t.topics[topic] = i
+            self.mqtt.subscribe(topic, 1)
+
+    def _progress(self) -> None:
+        t = self.transfer
+        assert t is not None
+        n = len(t.update.chunks)
+        self.model = ModelState(
+            state="downloading",
+            version=t.update.version,
+            sha256=t.update.sha256,
+            chunks_have=n - len(t.missing),
+            chunks_total=n,
+            chunks_fetched=self.fetched,
+            error=next(iter(t.bad.values()), None),
+        )
+
+    def _drop_transfer(self) -> None:
+        if self.transfer is not None:
+            for topic in self.transfer.topics:
+                self.mqtt.unsubscribe(topic)
+            self.transfer = None
+
+    async def _chunk_loop(self) -> None:
+        last_report = 0.0
+        while running():
+            msg = await self.chunks.get()
+            t = self.transfer
+            index = t.topics.get(msg.topic) if t is not None else None
+            if t is None or index is None or index not in t.missing:
+                continue  # a chunk of another update, or one we have: retained messages linger
+            try:
+                await asyncio.to_thread(self.store.put_chunk, t.update, index, msg.payload)
+            except ModelRefused as e:
+                log.error("%s/%s: %s; waiting for a good copy", self.tenant, self.device, e)
+                t.bad[index] = str(e)
+                self._progress()
+                await self._report()
+                continue
+            t.missing.discard(index)
+            t.bad.pop(index, None)
+            self.mqtt.unsubscribe(msg.topic)
+            self.fetched += 1
+            self._progress()
+            if not t.missing:
+                await self._install(t)
+                await self._report()
+            elif time.monotonic() - last_report > 1.0:
+                last_report = time.monotonic()
+                await self._report()
+
+    async def _install(self, t: Transfer) -> None:
+        u = t.update
+        self._drop_transfer()
+        c = self.doc.config if self.doc is not None else ControlConfig()
+        try:
+            manifest = await asyncio.to_thread(self.store.install, u)
+            pf = await asyncio.to_thread(load_prefilter, self.cfg, manifest, c.threshold)
+        except (ModelRefused, ModelError, OSError) as e:
+            self.failed.add(u.sha256)
+            await asyncio.to_thread(self.store.demote, u.sha256)
+            log.error("%s/%s: model %s refused (%s); the running model stays",
+                      self.tenant, self.device, u.version, e)  # fmt: skip
+            self.model = ModelState(state="failed", version=u.version, sha256=u.sha256, error=str(e)[:1024])
+            return
+        await asyncio.to_thread(self.store.activate, u.sha256)
+        pf.threshold = self._threshold(pf, c)
+        self.prefilter, self.active_sha = pf, u.sha256
+        self._swap(pf)
+        self.model = self._active_state(chunks_total=len(u.chunks), chunks_fetched=self.fetched)
+        log.info("%s/%s: model %s (%s) is running", self.tenant, self.device, u.version, u.sha256[:12])
