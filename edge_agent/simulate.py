@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import islice
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -37,11 +39,40 @@ class Tally:
         for k, v in asdict(other).items():
             setattr(self, k, getattr(self, k) + v)
 
+    def count(self, x: np.ndarray, y: np.ndarray, status: int, answer: dict[str, Any]) -> None:
+        """One batch of windows ``x`` (labels ``y``) and the agent's answer to it."""
+        self.windows += len(x)
+        self.raw_bytes += x.nbytes
+        fault = y != HEALTHY
+        self.faults += int(fault.sum())
+        if status != 200:
+            self.refused += 1
+            return
+        kept = np.zeros(len(x), bool)
+        kept[answer["kept_index"]] = True
+        self.kept += int(kept.sum())
+        self.queued_bytes += int(answer.get("queued_bytes", 0))
+        self.faults_kept += int((kept & fault).sum())
+        self.healthy_dropped += int((~kept & ~fault).sum())
+
+
+def machine_windows(
+    seed: int, fault_rate: float, spec: SignalSpec | None = None
+) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+    """A simulated machine: call it with n for its next n windows (float32 LE) and their labels."""
+    windows = Machine(seed=seed, fault_rate=fault_rate, spec=spec or SignalSpec()).windows()
+
+    def take(n: int) -> tuple[np.ndarray, np.ndarray]:
+        pairs = list(islice(windows, n))
+        return np.stack([w for w, _ in pairs]).astype("<f4"), np.array([label for _, label in pairs])
+
+    return take
+
 
 async def _machine(
     session: aiohttp.ClientSession,
     url: str,
-    machine: Machine,
+    windows: Callable[[int], tuple[np.ndarray, np.ndarray]],
     *,
     stream: str,
     batch: int,
@@ -49,13 +80,10 @@ async def _machine(
     until: float,
     tally: Tally,
 ) -> None:
-    windows = machine.windows()
     period = batch / rate if rate > 0 else 0.0
     next_at = time.monotonic()
     while time.monotonic() < until:
-        pairs = await asyncio.to_thread(lambda: list(islice(windows, batch)))
-        x = np.stack([w for w, _ in pairs]).astype("<f4")
-        y = np.array([label for _, label in pairs])
+        x, y = await asyncio.to_thread(windows, batch)
         try:
             async with session.post(
                 f"{url}/v1/windows",
@@ -68,19 +96,7 @@ async def _machine(
             tally.unreachable += 1  # the agent is down or restarting: a sensor would drop these too
             await asyncio.sleep(0.5)
             continue
-        tally.windows += len(x)
-        tally.raw_bytes += x.nbytes
-        fault = y != HEALTHY
-        tally.faults += int(fault.sum())
-        if resp.status != 200:
-            tally.refused += 1
-        else:
-            kept = np.zeros(len(x), bool)
-            kept[answer["kept_index"]] = True
-            tally.kept += int(kept.sum())
-            tally.queued_bytes += int(answer.get("queued_bytes", 0))
-            tally.faults_kept += int((kept & fault).sum())
-            tally.healthy_dropped += int((~kept & ~fault).sum())
+        tally.count(x, y, resp.status, answer)
         if period:
             next_at += period
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
@@ -105,7 +121,7 @@ async def simulate(
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as session, asyncio.TaskGroup() as tg:
         for i in range(machines):
-            m = Machine(seed=seed * 1000 + i, fault_rate=fault_rate, spec=spec or SignalSpec())
+            m = machine_windows(seed * 1000 + i, fault_rate, spec)
             tg.create_task(
                 _machine(
                     session, url, m, stream=stream, batch=batch, rate=rate, until=until, tally=tallies[i]

@@ -40,6 +40,7 @@ __all__ = [
     "BrokerError",
     "BrokerProcess",
     "Mosquitto",
+    "NatsCluster",
     "NatsServer",
     "free_port",
     "require_binary",
@@ -609,3 +610,71 @@ class NatsServer(BrokerProcess):
 
     def _command(self, exe: str) -> list[str]:
         return [exe, "-c", str(self.config_path)]
+
+
+class NatsCluster:
+    """``size`` nats-servers with JetStream, routed into one cluster on loopback: the
+    scale-out path (streams with ``replicas=3`` survive the loss of any one node).
+
+    Each node is a :class:`NatsServer` (``nodes[i]``: kill, restart and pause it as any
+    broker); :meth:`start` returns once every node is up and the JetStream meta group
+    has a leader, so streams can be created.
+    """
+
+    def __init__(self, workdir: Path | str, size: int = 3, *, name: str = "et-cluster") -> None:
+        workdir = Path(workdir)
+        routes_ports = [free_port() for _ in range(size)]
+        routes = ", ".join(json.dumps(f"nats-route://{LOCALHOST}:{p}") for p in routes_ports)
+        self.nodes = [
+            NatsServer(
+                workdir / f"node-{i}",
+                server_name=f"{name}-{i}",
+                extra_config=(
+                    f"cluster {{ name: {json.dumps(name)}, listen: {json.dumps(f'{LOCALHOST}:{p}')}, "
+                    f"routes: [{routes}] }}"
+                ),
+            )
+            for i, p in enumerate(routes_ports)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def start(self, timeout: float = 30.0) -> None:
+        for n in self.nodes:
+            n.start(timeout)
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until every running node reports the same JetStream meta leader."""
+        deadline = time.monotonic() + timeout
+        while True:
+            leaders = set()
+            try:
+                for n in self.nodes:
+                    if n.running:
+                        leaders.add((n.monitor("/jsz").get("meta_cluster") or {}).get("leader"))
+            except (OSError, BrokerError, ValueError):
+                leaders = {None}
+            if len(leaders) == 1 and None not in leaders and "" not in leaders:
+                return
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"JetStream cluster has no meta leader after {timeout:.0f}s (saw {leaders})",
+                    broker="nats-cluster",
+                    port=self.nodes[0].port,
+                    log_tail=self.nodes[0].log_tail(),
+                )
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+    def __enter__(self) -> NatsCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

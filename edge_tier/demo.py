@@ -1,171 +1,436 @@
-"""``make demo``: the spine end to end on embedded defaults, then a summary.
+"""``make demo``: the whole tiered pipeline on embedded defaults, watched live, then a summary.
 
-Starts nats-server with JetStream and its own MQTT listener (so no separate
-broker is needed), the ingest service, and N agents (one per simulated
-device), feeds each agent synthetic feature vectors for a while, waits until
-every queue has drained, and counts what JetStream holds against what the
-agents acknowledged: lost and duplicated must both be 0.
+Starts nats-server with JetStream and its own MQTT listener (so no separate broker is
+needed), the ingest service, a tier-two worker, the result API, and one agent per
+simulated device. Each device is a simulated machine (seeded vibration windows with
+fault episodes) posting raw windows to its agent's prefilter. While it runs, a line a
+second: windows emitted, kept (and the prefilter's drop rate), delivered, results,
+backlog, bytes on the wire against raw, and enqueue-to-result latency. At the end it
+waits until every queue is empty and every kept record has its answer, and counts
+what ET_RESULTS holds against what the agents acknowledged: lost and duplicated must
+both be 0 (exit 1 otherwise).
+
+``--chaos`` kills (``kill -9``) and restarts the broker, ingest, the worker and a device
+during the run; the counts must still come out at 0. Ctrl-C stops everything.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
+import contextlib
 import json
 import shutil
 import sys
 import tempfile
-import threading
 import time
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import nats
+import nats.errors
+import nats.js.errors
 import numpy as np
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cloud_ingest.streams import read_all
+from edge_agent.simulate import Tally, machine_windows
 from edge_tier import topics
-from edge_tier.brokers import NatsServer
-from edge_tier.services import AgentProcess, IngestProcess, agent_drained, agent_status
-from edge_tier.wire import decode_frame
+from edge_tier.brokers import BrokerProcess, NatsServer
+from edge_tier.services import AgentProcess, ApiProcess, IngestProcess, WorkerProcess, agent_status
+from edge_tier.tokens import TokenStore
+from edge_tier.wire import decode_results
+from models.manifest import DEFAULT_MANIFEST
 
-DIM = 128
+TENANT = "demo"
 
 
-def _post(port: int, payload: bytes, n: int) -> tuple[int, int] | None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+@dataclass
+class Stack:
+    """Every process of the demo, and how to reach them."""
+
+    work: Path
+    nats: NatsServer
+    ingest: IngestProcess
+    worker: WorkerProcess
+    api: ApiProcess
+    agents: list[AgentProcess]
+    token: str
+
+    @property
+    def processes(self) -> list[BrokerProcess]:
+        return [self.nats, self.ingest, self.worker, self.api, *self.agents]
+
+
+def start_stack(work: Path, devices: int) -> Stack:
+    server = NatsServer(work / "nats", mqtt_port=0, server_name="et-demo")
+    started: list[BrokerProcess] = []
     try:
-        conn.request(
-            "POST",
-            f"/v1/records?stream=vibration&dim={DIM}",
-            payload,
-            {"Content-Type": "application/x-edge-tier-features"},
+        server.start()
+        started.append(server)
+        mqtt = {"port": server.mqtt_port, "version": "3.1.1", "backoff_min_s": 0.1, "backoff_max_s": 1.0}
+        nats_cfg = {"servers": [server.url]}
+        registry = work / "registry.db"
+        token = TokenStore(registry).add(TENANT, "demo")[1]
+        ingest = IngestProcess(work / "ingest", {"mqtt": mqtt, "nats": nats_cfg}, name="cloud-ingest")
+        worker = WorkerProcess(
+            work / "worker",
+            {"nats": nats_cfg, "worker": {"discover_s": 0.5, "ack_wait_s": 5.0}},
+            name="cloud-ingest-worker",
         )
-        resp = conn.getresponse()
-        body = json.loads(resp.read())
-        return (body["first_seq"], body["last_seq"]) if resp.status == 200 else None
-    except (OSError, http.client.HTTPException, ValueError):
+        api = ApiProcess(work / "api", {"nats": nats_cfg, "api": {"registry": str(registry)}}, name="api")
+        for p in (ingest, worker, api):
+            p.start(timeout=60)
+            started.append(p)
+        agents = []
+        for i in range(devices):
+            d = work / f"device-{i}"
+            a = AgentProcess(
+                d,
+                {
+                    "device": {"tenant": TENANT, "device": f"device-{i}"},
+                    "mqtt": mqtt,
+                    "store": {"path": str(d / "queue.db")},
+                    "uplink": {"receipt_timeout_s": 5.0, "status_interval_s": 2.0},
+                    "prefilter": {"manifest": str(DEFAULT_MANIFEST)},
+                },
+                name=f"edge-agent-{i}",
+            )
+            a.start(timeout=60)
+            started.append(a)
+            agents.append(a)
+    except BaseException:
+        for p in reversed(started):
+            p.stop()
+        raise
+    return Stack(work, server, ingest, worker, api, agents, token)
+
+
+# -- what the demo counts ------------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    tallies: list[Tally]
+    acked: list[list[tuple[int, int]]]  # per device: seq ranges the agent acknowledged as kept
+    results: int = 0  # records answered, as seen live
+    latencies_ms: list[float] = field(default_factory=list)  # enqueue -> result, per record
+    wire_bytes: float = 0.0
+    _wire_seen: dict[int, float] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def windows(self) -> int:
+        return sum(t.windows for t in self.tallies)
+
+    @property
+    def kept(self) -> int:
+        return sum(t.kept for t in self.tallies)
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(t.raw_bytes for t in self.tallies)
+
+    def add_wire(self, i: int, total: float) -> None:
+        """An agent's upload byte counter; a restarted agent starts it at 0 again."""
+        last = self._wire_seen.get(i, 0.0)
+        self.wire_bytes += total - last if total >= last else total
+        self._wire_seen[i] = total
+
+
+def _percentile(xs: list[float], q: float) -> float | None:
+    return float(np.percentile(xs, q)) if xs else None
+
+
+async def feed(url: str, device: int, seconds: float, rate: float, counts: Counts) -> None:
+    """One simulated machine posting raw windows to its agent, ``rate`` windows/s."""
+    tally, acked = counts.tallies[device], counts.acked[device]
+    batch = max(1, int(rate // 5))
+    windows = machine_windows(seed=1000 + device, fault_rate=0.02)
+    until = time.monotonic() + seconds
+    next_at = time.monotonic()
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while time.monotonic() < until:
+            x, y = await asyncio.to_thread(windows, batch)
+            answer = await _post_windows(session, url, x)
+            if answer is None:
+                tally.unreachable += 1  # the agent is down (chaos): a sensor would drop these too
+                await asyncio.sleep(0.5)
+                continue
+            tally.count(x, y, 200, answer)
+            if answer.get("kept"):
+                acked.append((answer["first_seq"], answer["last_seq"]))
+            next_at += batch / rate
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+
+async def _post_windows(session: aiohttp.ClientSession, url: str, x: np.ndarray) -> dict[str, Any] | None:
+    try:
+        async with session.post(
+            f"{url}/v1/windows",
+            params={"stream": "vibration"},
+            data=x.tobytes(),
+            headers={"Content-Type": "application/x-edge-tier-windows"},
+        ) as resp:
+            if resp.status != 200:
+                return None
+            return dict(await resp.json(content_type=None))
+    except (aiohttp.ClientError, TimeoutError, ValueError):
         return None
+
+
+async def watch_results(url: str, counts: Counts) -> None:
+    """Count answers as they are written (a durable consumer, so it outlives a broker restart)."""
+    async def quiet(e: Exception) -> None:  # the broker's restarts are part of the show
+        pass
+
+    nc = await nats.connect(
+        url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=quiet, disconnected_cb=None
+    )
+    try:
+        js = nc.jetstream()
+        sub = None
+        while sub is None:
+            try:
+                sub = await js.pull_subscribe(
+                    topics.RESULTS_SUBJECTS,
+                    durable="demo-watch",
+                    stream=topics.RESULTS_STREAM,
+                    config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL),
+                )
+            except (nats.errors.Error, TimeoutError):
+                await asyncio.sleep(0.5)
+        while True:
+            try:
+                msgs = await sub.fetch(256, timeout=0.5)
+            except (nats.errors.Error, TimeoutError):
+                continue
+            now = time.time() * 1000
+            for m in msgs:
+                b = decode_results(m.data)
+                counts.results += len(b.seqs)
+                counts.latencies_ms.extend(now - t for t in b.times_ms)
     finally:
-        conn.close()
+        await nc.close()
 
 
-def _produce(port: int, seconds: float, rate: int, acked: list[int], seed: int) -> None:
-    """Offer ``rate`` records/s in batches of ~rate/10; keep the seqs the agent acknowledged."""
-    rng = np.random.default_rng(seed)
-    batch = max(1, rate // 10)
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        t0 = time.monotonic()
-        scores = rng.random(batch, dtype=np.float32)
-        feats = rng.standard_normal((batch, DIM), dtype=np.float32)
-        got = _post(port, scores.astype("<f4").tobytes() + feats.astype("<f4").tobytes(), batch)
-        if got:
-            acked.extend(range(got[0], got[1] + 1))
-        time.sleep(max(0.0, 0.1 - (time.monotonic() - t0)))
+def _agent_upload_bytes(port: int) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("et_agent_upload_bytes_total "):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
-async def _stream_seqs(url: str) -> list[tuple[str, int]]:
+async def live_view(stack: Stack, counts: Counts, t0: float, every: float = 1.0) -> None:
+    print(f"{'t':>6} {'windows':>8} {'kept':>6} {'drop':>6} {'delivered':>9} {'results':>8} "
+          f"{'backlog':>7} {'wire/raw':>8} {'p50 ms':>7}  events")  # fmt: skip
+    last_windows = 0
+    while True:
+        await asyncio.sleep(every)
+        sts = await asyncio.to_thread(lambda: [agent_status(a.port) or {} for a in stack.agents])
+        for i, a in enumerate(stack.agents):
+            b = await asyncio.to_thread(_agent_upload_bytes, a.port)
+            if b is not None:
+                counts.add_wire(i, b)
+        delivered = sum(s.get("delivered", 0) for s in sts)
+        backlog = sum(s.get("records", 0) for s in sts)
+        w, k = counts.windows, counts.kept
+        drop = 1 - k / w if w else 0.0
+        p50 = _percentile(counts.latencies_ms[-2000:], 50)
+        rates = f"+{(w - last_windows) / every:.0f} windows/s"
+        last_windows = w
+        ev = "; ".join(counts.events)
+        counts.events.clear()
+        print(
+            f"{time.monotonic() - t0:5.0f}s {w:>8} {k:>6} {drop:>6.1%} {delivered:>9} {counts.results:>8} "
+            f"{backlog:>7} {counts.wire_bytes / max(counts.raw_bytes, 1):>8.2%} "
+            f"{'-' if p50 is None else f'{p50:.0f}':>7}  {rates}{'  ' + ev if ev else ''}",
+            flush=True,
+        )
+
+
+async def chaos(stack: Stack, seconds: float, counts: Counts) -> None:
+    """Kill -9 and restart each part once, spread evenly over the run."""
+    victims: list[tuple[str, BrokerProcess]] = [
+        ("broker (nats-server)", stack.nats),
+        ("ingest", stack.ingest),
+        ("worker", stack.worker),
+        (f"device {stack.agents[0].name}", stack.agents[0]),
+    ]
+    t0 = time.monotonic()
+    gap = seconds / (len(victims) + 1)
+    for k, (name, proc) in enumerate(victims, start=1):
+        await asyncio.sleep(max(0.0, t0 + k * gap - time.monotonic()))
+        await asyncio.to_thread(proc.kill)
+        counts.events.append(f"killed {name}")
+        await asyncio.sleep(min(2.0, gap / 3))
+        await asyncio.to_thread(proc.start, 60)
+        counts.events.append(f"{name} back")
+
+
+async def settle(stack: Stack, counts: Counts, within: float) -> dict[str, Any]:
+    """Wait until every queue is empty and every kept record is answered; the final count."""
+    want = {(f"device-{i}", s) for i, ranges in enumerate(counts.acked) for a, b in ranges
+            for s in range(a, b + 1)}  # fmt: skip
+    deadline = time.monotonic() + within
+    got: list[tuple[str, int]] = []
+    while True:
+        sts = await asyncio.to_thread(lambda: [agent_status(a.port) for a in stack.agents])
+        drained = all(s is not None and s["records"] == 0 and s["frames_in_flight"] == 0 for s in sts)
+        if drained or time.monotonic() > deadline:
+            got = await _stored_results(stack.nats.url)
+            if set(got) >= want or time.monotonic() > deadline:
+                break
+        await asyncio.sleep(0.5)
+    evicted = sum(sum((s or {}).get("evictions", {}).values()) for s in sts)
+    return {
+        "kept": len(want),
+        "results": len(set(got)),
+        "lost": len(want - set(got)),
+        "duplicated": len(got) - len(set(got)),
+        "evicted": evicted,
+    }
+
+
+async def _stored_results(url: str) -> list[tuple[str, int]]:
     nc = await nats.connect(url)
     try:
-        msgs = await read_all(nc.jetstream(), topics.FEATURES_STREAM)
+        msgs = await read_all(nc.jetstream(), topics.RESULTS_STREAM)
     finally:
         await nc.close()
     out: list[tuple[str, int]] = []
-    for msg in msgs:
-        f = decode_frame(msg.data or b"")
-        out.extend((f.device, int(x)) for x in f.seqs)
+    for m in msgs:
+        b = decode_results(m.data or b"")
+        out.extend((b.device, int(s)) for s in b.seqs)
     return out
+
+
+async def run(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
+    counts = Counts([Tally() for _ in stack.agents], [[] for _ in stack.agents])
+    t0 = time.monotonic()
+    async with asyncio.TaskGroup() as tg:
+        watcher = tg.create_task(watch_results(stack.nats.url, counts))
+        view = tg.create_task(live_view(stack, counts, t0))
+        feeders = [
+            tg.create_task(feed(a.endpoint, i, args.seconds, args.rate, counts))
+            for i, a in enumerate(stack.agents)
+        ]
+        if args.chaos:
+            tg.create_task(chaos(stack, args.seconds, counts))
+        await asyncio.gather(*feeders)
+        emitted_s = time.monotonic() - t0
+        final = await settle(stack, counts, within=120)
+        await asyncio.sleep(1.5)  # one more line of the view, with the last results
+        view.cancel()
+        watcher.cancel()
+    elapsed = time.monotonic() - t0
+    lat = counts.latencies_ms
+    faults = sum(t.faults for t in counts.tallies)
+    return {
+        "devices": len(stack.agents),
+        "seconds": round(emitted_s, 1),
+        "emitted": counts.windows,
+        "kept": counts.kept,
+        "faults": faults,
+        "faults_kept": sum(t.faults_kept for t in counts.tallies),
+        **final,
+        "delivered": sum((agent_status(a.port) or {}).get("delivered", 0) for a in stack.agents),
+        "features_per_s": round(final["results"] / max(elapsed, 1e-9), 1),
+        "latency_p50_ms": _percentile(lat, 50),
+        "latency_p99_ms": _percentile(lat, 99),
+        "raw_bytes": counts.raw_bytes,
+        "wire_bytes": int(counts.wire_bytes),
+        "unreachable_posts": sum(t.unreachable for t in counts.tallies),
+        "chaos": bool(args.chaos),
+    }
+
+
+def summary(s: dict[str, Any]) -> str:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f} ms"
+
+    return "\n".join([
+        "",
+        "summary",
+        f"  emitted      {s['emitted']} windows from {s['devices']} devices in {s['seconds']} s"
+        f" ({s['faults']} in fault episodes)",
+        f"  kept         {s['kept']} ({s['kept'] / max(s['emitted'], 1):.1%}); faults kept "
+        f"{s['faults_kept']}/{s['faults']}",
+        f"  delivered    {s['delivered']} (receipted by the cloud, deleted on the device)",
+        f"  results      {s['results']} ({s['features_per_s']:.0f} features/s end to end)",
+        f"  lost         {s['lost']}",
+        f"  duplicated   {s['duplicated']}",
+        f"  latency      enqueue -> result p50 {ms(s['latency_p50_ms'])}, p99 {ms(s['latency_p99_ms'])}",
+        f"  bytes        on the wire {s['wire_bytes']:,} vs raw {s['raw_bytes']:,} "
+        f"({s['wire_bytes'] / max(s['raw_bytes'], 1):.2%})",
+    ])  # fmt: skip
+
+
+def next_steps(stack: Stack, kept_up: bool) -> str:
+    api = f"http://127.0.0.1:{stack.api.port}"
+    lines = [
+        "",
+        "try next" + ("" if kept_up else " (run with --serve to keep the demo up for these)"),
+        f"  export TOKEN={stack.token}",
+        f'  curl -s -H "Authorization: Bearer $TOKEN" {api}/v1/devices',
+        f"  curl -s -H \"Authorization: Bearer $TOKEN\" '{api}/v1/devices/device-0/results?limit=5'",
+        f'  curl -sN -H "Authorization: Bearer $TOKEN" {api}/v1/stream',
+        f"  mosquitto_sub -p {stack.nats.mqtt_port} -V mqttv311 -t 'et/{TENANT}/+/results'",
+        f"  edge-agent status --config {stack.agents[0].config_path}",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edge-tier-demo", description=__doc__.splitlines()[0])
     p.add_argument("--devices", type=int, default=3)
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--rate", type=int, default=2000, help="records/s offered per device")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--rate", type=float, default=50.0, help="raw windows/s per device")
+    p.add_argument("--chaos", action="store_true", help="kill and restart broker, ingest, worker, a device")
+    p.add_argument("--serve", action="store_true", help="keep everything running after the summary")
+    p.add_argument("--json", action="store_true", help="the summary as JSON on stdout (the view on stderr)")
     p.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp dir)")
     args = p.parse_args(argv)
-
     work = args.workdir or Path(tempfile.mkdtemp(prefix="edge-tier-demo-"))
-    procs: list[Any] = []
+    out = sys.stdout
+    if args.json:
+        sys.stdout = sys.stderr
+    stack: Stack | None = None
     try:
-        print(
-            f"edge-tier demo: {args.devices} devices x {args.rate} records/s x {args.seconds:.0f}s; "
-            f"files in {work}"
-        )
-        server = NatsServer(work / "nats", mqtt_port=0, server_name="et-demo")
-        server.start()
-        procs.append(server)
-        mqtt = {"port": server.mqtt_port, "version": "3.1.1", "backoff_min_s": 0.1, "backoff_max_s": 2.0}
-        ingest = IngestProcess(
-            work / "ingest", {"mqtt": mqtt, "nats": {"servers": [server.url]}}, name="cloud-ingest"
-        )
-        ingest.start(timeout=30)
-        procs.append(ingest)
-        agents = []
-        for i in range(args.devices):
-            d = work / f"device-{i}"
-            a = AgentProcess(
-                d,
-                {
-                    "device": {"tenant": "demo", "device": f"device-{i}"},
-                    "mqtt": mqtt,
-                    "store": {"path": str(d / "queue.db")},
-                },
-                name=f"edge-agent-{i}",
-            )
-            a.start(timeout=30)
-            procs.append(a)
-            agents.append(a)
-        print(f"  nats-server  {server.url} (MQTT {server.mqtt_url}), ingest, {len(agents)} agents: running")
-        acked: list[list[int]] = [[] for _ in agents]
-        threads = [
-            threading.Thread(target=_produce, args=(a.port, args.seconds, args.rate, acked[i], i))
-            for i, a in enumerate(agents)
-        ]
-        t0 = time.monotonic()
-        for t in threads:
-            t.start()
-        while any(t.is_alive() for t in threads):
-            time.sleep(1.0)
-            sts = [agent_status(a.port) or {} for a in agents]
-            print(
-                f"  t={time.monotonic() - t0:5.1f}s  enqueued={sum(map(len, acked)):>8}  "
-                f"delivered={sum(s.get('delivered', 0) for s in sts):>8}  "
-                f"backlog={sum(s.get('records', 0) for s in sts):>6}"
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if all(agent_drained(a.port) for a in agents):
-                break
-            time.sleep(0.2)
-        elapsed = time.monotonic() - t0
-        stored = asyncio.run(_stream_seqs(server.url))
-        expected = {(f"device-{i}", s) for i, seqs in enumerate(acked) for s in seqs}
-        got = set(stored)
-        lost = len(expected - got)
-        dup = len(stored) - len(got)
-        evicted = sum(sum((agent_status(a.port) or {}).get("evictions", {}).values()) for a in agents)
-        print("\nsummary")
-        print(f"  enqueued     {len(expected)}")
-        print(f"  in JetStream {len(got)}  ({len(got) / elapsed:,.0f} features/s over {elapsed:.1f}s)")
-        print(f"  evicted      {evicted}")
-        print(f"  lost         {lost}")
-        print(f"  duplicated   {dup}")
-        print(
-            "\nnext: `make demo ARGS='--workdir DIR'` keeps the files, then "
-            "`edge-agent status --config DIR/device-0/edge-agent-0.conf` reads a device's queue; "
-            "`make test` runs the fault tests"
-        )
-        return 0 if lost == 0 and dup == 0 else 1
+        print(f"edge-tier demo: {args.devices} devices x {args.rate:g} windows/s x {args.seconds:g}s"
+              f"{' with chaos' if args.chaos else ''}; files in {work}")  # fmt: skip
+        stack = start_stack(work, args.devices)
+        print(f"  nats-server {stack.nats.url} (JetStream; MQTT on {stack.nats.mqtt_port}), ingest, "
+              f"worker, API on {stack.api.port}, {len(stack.agents)} agents (prefilter)\n")  # fmt: skip
+        result = asyncio.run(run(args, stack))
+        print(summary(result))
+        print(next_steps(stack, args.serve))
+        if args.json:
+            out.write(json.dumps(result) + "\n")
+        if args.serve:
+            print("\nrunning until Ctrl-C")
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+        return 0 if result["lost"] == 0 and result["duplicated"] == 0 else 1
     except KeyboardInterrupt:
+        print("\nstopping (Ctrl-C)")
         return 130
     finally:
-        for proc in reversed(procs):
-            proc.stop()
+        if stack is not None:
+            for proc in reversed(stack.processes):
+                proc.stop()
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+        sys.stdout = out
 
 
 if __name__ == "__main__":

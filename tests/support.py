@@ -360,6 +360,31 @@ def assert_exactly_once(stored: list[int], expected: set[int]) -> None:
     assert not extra, f"{len(extra)} records in the stream were never enqueued, e.g. {sorted(extra)[:5]}"
 
 
+class Subscriber:
+    """A paho client that records every message on ``topic``: an application, or a wire spy."""
+
+    def __init__(self, port: int, topic: str, client_id: str = "subscriber") -> None:
+        self.got: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.c.on_message = self._on_message
+        self.c.connect("127.0.0.1", port)
+        self.c.subscribe(topic, 1)
+        self.c.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self.lock:
+            self.got.append((msg.topic, bytes(msg.payload)))
+
+    def payloads(self) -> list[bytes]:
+        with self.lock:
+            return [p for _, p in self.got]
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
 class RawClient:
     """A plain paho client that speaks as a device: publishes frames, collects receipts."""
 
