@@ -42,7 +42,7 @@ from cloud_ingest.openapi import document
 from cloud_ingest.results_index import Entry, ResultsIndex
 from cloud_ingest.streams import ensure_streams
 from edge_tier import topics
-from edge_tier.http import metrics_page, problem, serve_tcp
+from edge_tier.http import healthz, metrics_page, problem, readiness, serve_tcp
 from edge_tier.ratelimit import TokenBucket
 from edge_tier.tasks import running
 from edge_tier.tokens import TokenError, TokenStore
@@ -198,7 +198,7 @@ class ResultApi:
                 web.get("/v1/devices/{device}/results", self.get_results),
                 web.get("/v1/uploads/{upload_id}", self.get_upload),
                 web.get("/v1/stream", self.get_stream),
-                web.get("/healthz", self.healthz),
+                web.get("/healthz", healthz),
                 web.get("/readyz", self.readyz),
                 web.get("/metrics", metrics_page),
                 web.get("/openapi.json", self.openapi),
@@ -523,9 +523,6 @@ class ResultApi:
         SSE_EVENTS.inc()
         SSE_LAG.observe(max(0.0, time.time() - produced_ms / 1000))
 
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
-
     async def readyz(self, request: web.Request) -> web.Response:
         checks = {
             "nats": bool(self.nc and self.nc.is_connected),
@@ -537,8 +534,8 @@ class ResultApi:
                 checks["streams"] = True
             except (nats.errors.Error, TimeoutError):
                 checks["streams"] = False
-        ok = all(checks.values()) and "streams" in checks
-        return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
+        checks.setdefault("streams", False)
+        return await readiness(checks)
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(self._openapi)

@@ -8,30 +8,28 @@ from collections.abc import Awaitable, Callable
 
 from cloud_ingest.config import load_ingest_config
 from cloud_ingest.errors import IngestError
-from edge_tier.cli import run_service, setup_logging
+from edge_tier.cli import run_service
 from edge_tier.config import ConfigError
+from edge_tier.logs import setup_logging
 
 
 def _serve(args: argparse.Namespace, service: str) -> int:
     cfg = load_ingest_config(args.config)
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     main: Callable[[], Awaitable[None]]
+    # each serves /metrics, /healthz and /readyz itself (the API on its own port)
     if service == "worker":
         from cloud_ingest.worker import Worker
 
-        main, port = Worker(cfg).run, cfg.worker.metrics_port
+        main = Worker(cfg).run
     elif service == "api":
         from cloud_ingest.api import ResultApi
 
-        main, port = ResultApi(cfg).run, None  # it serves /metrics on its own port
+        main = ResultApi(cfg).run
     else:
         from cloud_ingest.ingest import Ingest
 
-        main, port = Ingest(cfg).run, cfg.ingest.metrics_port
-    if port is not None:
-        from prometheus_client import start_http_server
-
-        start_http_server(port, addr="127.0.0.1")
+        main = Ingest(cfg).run
     return run_service(main)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -50,7 +51,9 @@ class IngestSettings(BaseModel):
     max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_records: int = Field(65536, ge=1)
     max_dim: int = Field(65536, ge=1)
+    # /metrics, /healthz and /readyz (None: not served)
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
     # Also publish each tier-two result to MQTT et/{tenant}/{device}/results.
     relay_results: bool = True
 
@@ -94,7 +97,9 @@ class WorkerSettings(BaseModel):
     tenants: list[str] | None = None
     discover_s: float = Field(2.0, gt=0)
     results_max_records: int = Field(4096, ge=1, description="records per result message")
+    # /metrics, /healthz and /readyz (None: not served)
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("instance", "consumer_prefix")
     @classmethod
@@ -137,6 +142,7 @@ class IngestConfig(ServiceSettings):
     worker: WorkerSettings = WorkerSettings()
     api: ApiSettings = ApiSettings()
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one object a line, with tenant/device/seq/upload_id
 
 
 def load_ingest_config(path: str | Path | None) -> IngestConfig:

@@ -45,6 +45,8 @@ from cloud_ingest import metrics
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.streams import clip_header, ensure_streams, publish_dead_letter
 from edge_tier import topics
+from edge_tier.http import OpsServer
+from edge_tier.logs import context
 from edge_tier.mqtt import Message, MqttBridge
 from edge_tier.tasks import running
 from edge_tier.wire import (
@@ -126,7 +128,24 @@ class Ingest:
 
     # -- lifecycle --------------------------------------------------------
 
+    async def checks(self) -> dict[str, bool]:
+        return {
+            "nats": bool(self.nc and self.nc.is_connected),
+            "mqtt": self.mqtt.connected.is_set(),
+            "subscribed": self.mqtt.subscribed.is_set(),
+            "started": self.ready.is_set(),
+        }
+
     async def run(self) -> None:
+        ops = OpsServer(self.checks)
+        if self.cfg.ingest.metrics_port is not None:
+            await ops.start(self.cfg.ingest.metrics_host, self.cfg.ingest.metrics_port)
+        try:
+            await self._run()
+        finally:
+            await ops.stop()
+
+    async def _run(self) -> None:
         self.nc = await connect_nats(self.cfg, f"et-ingest-{self.cfg.ingest.instance}")
         room = self.nc.max_payload - 4096  # headers ride in the same message
         if self.limits.max_frame_bytes > room:
@@ -253,7 +272,8 @@ class Ingest:
             ledger = await self.ledger(*key)
             if frame.last_seq <= ledger.last_seq:
                 metrics.FRAMES.labels("duplicate").inc()
-                log.info("upload %s is a re-send (committed up to %d)", frame.upload_id, ledger.last_seq)
+                log.info("upload %s is a re-send (committed up to %d)", frame.upload_id, ledger.last_seq,
+                         extra=context(frame.upload_id))  # fmt: skip
                 self.receipt(frame, ReceiptStatus.DUPLICATE)
                 return
             if frame.prev_seq > ledger.last_seq:
@@ -272,6 +292,7 @@ class Ingest:
                     frame.upload_id,
                     frame.prev_seq,
                     ledger.last_seq,
+                    extra=context(frame.upload_id),
                 )
                 self.receipt(frame, ReceiptStatus.GAP, expected_prev=ledger.last_seq)
                 return
@@ -400,7 +421,8 @@ class Ingest:
         upload_id: str | None = None,
     ) -> None:
         assert self.js is not None and self.nc is not None
-        log.warning("dead-lettering a message on %s (%d bytes): %s", msg.topic, len(msg.payload), reason)
+        log.warning("dead-lettering a message on %s (%d bytes): %s", msg.topic, len(msg.payload), reason,
+                    extra=context(upload_id, tenant=tenant, device=device, topic=msg.topic))  # fmt: skip
         metrics.DEADLETTERED.inc()
         metrics.FRAMES.labels("deadletter").inc()
         headers = {

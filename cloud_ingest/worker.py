@@ -47,6 +47,8 @@ from cloud_ingest.ingest import connect_nats
 from cloud_ingest.streams import clip_header, ensure_streams, publish_dead_letter
 from cloud_ingest.tier2 import Tier2Model
 from edge_tier import topics
+from edge_tier.http import OpsServer
+from edge_tier.logs import context
 from edge_tier.ratelimit import TokenBucket
 from edge_tier.tasks import running
 from edge_tier.wire import Dtype, Frame, WireError, decode_frame, encode_results
@@ -101,7 +103,23 @@ class Worker:
 
     # -- lifecycle --------------------------------------------------------
 
+    async def checks(self) -> dict[str, bool]:
+        return {
+            "nats": bool(self.nc and self.nc.is_connected),
+            "model": self.model is not None,
+            "started": self.ready.is_set(),
+        }
+
     async def run(self) -> None:
+        ops = OpsServer(self.checks)
+        if self.w.metrics_port is not None:
+            await ops.start(self.w.metrics_host, self.w.metrics_port)
+        try:
+            await self._run()
+        finally:
+            await ops.stop()
+
+    async def _run(self) -> None:
         w = self.w
         if self.model is None:
             self.model = await asyncio.to_thread(
@@ -360,7 +378,8 @@ class Worker:
         for o in answers:
             if id(o) not in done:
                 # Redelivered, and the parts already stored are dropped then as duplicates.
-                log.warning("upload %s: results not written; it will be redelivered", o.work.frame.upload_id)
+                uid = o.work.frame.upload_id
+                log.warning("upload %s: results not written; it will be redelivered", uid, extra=context(uid))
                 metrics.WORKER_MESSAGES.labels(o.work.frame.tenant, "retry").inc()
                 with contextlib.suppress(Exception):
                     await o.work.msg.nak(delay=self.w.backoff_s[0])
@@ -419,11 +438,12 @@ class Worker:
         try:
             if n < self.w.max_deliveries:
                 delay = self.w.backoff_s[min(n, len(self.w.backoff_s)) - 1]
-                log.warning("cannot answer %s: %s (retry in %.1fs)", where, reason, delay)
+                log.warning("cannot answer %s: %s (retry in %.1fs)", where, reason, delay,
+                            extra=context(upload_id, tenant=tenant))  # fmt: skip
                 metrics.WORKER_MESSAGES.labels(tenant, "nak").inc()
                 await msg.nak(delay=delay)
                 return
-            log.error("dead-lettering %s: %s", where, reason)
+            log.error("dead-lettering %s: %s", where, reason, extra=context(upload_id, tenant=tenant))
             headers = {
                 "Et-Reason": clip_header(reason, 2000),
                 "Et-Source": "worker",

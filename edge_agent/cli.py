@@ -10,8 +10,9 @@ import time
 from edge_agent.config import AgentConfig, load_agent_config
 from edge_agent.errors import AgentError
 from edge_agent.store import Store
-from edge_tier.cli import run_service, setup_logging
+from edge_tier.cli import run_service
 from edge_tier.config import ConfigError
+from edge_tier.logs import setup_logging
 
 
 def _age(ms: int | None) -> str:
@@ -22,7 +23,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edge_agent.daemon import Agent
 
     cfg = load_agent_config(args.config)
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     agent = Agent(cfg)
     return run_service(agent.run)
 

@@ -116,6 +116,7 @@ class AgentConfig(ServiceSettings):
     prefilter: PrefilterSettings = PrefilterSettings()
     control: ControlSettings = ControlSettings()
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one object a line, with tenant/device/seq/upload_id
 
     def control_path(self, name: str) -> Path:
         """``name`` in the control directory (the agent makes it at start)."""

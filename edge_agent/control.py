@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent import metrics
 from edge_agent.config import AgentConfig
 from edge_agent.files import write_atomic
 from edge_agent.model_store import ModelStore
@@ -213,6 +214,8 @@ class Controller:
         self.doc, self.error = doc, None
         self._applied_ms = time.time_ns() // 1_000_000
         c = doc.config
+        metrics.CONTROL_GENERATION.set(doc.generation)
+        metrics.UPLOADS_PAUSED.set(int(c.paused))
         self._limit(c)
         if self.prefilter is not None:
             self.prefilter.threshold = self._threshold(self.prefilter, c)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 
+from edge_agent import metrics
 from edge_agent.config import AgentConfig
 from edge_agent.control import Controller, startup_prefilter
 from edge_agent.endpoint import Endpoint
@@ -45,7 +46,7 @@ class Agent:
         # loads is rolled back here, before anything runs.
         self.models = ModelStore(cfg.control_path("models"))
         self.prefilter, active_sha = startup_prefilter(cfg, self.models)
-        self.uplink.model_version = self.prefilter.version if self.prefilter else None
+        self._show_model(self.prefilter)
         self.mqtt.client.will_set(self.uplink.status_topic, self.uplink.offline_status(), 1, True)
         self.endpoint = Endpoint(cfg, self.queue, self.prefilter)
         self.control = Controller(
@@ -63,8 +64,12 @@ class Agent:
             "model_version": self.uplink.model_version,
             "control": self.control.state().model_dump(exclude_none=True),
         }
+        self.endpoint.checks = self.checks
         self.notifier = Notifier()
         self.ready = asyncio.Event()
+
+    async def checks(self) -> dict[str, bool]:
+        return {"queue": not self.queue.closed, "started": self.ready.is_set()}
 
     async def run(self) -> None:
         dev = self.cfg.device
@@ -91,4 +96,10 @@ class Agent:
 
     def _swap_model(self, pf: Prefilter) -> None:
         self.prefilter = self.endpoint.prefilter = pf
-        self.uplink.model_version = pf.version
+        self._show_model(pf)
+
+    def _show_model(self, pf: Prefilter | None) -> None:
+        self.uplink.model_version = pf.version if pf else None
+        metrics.MODEL_INFO.clear()
+        if pf is not None:
+            metrics.MODEL_INFO.labels(pf.version).set(1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.errors import BadRecord, QueueFull, StoreError
 from edge_agent.prefilter import Prefilter
 from edge_agent.store import AsyncQueue, NewRecord, RecordBatch, RecordKind
-from edge_tier.http import metrics_page, problem, serve_tcp
+from edge_tier.http import healthz, metrics_page, problem, readiness, serve_tcp
 from edge_tier.wire import Dtype, WireError, check_meta
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,10 @@ def _score(i: int, value: Any) -> float:
         raise BadRecord(f"records[{i}].score must be a finite number, not {value!r:.40}") from None
 
 
+async def _no_checks() -> dict[str, bool]:
+    return {}
+
+
 class Endpoint:
     def __init__(self, config: AgentConfig, queue: AsyncQueue, prefilter: Prefilter | None = None) -> None:
         self.cfg = config.endpoint
@@ -109,6 +113,7 @@ class Endpoint:
         self.prefilter = prefilter
         self._model_lock = asyncio.Lock()  # one interpreter: one inference at a time
         self.status_fields: Callable[[], dict[str, Any]] = dict  # what the agent adds to /v1/status
+        self.checks: Callable[[], Awaitable[dict[str, bool]]] = _no_checks  # the agent's, for /readyz
         self.allow = set(self.cfg.metadata_allow)
         self.app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[_answer_errors])
         self.app.add_routes(
@@ -116,7 +121,8 @@ class Endpoint:
                 web.post("/v1/records", self.post_records),
                 web.post("/v1/windows", self.post_windows),
                 web.get("/v1/status", self.get_status),
-                web.get("/healthz", self.healthz),
+                web.get("/healthz", healthz),
+                web.get("/readyz", self.readyz),
                 web.get("/metrics", metrics_page),
             ]
         )
@@ -321,5 +327,7 @@ class Endpoint:
         metrics.observe_queue(st)
         return web.json_response({**st.as_dict(), **self.status_fields()})
 
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Ready to take records: the queue is open and the agent runs. A broker being away
+        is no reason to refuse them (store and forward), so the uplink is not a check."""
+        return await readiness(await self.checks())

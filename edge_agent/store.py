@@ -1098,6 +1098,10 @@ class AsyncQueue:
         self.on_commit: list[Callable[[], None]] = []
         self._closed = False
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store operation on the store's thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

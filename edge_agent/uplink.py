@@ -29,6 +29,7 @@ from edge_agent import metrics
 from edge_agent.config import AgentConfig
 from edge_agent.store import AsyncQueue, FrameRows
 from edge_tier import topics
+from edge_tier.logs import context
 from edge_tier.mqtt import Message, MqttBridge
 from edge_tier.ratelimit import TokenBucket
 from edge_tier.tasks import running
@@ -169,6 +170,7 @@ class Uplink:
                 uid,
                 e,
                 frame.n,
+                extra=context(uid),
             )
             await self.queue.call(self.store.finish_frame, frame.first_seq, frame.last_seq, "unencodable")
             return None
@@ -212,7 +214,7 @@ class Uplink:
         metrics.BYTES_SENT.inc(len(f.payload))
         if f.sends > 1:
             metrics.FRAMES_RESENT.inc()
-            log.info("re-sent upload %s (send %d)", f.upload_id, f.sends)
+            log.info("re-sent upload %s (send %d)", f.upload_id, f.sends, extra=context(f.upload_id))
 
     def _send_due(self) -> None:
         for f in self.in_flight.values():
@@ -263,6 +265,7 @@ class Uplink:
                     r.upload_id,
                     r.reason,
                     f.frame.n,
+                    extra=context(r.upload_id),
                 )
                 finished.append((f, "rejected"))
             elif r.status is ReceiptStatus.GAP:
@@ -305,6 +308,7 @@ class Uplink:
                     expected,
                     f.upload_id,
                     f.frame.prev_seq,
+                    extra=context(f.upload_id),
                 )
                 await self.queue.call(self.store.set_frame_prev, f.frame.first_seq, expected)
                 f.frame.prev_seq = expected

@@ -1,20 +1,11 @@
-"""What every command-line entry point shares: logging, and running a service until a signal."""
+"""What every command-line entry point shares: running a service until a signal."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-import sys
 from collections.abc import Awaitable, Callable
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def run_service(main: Callable[[], Awaitable[None]]) -> int:

@@ -1,7 +1,11 @@
 """What the HTTP services (the agent's endpoint, the result API) share: problem+json
-answers (RFC 9457), the Prometheus page, and serving an aiohttp app on a TCP port."""
+answers (RFC 9457), the Prometheus page, health and readiness answers, serving an aiohttp
+app on a TCP port, and the small ops server of the services without an HTTP API of their
+own (ingest, workers): ``/metrics``, ``/healthz``, ``/readyz``."""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -28,3 +32,42 @@ async def serve_tcp(runner: web.AppRunner, host: str, port: int) -> int | None:
     await site.start()
     server = getattr(site, "_server", None)
     return server.sockets[0].getsockname()[1] if server is not None and server.sockets else None
+
+
+Checks = Callable[[], Awaitable[dict[str, bool]]]
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is up and its event loop answers (liveness)."""
+    return web.json_response({"ok": True})
+
+
+async def readiness(checks: dict[str, bool]) -> web.Response:
+    """200 when every check holds, else 503; the checks in the body either way."""
+    ok = all(checks.values())
+    return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
+
+
+class OpsServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` (from ``checks``) on ``host:port``."""
+
+    def __init__(self, checks: Checks) -> None:
+        self.checks = checks
+        self.app = web.Application()
+        self.app.add_routes(
+            [web.get("/metrics", metrics_page), web.get("/healthz", healthz), web.get("/readyz", self.readyz)]
+        )
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        return await readiness(await self.checks())
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        self.port = await serve_tcp(self._runner, host, port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

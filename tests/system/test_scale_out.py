@@ -9,13 +9,14 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import nats.errors
 import pytest
 
 pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
 from edge_tier.brokers import Mosquitto, NatsCluster
 from edge_tier.services import AgentProcess, IngestProcess, WorkerProcess, agent_drained
-from edge_tier.wire import decode_results
+from edge_tier.wire import ResultBatch, decode_results
 from tests.conftest import need_binary
 from tests.support import (
     TENANT,
@@ -37,6 +38,14 @@ def _counter(port: int, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         lines = r.read().decode().splitlines()
     return sum(float(x.split()[-1]) for x in lines if x.startswith(name) and not x.startswith("#"))
+
+
+def _results(url: str) -> list[ResultBatch]:
+    """ET_RESULTS as one node serves it; [] while the cluster elects new leaders (timeouts)."""
+    try:
+        return results(url)
+    except (nats.errors.Error, TimeoutError):
+        return []
 
 
 @pytest.fixture
@@ -91,14 +100,14 @@ def test_every_result_exactly_once_when_a_nats_node_dies_mid_run(
         for t in threads:
             t.start()
         survivor = cluster.urls[1]
-        wait_until(lambda: len(results(survivor)) >= 10, 60, "the first results")
+        wait_until(lambda: len(_results(survivor)) >= 10, 60, "the first results")
         cluster.nodes[0].kill()  # the first node started: the meta leader, most likely
         for t in threads:
             t.join(120)
         wait_until(lambda: all(agent_drained(a.port) for a in agents), 120, "every queue to drain")
         want = {(TENANT, f"dev-{i}", s) for i, pr in enumerate(producers) for s in pr.acked}
-        wait_until(lambda: len(set(result_keys(results(survivor)))) >= len(want), 120, "every result")
-        keys = result_keys(results(survivor))
+        wait_until(lambda: len(set(result_keys(_results(survivor)))) >= len(want), 120, "every result")
+        keys = result_keys(results(survivor))  # settled: a failure to read now is a failure
         for i, pr in enumerate(producers):
             assert pr.errors == 0, f"agent {i} refused records"
             assert_exactly_once([s for (_, d, s) in keys if d == f"dev-{i}"], set(pr.acked))

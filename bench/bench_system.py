@@ -1,0 +1,362 @@
+"""The whole system at rising load: features enqueued on devices -> results in ET_RESULTS.
+
+One stack on loopback for every load level: mosquitto and ``nats-server -js``, the ingest
+service, one tier-two worker and ``--devices`` agents, all real processes configured by
+their TOML files. Paced load generators here POST 16-value float32 feature vectors
+(the tier-two model's input) to each agent's endpoint (binary form, durable); every
+record's answer is read back from ET_RESULTS by a durable consumer. Per level:
+
+* **features/s end to end**: results written / time from the first enqueue of the level
+  to its last result;
+* **enqueue -> result p50/p99**: ``produced_ms`` (the worker) minus the record's
+  ``times_ms`` (the agent, at enqueue), so the reader's own delay is not counted;
+* **CPU** (seconds per second of the level) and **peak RSS** of each process;
+* **lost / duplicated**: every acknowledged record must have exactly one result.
+
+The naive baselines of the earlier benchmarks run in the same invocation and the ratio
+against them is printed: the per-record pipeline of ``bench_pipeline`` (commit,
+message, publish and receipt per record) and the one-at-a-time worker of
+``bench_tier2`` (fetch 1, infer, publish, ack_sync), against ours. With ``--write``
+(``make bench``) the tables go to ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import numpy as np
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from bench import bench_pipeline, bench_tier2
+from bench.bench_pipeline import CpuMeter
+from bench.figures import save_json
+from edge_tier import topics
+from edge_tier.brokers import BrokerProcess, Mosquitto, NatsServer
+from edge_tier.services import AgentProcess, IngestProcess, WorkerProcess, agent_status
+from edge_tier.wire import decode_results
+
+DIM = 16
+TENANT = "bench"
+RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+PAGE = 4096
+
+
+@dataclass
+class Level:
+    offered: float | None  # features/s over all devices; None = as fast as the agents take them
+    enqueued: int = 0
+    results: int = 0
+    seconds: float = 0.0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    lost: int = 0
+    duplicated: int = 0
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per second
+    rss_mb: dict[str, float] = field(default_factory=dict)  # peak resident set
+
+    @property
+    def rate(self) -> float:
+        return self.results / self.seconds if self.seconds else 0.0
+
+
+def rss_mb(pid: int | None) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, TypeError):
+        pass
+    return 0.0
+
+
+class RssMeter(threading.Thread):
+    """The peak resident set of each process, sampled every 0.2 s until ``stop()``."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.peak = pids, {k: 0.0 for k in pids}
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(0.2):
+            for k, p in self.pids.items():
+                self.peak[k] = max(self.peak[k], rss_mb(p))
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self.join()
+        return self.peak
+
+
+def _body(n: int, rng: np.random.Generator) -> bytes:
+    scores = rng.random(n, dtype=np.float32)
+    feats = rng.standard_normal((n, DIM), dtype=np.float32)
+    return scores.astype("<f4").tobytes() + feats.astype("<f4").tobytes()
+
+
+def produce(port: int, rate: float | None, seconds: float, acked: list[int], seed: int) -> None:
+    """POST batches to one agent: ``rate`` records/s in 20 posts a second, or saturating."""
+    rng = np.random.default_rng(seed)
+    batch = 1000 if rate is None else max(1, int(rate / 20))
+    bodies = [_body(batch, rng) for _ in range(4)]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    t0 = time.monotonic()
+    sent = 0
+    i = 0
+    while time.monotonic() - t0 < seconds:
+        conn.request("POST", f"/v1/records?stream=bench&dim={DIM}", bodies[i % 4],
+                     {"Content-Type": "application/x-edge-tier-features"})  # fmt: skip
+        i += 1
+        r = conn.getresponse()
+        answer = json.loads(r.read())
+        if r.status == 200:
+            acked.extend(range(answer["first_seq"], answer["last_seq"] + 1))
+        sent += batch
+        if rate is not None:
+            time.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
+    conn.close()
+
+
+class ResultReader:
+    """Every result message, read back as written (a durable pull consumer in its own thread)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.rows: list[tuple[str, int, int, int]] = []  # (device, seq, times_ms, produced_ms)
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.rows)
+
+    async def _run(self) -> None:
+        nc = await nats.connect(self.url)
+        js = nc.jetstream()
+        sub = None
+        while sub is None and not self._stop.is_set():
+            try:
+                sub = await js.pull_subscribe(
+                    topics.RESULTS_SUBJECTS, durable="bench-reader", stream=topics.RESULTS_STREAM,
+                    config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL),
+                )  # fmt: skip
+            except (nats.errors.Error, TimeoutError):
+                await asyncio.sleep(0.2)
+        while sub is not None and not self._stop.is_set():
+            try:
+                msgs = await sub.fetch(PAGE, timeout=0.2)
+            except (nats.errors.Error, TimeoutError):
+                continue
+            rows = []
+            for m in msgs:
+                b = decode_results(m.data)
+                rows.extend((b.device, s, t, b.produced_ms) for s, t in zip(b.seqs, b.times_ms, strict=True))
+            with self.lock:
+                self.rows.extend(rows)
+        await nc.close()
+
+
+@dataclass
+class Stack:
+    mosquitto: Mosquitto
+    nats: NatsServer
+    ingest: IngestProcess
+    worker: WorkerProcess
+    agents: list[AgentProcess]
+
+    def pids(self) -> dict[str, int | None]:
+        out: dict[str, int | None] = {f"agent-{i}": a.pid for i, a in enumerate(self.agents)}
+        out |= {"ingest": self.ingest.pid, "worker": self.worker.pid, "mosquitto": self.mosquitto.pid,
+                "nats-server": self.nats.pid, "load+reader": os.getpid()}  # fmt: skip
+        return out
+
+
+def start_stack(d: Path, devices: int, stack: contextlib.ExitStack) -> Stack:
+    procs: list[BrokerProcess] = []
+
+    def up(p: BrokerProcess) -> Any:
+        stack.callback(p.stop)
+        p.start(timeout=60)
+        procs.append(p)
+        return p
+
+    mosq = up(Mosquitto(d / "mosquitto", max_queued_messages=1_000_000, autosave_interval=60))
+    nsrv = up(NatsServer(d / "nats"))
+    ingest = up(IngestProcess(d / "ingest", bench_pipeline.ingest_config(mosq.port, nsrv.url), name="ingest"))
+    worker = up(WorkerProcess(d / "worker", {"nats": {"servers": [nsrv.url]}, "log_level": "INFO",
+                                             "worker": {"discover_s": 0.5, "max_wait_ms": 5.0}},
+                              name="worker"))  # fmt: skip
+    agents = []
+    for i in range(devices):
+        a = d / f"agent-{i}"
+        cfg = {
+            "log_level": "INFO",
+            "device": {"tenant": TENANT, "device": f"dev-{i}"},
+            "mqtt": {"port": mosq.port},
+            "store": {"path": str(a / "queue.db"), "budget_bytes": 1 << 30},
+            "uplink": {"frame_max_records": 4096, "window": 8, "receipt_timeout_s": 30.0},
+        }
+        agents.append(up(AgentProcess(a, cfg, name=f"agent-{i}")))
+    return Stack(mosq, nsrv, ingest, worker, agents)
+
+
+def run_level(stack: Stack, reader: ResultReader, offered: float | None, seconds: float) -> Level:
+    lv = Level(offered)
+    acked: list[list[int]] = [[] for _ in stack.agents]
+    before = reader.count()
+    per_agent = None if offered is None else offered / len(stack.agents)
+    meter, rss = CpuMeter(stack.pids()), RssMeter(stack.pids())
+    meter.start()
+    rss.start()
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=produce, args=(a.port, per_agent, seconds, acked[i], i))
+               for i, a in enumerate(stack.agents)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lv.enqueued = sum(map(len, acked))
+    deadline = time.monotonic() + 180
+    while reader.count() - before < lv.enqueued and time.monotonic() < deadline:
+        time.sleep(0.01)
+    lv.seconds = time.monotonic() - t0
+    lv.cpu = {k: v / lv.seconds for k, v in meter.stop().items()}
+    lv.rss_mb = rss.stop()
+    with reader.lock:
+        rows = reader.rows[before:]
+    want = {(f"dev-{i}", s) for i, seqs in enumerate(acked) for s in seqs}
+    got = [(dev, s) for dev, s, _, _ in rows]
+    lv.results = len(set(got) & want)
+    lv.lost = len(want - set(got))
+    lv.duplicated = len(got) - len(set(got))
+    lat = np.array([p - t for _, _, t, p in rows], dtype=np.float64)
+    if lat.size:
+        lv.p50_ms, lv.p99_ms = (float(x) for x in np.percentile(lat, [50, 99]))
+    for a in stack.agents:  # the next level starts from empty queues
+        bench_pipeline.wait_for(lambda a=a: (agent_status(a.port) or {}).get("records") == 0, 60, "drain")
+    return lv
+
+
+def baselines(args: argparse.Namespace) -> dict[str, float]:
+    """The naive pipeline (bench_pipeline) and the naive and our worker (bench_tier2), here."""
+    print("# baseline: naive per-record pipeline ...", file=sys.stderr, flush=True)
+    pargs = argparse.Namespace(naive_records=args.naive_records, dir=None, keep=False, drain_timeout_s=120.0,
+                               mosquitto_max_queued=1_000_000, mosquitto_autosave_s=60)  # fmt: skip
+    naive_pipeline = bench_pipeline.run_naive(pargs).rate
+    print("# baseline: naive and our worker ...", file=sys.stderr, flush=True)
+    wargs = argparse.Namespace(uploads=args.worker_uploads, per_upload=64, tenants=2, devices=4,
+                               max_batch=512)  # fmt: skip
+    naive_worker, our_worker = bench_tier2.worker_rates(wargs, ["CPUExecutionProvider"])
+    return {"naive_pipeline": naive_pipeline, "naive_worker": naive_worker, "our_worker": our_worker}
+
+
+def _f(x: float | None, spec: str = ",.0f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def tables(levels: list[Level], base: dict[str, float], devices: int) -> str:
+    names = list(levels[0].cpu)
+    out = ["| offered features/s | features/s end to end | enqueue→result p50 ms | p99 ms | lost | dup |",
+           "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    def load(lv: Level) -> str:
+        return "saturating" if lv.offered is None else _f(lv.offered)
+
+    for lv in levels:
+        out.append(f"| {load(lv)} | {_f(lv.rate)} | {_f(lv.p50_ms, '.1f')} | {_f(lv.p99_ms, '.1f')} | "
+                   f"{lv.lost} | {lv.duplicated} |")  # fmt: skip
+    out += ["", "CPU (seconds per second) and peak RSS (MB) per process:", "",
+            "| offered | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
+    for lv in levels:
+        cells = [f"{lv.cpu[n]:.2f} / {lv.rss_mb[n]:.0f}" for n in names]
+        out.append(f"| {load(lv)} | " + " | ".join(cells) + " |")
+    best = max(lv.rate for lv in levels)
+    slowest_naive = min(base["naive_pipeline"], base["naive_worker"])
+    out += [
+        "",
+        "Against the naive baselines, measured in the same run:",
+        "",
+        "| what | naive | ours | x naive |",
+        "|---|---:|---:|---:|",
+        f"| device → JetStream, receipted (per-record commit, message, publish, receipt; bench_pipeline) "
+        f"| {_f(base['naive_pipeline'])} records/s | {_f(best)} features/s end to end | "
+        f"{best / base['naive_pipeline']:.1f} |",
+        f"| tier two (fetch 1, infer, publish, ack_sync; bench_tier2, uploads of 64) "
+        f"| {_f(base['naive_worker'])} features/s | {_f(base['our_worker'])} features/s | "
+        f"{base['our_worker'] / base['naive_worker']:.1f} |",
+        f"| whole path (naive: its slower stage) | {_f(slowest_naive)} | {_f(best)} | "
+        f"{best / slowest_naive:.1f} |",
+        "",
+        f"{devices} devices; every level ran on the same stack; 16 float32 features per record.",
+    ]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_system", description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument("--levels", type=float, nargs="+", default=[2_000, 10_000, 40_000],
+                    help="offered features/s over all devices; a saturating level follows")  # fmt: skip
+    ap.add_argument("--seconds", type=float, default=6.0, help="load per level")
+    ap.add_argument("--naive-records", type=int, default=3000)
+    ap.add_argument("--worker-uploads", type=int, default=1500)
+    ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--write", action="store_true", help=f"write the tables to {RESULTS_MD}")
+    ap.add_argument("--json", type=Path, default=None, metavar="PATH")
+    args = ap.parse_args(argv)
+    levels: list[Level] = []
+    with tempfile.TemporaryDirectory(prefix="bench-system-") as tmp, contextlib.ExitStack() as stack:
+        s = start_stack(Path(tmp), args.devices, stack)
+        reader = ResultReader(s.nats.url)
+        reader.start()
+        stack.callback(reader.stop)
+        for offered in [*args.levels, None]:
+            print(f"# level {'saturating' if offered is None else f'{offered:,.0f}/s'} ...",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            lv = run_level(s, reader, offered, args.seconds)
+            print(f"#   {lv.rate:,.0f} features/s, p99 {_f(lv.p99_ms, '.1f')} ms, lost {lv.lost}, "
+                  f"dup {lv.duplicated}", file=sys.stderr, flush=True)  # fmt: skip
+            levels.append(lv)
+    base = {"naive_pipeline": float("nan"), "naive_worker": float("nan"), "our_worker": float("nan")}
+    if not args.skip_baselines:
+        base = baselines(args)
+    text = tables(levels, base, args.devices)
+    print(text)
+    if args.write:
+        when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        RESULTS_MD.write_text(
+            f"# Whole-system benchmark\n\n`python -m bench.bench_system --write` on {when}: "
+            f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}. "
+            "Absolute figures drift on a shared machine; compare the ratios, measured in the same run.\n\n"
+            + text + "\n"
+        )
+    save_json(args.json, {"levels": [asdict(lv) | {"rate": lv.rate} for lv in levels], "baselines": base})
+    return 0 if all(lv.lost == 0 and lv.duplicated == 0 for lv in levels) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
