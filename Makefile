@@ -36,6 +36,7 @@ bench: deps
 	$(PY) -m bench.bench_prefilter
 	$(PY) -m bench.bench_tier2
 	$(PY) -m bench.bench_api
+	$(PY) -m bench.bench_system --write
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

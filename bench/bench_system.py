@@ -13,6 +13,9 @@ record's answer is read back from ET_RESULTS by a durable consumer. Per level:
 * **CPU** (seconds per second of the level) and **peak RSS** of each process;
 * **lost / duplicated**: every acknowledged record must have exactly one result.
 
+A one-second warm-up runs first, unreported (the worker finds the tenant and makes its
+consumer then).
+
 The naive baselines of the earlier benchmarks run in the same invocation and the ratio
 against them is printed: the per-record pipeline of ``bench_pipeline`` (commit,
 message, publish and receipt per record) and the one-at-a-time worker of
@@ -92,15 +95,15 @@ class RssMeter(threading.Thread):
     def __init__(self, pids: dict[str, int | None]) -> None:
         super().__init__(daemon=True)
         self.pids, self.peak = pids, {k: 0.0 for k in pids}
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(0.2):
+        while not self._done.wait(0.2):
             for k, p in self.pids.items():
                 self.peak[k] = max(self.peak[k], rss_mb(p))
 
     def stop(self) -> dict[str, float]:
-        self._stop.set()
+        self._done.set()
         self.join()
         return self.peak
 
@@ -334,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         reader = ResultReader(s.nats.url)
         reader.start()
         stack.callback(reader.stop)
+        # warm-up, not reported: the worker finds the tenant and makes its consumer
+        run_level(s, reader, 1000, 1.0)
         for offered in [*args.levels, None]:
             print(f"# level {'saturating' if offered is None else f'{offered:,.0f}/s'} ...",
                   file=sys.stderr, flush=True)  # fmt: skip

@@ -76,7 +76,12 @@ class WorkerSettings(BaseModel):
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"], min_length=1
     )
     io_binding: bool | None = None  # None: on where the model runs on a GPU
-    threads: int = Field(0, ge=0, le=256, description="intra-op threads; 0 = onnxruntime's choice")
+    # intra-op threads: 1 = the calling thread only, as fast for the shipped model and with
+    # no pool busy-waiting between calls; 0 = onnxruntime's choice (one per core)
+    threads: int = Field(1, ge=0, le=256)
+    # let a thread pool (threads != 1) busy-wait between calls: a little lower latency in
+    # tight loops, at the cost of whole cores even when the worker is nearly idle
+    spin: bool = False
     # Dynamic batching: records from many messages go into one inference call,
     # cut at max_batch records or max_wait_ms after the first one arrived.
     max_batch: int = Field(512, ge=1, le=65536)

@@ -45,7 +45,8 @@ class Tier2Model:
         *,
         providers: list[str] | tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider"),
         io_binding: bool | None = None,
-        threads: int = 0,
+        threads: int = 1,
+        spin: bool = False,
         max_batch: int = 512,
         warmup: bool = True,
     ) -> None:
@@ -83,6 +84,10 @@ class Tier2Model:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        # onnxruntime's pool threads busy-wait after each call by default: a worker answering
+        # a small batch every few ms then keeps every core busy for nothing (bench_system).
+        # One thread (the caller's) has no pool to spin, and is as fast for this model.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
             self.session = ort.InferenceSession(model.data, sess_options=opts, providers=chosen)
         except Exception as e:  # onnxruntime raises its own classes (Fail, InvalidGraph, ...)

@@ -128,6 +128,7 @@ class Worker:
                 providers=w.providers,
                 io_binding=w.io_binding,
                 threads=w.threads,
+                spin=w.spin,
                 max_batch=w.max_batch,
             )
         self.nc = await connect_nats(self.cfg, f"et-worker-{w.instance}")

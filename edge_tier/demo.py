@@ -230,9 +230,10 @@ def _agent_upload_bytes(port: int) -> float | None:
 
 
 async def live_view(stack: Stack, counts: Counts, t0: float, every: float = 1.0) -> None:
-    print(f"{'t':>6} {'windows':>8} {'kept':>6} {'drop':>6} {'delivered':>9} {'results':>8} "
+    """A line a second: each stage's rate over the last second, and where the pipeline stands."""
+    print(f"{'t':>5} {'windows/s':>9} {'kept/s':>7} {'drop':>6} {'delivered/s':>11} {'results/s':>9} "
           f"{'backlog':>7} {'wire/raw':>8} {'p50 ms':>7}  events")  # fmt: skip
-    last_windows = 0
+    last = (0, 0, 0, 0)
     while True:
         await asyncio.sleep(every)
         sts = await asyncio.to_thread(lambda: [agent_status(a.port) or {} for a in stack.agents])
@@ -240,19 +241,18 @@ async def live_view(stack: Stack, counts: Counts, t0: float, every: float = 1.0)
             b = await asyncio.to_thread(_agent_upload_bytes, a.port)
             if b is not None:
                 counts.add_wire(i, b)
-        delivered = sum(s.get("delivered", 0) for s in sts)
-        backlog = sum(s.get("records", 0) for s in sts)
-        w, k = counts.windows, counts.kept
-        drop = 1 - k / w if w else 0.0
+        now = (counts.windows, counts.kept, sum(s.get("delivered", 0) for s in sts), counts.results)
+        w, k, d, r = ((x - y) / every for x, y in zip(now, last, strict=True))
+        last = now
+        drop = 1 - now[1] / now[0] if now[0] else 0.0
         p50 = _percentile(counts.latencies_ms[-2000:], 50)
-        rates = f"+{(w - last_windows) / every:.0f} windows/s"
-        last_windows = w
         ev = "; ".join(counts.events)
         counts.events.clear()
+        backlog = sum(s.get("records", 0) for s in sts)
         print(
-            f"{time.monotonic() - t0:5.0f}s {w:>8} {k:>6} {drop:>6.1%} {delivered:>9} {counts.results:>8} "
+            f"{time.monotonic() - t0:4.0f}s {w:>9.0f} {k:>7.0f} {drop:>6.1%} {d:>11.0f} {r:>9.0f} "
             f"{backlog:>7} {counts.wire_bytes / max(counts.raw_bytes, 1):>8.2%} "
-            f"{'-' if p50 is None else f'{p50:.0f}':>7}  {rates}{'  ' + ev if ev else ''}",
+            f"{'-' if p50 is None else f'{p50:.0f}':>7}  {ev}",
             flush=True,
         )
 

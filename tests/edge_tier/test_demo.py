@@ -20,7 +20,7 @@ pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 from tests.conftest import need_binary
 
 pytestmark = pytest.mark.slow
-LIVE = re.compile(r"^\s+\d+s\s+\d+ .*windows/s")  # a line of the live view
+LIVE = re.compile(r"^\s*\d+s\s+\d+\s+\d+\s+[\d.]+%")  # a line of the view: t, windows/s, kept/s, drop
 
 
 def _ours(workdir: Path) -> list[int]:

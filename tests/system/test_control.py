@@ -41,15 +41,18 @@ def fleet(tmp_path: Path) -> Fleet:
     return f
 
 
-def _agent(tmp_path: Path, fleet: Fleet, **prefilter: Any) -> dict[str, Any]:
-    return {
-        "prefilter": {"manifest": str(DEFAULT_MANIFEST), **prefilter},
-        "control": {"signing_key": str(fleet.root / "signing.pub")},
-    }
-
-
 def _plane(fleet: Fleet, p: Pipeline) -> ControlPlane:
     return ControlPlane(fleet, MqttSettings(port=p.mosquitto.port, username="et-ingest", password="x"))
+
+
+@pytest.fixture
+def setup(make_pipeline: Callable[..., Pipeline], fleet: Fleet) -> tuple[Pipeline, ControlPlane, int]:
+    """An agent with the prefilter and the fleet's key, ingest, brokers; the control plane."""
+    p = make_pipeline(agent={
+        "prefilter": {"manifest": str(DEFAULT_MANIFEST)},
+        "control": {"signing_key": str(fleet.root / "signing.pub")},
+    })  # fmt: skip
+    return p, _plane(fleet, p), p.agent.port
 
 
 def _control(port: int) -> dict[str, Any]:
@@ -66,11 +69,9 @@ def _windows(n: int = 64) -> np.ndarray:
 
 
 def test_config_changes_apply_at_once_and_survive_a_restart_without_the_broker(
-    make_pipeline: Callable[..., Pipeline], fleet: Fleet, tmp_path: Path
+    setup: tuple[Pipeline, ControlPlane, int], fleet: Fleet, tmp_path: Path
 ) -> None:
-    p = make_pipeline(agent=_agent(tmp_path, fleet))
-    plane = _plane(fleet, p)
-    port = p.agent.port
+    p, plane, port = setup
     # threshold: 1.0 keeps nothing, 0.0 keeps everything; no restart in between
     plane.set_config(TENANT, DEVICE, threshold=1.0)
     _wait_control(port, lambda c: c.get("threshold") == 1.0, "threshold 1.0")
@@ -123,11 +124,9 @@ def _bytes_sent(port: int) -> float:
 
 
 def test_a_signed_model_is_installed_a_bad_one_refused_and_the_running_one_keeps_working(
-    make_pipeline: Callable[..., Pipeline], fleet: Fleet, tmp_path: Path
+    setup: tuple[Pipeline, ControlPlane, int], fleet: Fleet, tmp_path: Path
 ) -> None:
-    p = make_pipeline(agent=_agent(tmp_path, fleet))
-    plane = _plane(fleet, p)
-    port = p.agent.port
+    p, plane, port = setup
     v2 = new_prefilter(tmp_path / "v2", "2.0.0", seed=2)
     plane.push_model(TENANT, DEVICE, v2)
     _wait_control(port, lambda c: c.get("model", {}).get("state") == "active"
@@ -194,11 +193,9 @@ def fleet_key(fleet: Fleet):  # type: ignore[no-untyped-def]
 
 
 def test_an_interrupted_model_transfer_resumes_with_the_chunks_it_lacks(
-    make_pipeline: Callable[..., Pipeline], fleet: Fleet, tmp_path: Path
+    setup: tuple[Pipeline, ControlPlane, int], fleet: Fleet, tmp_path: Path
 ) -> None:
-    p = make_pipeline(agent=_agent(tmp_path, fleet))
-    plane = _plane(fleet, p)
-    port = p.agent.port
+    p, plane, port = setup
     u, chunks = model_update(TENANT, new_prefilter(tmp_path / "v2", "2.0.0", seed=2), chunk_bytes=1024)
     assert len(chunks) >= 8
     doc = ControlDoc(generation=int(time.time() * 1000), model=sign_model(fleet_key(fleet), u))
