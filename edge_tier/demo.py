@@ -234,14 +234,17 @@ async def live_view(stack: Stack, counts: Counts, t0: float, every: float = 1.0)
     print(f"{'t':>5} {'windows/s':>9} {'kept/s':>7} {'drop':>6} {'delivered/s':>11} {'results/s':>9} "
           f"{'backlog':>7} {'wire/raw':>8} {'p50 ms':>7}  events")  # fmt: skip
     last = (0, 0, 0, 0)
+    delivered: dict[int, int] = {}  # per agent, the last it told (a killed agent tells nothing)
     while True:
         await asyncio.sleep(every)
         sts = await asyncio.to_thread(lambda: [agent_status(a.port) or {} for a in stack.agents])
+        for i, st in enumerate(sts):
+            delivered[i] = st.get("delivered", delivered.get(i, 0))
         for i, a in enumerate(stack.agents):
             b = await asyncio.to_thread(_agent_upload_bytes, a.port)
             if b is not None:
                 counts.add_wire(i, b)
-        now = (counts.windows, counts.kept, sum(s.get("delivered", 0) for s in sts), counts.results)
+        now = (counts.windows, counts.kept, sum(delivered.values()), counts.results)
         w, k, d, r = ((x - y) / every for x, y in zip(now, last, strict=True))
         last = now
         drop = 1 - now[1] / now[0] if now[0] else 0.0
