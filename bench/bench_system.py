@@ -13,6 +13,10 @@ record's answer is read back from ET_RESULTS by a durable consumer. Per level:
 * **CPU** (seconds per second of the level) and **peak RSS** of each process;
 * **lost / duplicated**: every acknowledged record must have exactly one result.
 
+A last level posts raw vibration windows (1024 samples, 64 per request) to the agents'
+prefilter as fast as they take them: the whole path from sensor to answer, where only
+the windows the prefilter keeps become features.
+
 A one-second warm-up runs first, unreported (the worker finds the tenant and makes its
 consumer then).
 
@@ -53,6 +57,7 @@ from edge_tier import topics
 from edge_tier.brokers import BrokerProcess, Mosquitto, NatsServer
 from edge_tier.services import AgentProcess, IngestProcess, WorkerProcess, agent_status
 from edge_tier.wire import decode_results
+from models.manifest import DEFAULT_MANIFEST
 
 DIM = 16
 TENANT = "bench"
@@ -63,6 +68,8 @@ PAGE = 4096
 @dataclass
 class Level:
     offered: float | None  # features/s over all devices; None = as fast as the agents take them
+    windows: bool = False  # raw windows through the prefilter instead of features
+    windows_in: int = 0
     enqueued: int = 0
     results: int = 0
     seconds: float = 0.0
@@ -108,32 +115,53 @@ class RssMeter(threading.Thread):
         return self.peak
 
 
-def _body(n: int, rng: np.random.Generator) -> bytes:
-    scores = rng.random(n, dtype=np.float32)
-    feats = rng.standard_normal((n, DIM), dtype=np.float32)
-    return scores.astype("<f4").tobytes() + feats.astype("<f4").tobytes()
+@dataclass(frozen=True)
+class Load:
+    """What the load generators post: request bodies of ``per_body`` items each."""
+
+    path: str
+    content_type: str
+    bodies: list[bytes]
+    per_body: int
+    windows: bool = False  # raw windows through the prefilter (only the kept become features)
 
 
-def produce(port: int, rate: float | None, seconds: float, acked: list[int], seed: int) -> None:
-    """POST batches to one agent: ``rate`` records/s in 20 posts a second, or saturating."""
+def feature_load(batch: int, seed: int) -> Load:
     rng = np.random.default_rng(seed)
-    batch = 1000 if rate is None else max(1, int(rate / 20))
-    bodies = [_body(batch, rng) for _ in range(4)]
+    bodies = []
+    for _ in range(4):
+        scores = rng.random(batch, dtype=np.float32)
+        feats = rng.standard_normal((batch, DIM), dtype=np.float32)
+        bodies.append(scores.astype("<f4").tobytes() + feats.astype("<f4").tobytes())
+    return Load(f"/v1/records?stream=bench&dim={DIM}", "application/x-edge-tier-features", bodies, batch)
+
+
+def window_load(batch: int, seed: int) -> Load:
+    from models.generator import generate
+
+    x = generate(8 * batch, seed=seed, fault_fraction=0.1).x.astype("<f4")
+    bodies = [x[i * batch : (i + 1) * batch].tobytes() for i in range(8)]
+    return Load("/v1/windows?stream=bench", "application/x-edge-tier-windows", bodies, batch, windows=True)
+
+
+def produce(
+    port: int, load: Load, rate: float | None, seconds: float, acked: list[int], sent: list[int]
+) -> None:
+    """POST ``load`` to one agent: ``rate`` items/s, or saturating (None); the seqs it acknowledged."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     t0 = time.monotonic()
-    sent = 0
     i = 0
     while time.monotonic() - t0 < seconds:
-        conn.request("POST", f"/v1/records?stream=bench&dim={DIM}", bodies[i % 4],
-                     {"Content-Type": "application/x-edge-tier-features"})  # fmt: skip
+        body = load.bodies[i % len(load.bodies)]
+        conn.request("POST", load.path, body, {"Content-Type": load.content_type})
         i += 1
         r = conn.getresponse()
         answer = json.loads(r.read())
-        if r.status == 200:
+        if r.status == 200 and "first_seq" in answer:  # (windows: only when some were kept)
             acked.extend(range(answer["first_seq"], answer["last_seq"] + 1))
-        sent += batch
+        sent[0] += load.per_body
         if rate is not None:
-            time.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
+            time.sleep(max(0.0, t0 + sent[0] / rate - time.monotonic()))
     conn.close()
 
 
@@ -223,27 +251,36 @@ def start_stack(d: Path, devices: int, stack: contextlib.ExitStack) -> Stack:
             "mqtt": {"port": mosq.port},
             "store": {"path": str(a / "queue.db"), "budget_bytes": 1 << 30},
             "uplink": {"frame_max_records": 4096, "window": 8, "receipt_timeout_s": 30.0},
+            "prefilter": {"manifest": str(DEFAULT_MANIFEST)},  # for the raw-windows level
         }
         agents.append(up(AgentProcess(a, cfg, name=f"agent-{i}")))
     return Stack(mosq, nsrv, ingest, worker, agents)
 
 
-def run_level(stack: Stack, reader: ResultReader, offered: float | None, seconds: float) -> Level:
-    lv = Level(offered)
+def run_level(
+    stack: Stack, reader: ResultReader, offered: float | None, seconds: float, *, windows: bool = False
+) -> Level:
+    lv = Level(offered, windows=windows)
     acked: list[list[int]] = [[] for _ in stack.agents]
+    sent = [[0] for _ in stack.agents]
     before = reader.count()
     per_agent = None if offered is None else offered / len(stack.agents)
+    batch = 1000 if per_agent is None else max(1, int(per_agent / 20))  # 20 posts a second
+    loads = [window_load(64, i) if windows else feature_load(batch, i) for i in range(len(stack.agents))]
     meter, rss = CpuMeter(stack.pids()), RssMeter(stack.pids())
     meter.start()
     rss.start()
     t0 = time.monotonic()
-    threads = [threading.Thread(target=produce, args=(a.port, per_agent, seconds, acked[i], i))
-               for i, a in enumerate(stack.agents)]  # fmt: skip
+    threads = [
+        threading.Thread(target=produce, args=(a.port, loads[i], per_agent, seconds, acked[i], sent[i]))
+        for i, a in enumerate(stack.agents)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     lv.enqueued = sum(map(len, acked))
+    lv.windows_in = sum(x[0] for x in sent) if windows else 0
     deadline = time.monotonic() + 180
     while reader.count() - before < lv.enqueued and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -287,6 +324,8 @@ def tables(levels: list[Level], base: dict[str, float], devices: int) -> str:
     out = ["| offered features/s | features/s end to end | enqueue→result p50 ms | p99 ms | lost | dup |",
            "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     def load(lv: Level) -> str:
+        if lv.windows:
+            return f"raw windows, saturating ({_f(lv.windows_in / lv.seconds)} windows/s in)"
         return "saturating" if lv.offered is None else _f(lv.offered)
 
     for lv in levels:
@@ -339,10 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(reader.stop)
         # warm-up, not reported: the worker finds the tenant and makes its consumer
         run_level(s, reader, 1000, 1.0)
-        for offered in [*args.levels, None]:
-            print(f"# level {'saturating' if offered is None else f'{offered:,.0f}/s'} ...",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            lv = run_level(s, reader, offered, args.seconds)
+        plan = [(x, False) for x in [*args.levels, None]] + [(None, True)]
+        for offered, windows in plan:
+            what = "saturating" if offered is None else f"{offered:,.0f}/s"
+            print(f"# level {'raw windows, ' if windows else ''}{what} ...", file=sys.stderr, flush=True)
+            lv = run_level(s, reader, offered, args.seconds, windows=windows)
             print(f"#   {lv.rate:,.0f} features/s, p99 {_f(lv.p99_ms, '.1f')} ms, lost {lv.lost}, "
                   f"dup {lv.duplicated}", file=sys.stderr, flush=True)  # fmt: skip
             levels.append(lv)
