@@ -24,7 +24,6 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from cloud_ingest.streams import read_all
 from edge_agent.simulate import Tally, machine_windows
 from edge_tier import topics
 from edge_tier.brokers import BrokerProcess, NatsServer
-from edge_tier.services import AgentProcess, ApiProcess, IngestProcess, WorkerProcess, agent_status
+from edge_tier.services import AgentProcess, ApiProcess, IngestProcess, WorkerProcess, agent_status, metric
 from edge_tier.tokens import TokenStore
 from edge_tier.wire import decode_results
 from models.manifest import DEFAULT_MANIFEST
@@ -218,17 +217,6 @@ async def watch_results(url: str, counts: Counts) -> None:
         await nc.close()
 
 
-def _agent_upload_bytes(port: int) -> float | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith("et_agent_upload_bytes_total "):
-                    return float(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 async def live_view(stack: Stack, counts: Counts, t0: float, every: float = 1.0) -> None:
     """A line a second: each stage's rate over the last second, and where the pipeline stands."""
     print(f"{'t':>5} {'windows/s':>9} {'kept/s':>7} {'drop':>6} {'delivered/s':>11} {'results/s':>9} "
@@ -241,7 +229,7 @@ async def live_view(stack: Stack, counts: Counts, t0: float, every: float = 1.0)
         for i, st in enumerate(sts):
             delivered[i] = st.get("delivered", delivered.get(i, 0))
         for i, a in enumerate(stack.agents):
-            b = await asyncio.to_thread(_agent_upload_bytes, a.port)
+            b = await asyncio.to_thread(metric, a.port, "et_agent_upload_bytes_total")
             if b is not None:
                 counts.add_wire(i, b)
         now = (counts.windows, counts.kept, sum(delivered.values()), counts.results)

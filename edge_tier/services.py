@@ -30,6 +30,23 @@ def agent_status(port: int, host: str = "127.0.0.1") -> dict[str, Any] | None:
         conn.close()
 
 
+def metric(port: int, name: str, host: str = "127.0.0.1") -> float | None:
+    """The sum of the samples of Prometheus metric ``name`` (all labels) on a process's
+    ``/metrics``; None if it does not answer or does not export it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    except (OSError, http.client.HTTPException, UnicodeDecodeError):
+        return None
+    finally:
+        conn.close()
+    values = [s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+    return float(sum(values)) if values else None
+
+
 def agent_drained(port: int, host: str = "127.0.0.1") -> bool:
     """Nothing queued and nothing in flight: every record was receipted (or counted lost)."""
     st = agent_status(port, host)

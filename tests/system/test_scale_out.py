@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import urllib.request
 from pathlib import Path
 
 import nats.errors
@@ -15,7 +14,7 @@ import pytest
 pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
 from edge_tier.brokers import Mosquitto, NatsCluster
-from edge_tier.services import AgentProcess, IngestProcess, WorkerProcess, agent_drained
+from edge_tier.services import AgentProcess, IngestProcess, WorkerProcess, agent_drained, metric
 from edge_tier.wire import ResultBatch, decode_results
 from tests.conftest import need_binary
 from tests.support import (
@@ -31,13 +30,6 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-def _counter(port: int, name: str) -> float:
-    """The sum of a Prometheus counter's samples on a service's metrics port."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        lines = r.read().decode().splitlines()
-    return sum(float(x.split()[-1]) for x in lines if x.startswith(name) and not x.startswith("#"))
 
 
 def _results(url: str) -> list[ResultBatch]:
@@ -119,9 +111,9 @@ def test_every_result_exactly_once_when_a_nats_node_dies_mid_run(
         wait_until(lambda: relayed() == want, 60, "every result relayed to MQTT across the node's death")
         # both ingests committed frames and both workers wrote results: the load was shared
         for p in ingests:
-            assert _counter(p.port, "et_ingest_records_committed_total") > 0, f"{p.name} did nothing"
+            assert (metric(p.port, "et_ingest_records_committed_total") or 0) > 0, f"{p.name} did nothing"
         for p in workers:
-            assert _counter(p.port, "et_worker_records_total") > 0, f"{p.name} did nothing"
+            assert (metric(p.port, "et_worker_records_total") or 0) > 0, f"{p.name} did nothing"
     finally:
         for p in reversed(procs):
             p.stop()
