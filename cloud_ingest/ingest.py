@@ -137,13 +137,8 @@ class Ingest:
         }
 
     async def run(self) -> None:
-        ops = OpsServer(self.checks)
-        if self.cfg.ingest.metrics_port is not None:
-            await ops.start(self.cfg.ingest.metrics_host, self.cfg.ingest.metrics_port)
-        try:
+        async with OpsServer(self.checks).serving(self.cfg.ingest.metrics_host, self.cfg.ingest.metrics_port):
             await self._run()
-        finally:
-            await ops.stop()
 
     async def _run(self) -> None:
         self.nc = await connect_nats(self.cfg, f"et-ingest-{self.cfg.ingest.instance}")

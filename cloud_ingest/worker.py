@@ -111,13 +111,8 @@ class Worker:
         }
 
     async def run(self) -> None:
-        ops = OpsServer(self.checks)
-        if self.w.metrics_port is not None:
-            await ops.start(self.w.metrics_host, self.w.metrics_port)
-        try:
+        async with OpsServer(self.checks).serving(self.w.metrics_host, self.w.metrics_port):
             await self._run()
-        finally:
-            await ops.stop()
 
     async def _run(self) -> None:
         w = self.w

@@ -5,7 +5,8 @@ own (ingest, workers): ``/metrics``, ``/healthz``, ``/readyz``."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -71,3 +72,13 @@ class OpsServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    @contextlib.asynccontextmanager
+    async def serving(self, host: str, port: int | None) -> AsyncIterator[None]:
+        """Serve while the block runs (``port`` None: not at all)."""
+        if port is not None:
+            await self.start(host, port)
+        try:
+            yield
+        finally:
+            await self.stop()
