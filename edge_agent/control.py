@@ -13,6 +13,8 @@ is refused and the running one stays. Every outcome is acknowledged in the statu
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -128,8 +130,12 @@ class Controller:
         self.error: str | None = None
         self.model: ModelState | None = None
         self.transfer: Transfer | None = None
-        self.failed: set[str] = set()  # updates that failed to install: not tried again
+        # updates that failed to install: not tried again, across restarts too
+        self.failed: set[str] = _load_failed(cfg)
         self.fetched = 0
+        # documents, chunks and installs take turns: a new document arriving while a chunk
+        # is written or a model installed must not pull the transfer from under it
+        self._lock = asyncio.Lock()
         self._applied_ms: int | None = None
         saved = _saved_doc(cfg)
         if saved is not None:
@@ -171,7 +177,8 @@ class Controller:
 
     async def run(self) -> None:
         if self.doc is not None and self.doc.model is not None:
-            await self._begin_model(self.doc.model)  # an update cut short by a restart goes on
+            async with self._lock:
+                await self._begin_model(self.doc.model)  # an update cut short by a restart goes on
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._doc_loop(), name="control-docs")
             tg.create_task(self._chunk_loop(), name="control-chunks")
@@ -184,6 +191,10 @@ class Controller:
             await self.handle(msg.payload)
 
     async def handle(self, payload: bytes) -> None:
+        async with self._lock:
+            await self._handle(payload)
+
+    async def _handle(self, payload: bytes) -> None:
         if not payload:
             return  # the retained document was cleared: keep running as last told
         try:
@@ -198,7 +209,11 @@ class Controller:
                 log.info("ignoring control generation %d (%d applied)", doc.generation, self.doc.generation)
             return
         self._apply_config(doc)
-        await asyncio.to_thread(write_atomic, self.cfg.control_path("control.json"), encode_control(doc))
+        try:
+            await asyncio.to_thread(write_atomic, self.cfg.control_path("control.json"), encode_control(doc))
+        except OSError as e:  # applied all the same; a restart would run as told before
+            self.error = f"applied, but not saved for the next start: {e}"
+            log.error("%s/%s: control generation %d %s", self.tenant, self.device, doc.generation, self.error)
         log.info(
             "%s/%s: control generation %d applied (paused=%s, threshold=%s, upload_bytes_per_s=%s)",
             self.tenant, self.device, doc.generation, doc.config.paused, doc.config.threshold,
@@ -248,7 +263,12 @@ class Controller:
         if self.transfer is not None and self.transfer.update.sha256 == u.sha256:
             return
         self._drop_transfer()
-        have = await asyncio.to_thread(self.store.chunks_have, u)
+        try:
+            have = await asyncio.to_thread(self.store.chunks_have, u)
+        except OSError as e:
+            log.warning("%s/%s: cannot read the chunks on disk (%s); fetching all",
+                        self.tenant, self.device, e)  # fmt: skip
+            have = set()
         t = self.transfer = Transfer(u, set(range(len(u.chunks))) - have)
         log.info(
             "%s/%s: model %s (%s, %d bytes): %d of %d chunks to fetch",
@@ -287,29 +307,38 @@ class Controller:
         last_report = 0.0
         while running():
             msg = await self.chunks.get()
-            t = self.transfer
-            index = t.topics.get(msg.topic) if t is not None else None
-            if t is None or index is None or index not in t.missing:
-                continue  # a chunk of another update, or one we have: retained messages linger
-            try:
-                await asyncio.to_thread(self.store.put_chunk, t.update, index, msg.payload)
-            except ModelRefused as e:
-                log.error("%s/%s: %s; waiting for a good copy", self.tenant, self.device, e)
-                t.bad[index] = str(e)
-                self._progress()
-                await self._report()
-                continue
-            t.missing.discard(index)
-            t.bad.pop(index, None)
-            self.mqtt.unsubscribe(msg.topic)
-            self.fetched += 1
-            self._progress()
-            if not t.missing:
-                await self._install(t)
-                await self._report()
-            elif time.monotonic() - last_report > 1.0:
+            async with self._lock:
+                reported = await self._on_chunk(msg.topic, msg.payload)
+            if reported:
+                last_report = time.monotonic()
+            elif self.transfer is not None and time.monotonic() - last_report > 1.0:
                 last_report = time.monotonic()
                 await self._report()
+
+    async def _on_chunk(self, topic: str, payload: bytes) -> bool:
+        """Keep one chunk if the transfer lacks it; True if the status was published."""
+        t = self.transfer
+        index = t.topics.get(topic) if t is not None else None
+        if t is None or index is None or index not in t.missing:
+            return False  # a chunk of another update, or one we have: retained messages linger
+        try:
+            await asyncio.to_thread(self.store.put_chunk, t.update, index, payload)
+        except (ModelRefused, OSError) as e:  # a bad copy, or a full disk: wait for another
+            log.error("%s/%s: %s; waiting for a good copy", self.tenant, self.device, e)
+            t.bad[index] = str(e)[:1024]
+            self._progress()
+            await self._report()
+            return True
+        t.missing.discard(index)
+        t.bad.pop(index, None)
+        self.mqtt.unsubscribe(topic)
+        self.fetched += 1
+        self._progress()
+        if t.missing:
+            return False
+        await self._install(t)
+        await self._report()
+        return True
 
     async def _install(self, t: Transfer) -> None:
         u = t.update
@@ -318,16 +347,29 @@ class Controller:
         try:
             manifest = await asyncio.to_thread(self.store.install, u)
             pf = await asyncio.to_thread(load_prefilter, self.cfg, manifest, c.threshold)
-        except (ModelRefused, ModelError, OSError) as e:
+            await asyncio.to_thread(self.store.activate, u.sha256)
+        except Exception as e:  # whatever a signed but broken model does, the running one stays
             self.failed.add(u.sha256)
-            await asyncio.to_thread(self.store.demote, u.sha256)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.store.demote, u.sha256)
+                await asyncio.to_thread(_save_failed, self.cfg, self.failed)
             log.error("%s/%s: model %s refused (%s); the running model stays",
                       self.tenant, self.device, u.version, e)  # fmt: skip
             self.model = ModelState(state="failed", version=u.version, sha256=u.sha256, error=str(e)[:1024])
             return
-        await asyncio.to_thread(self.store.activate, u.sha256)
         pf.threshold = self._threshold(pf, c)
         self.prefilter, self.active_sha = pf, u.sha256
         self._swap(pf)
         self.model = self._active_state(chunks_total=len(u.chunks), chunks_fetched=self.fetched)
         log.info("%s/%s: model %s (%s) is running", self.tenant, self.device, u.version, u.sha256[:12])
+
+
+def _load_failed(cfg: AgentConfig) -> set[str]:
+    try:
+        return {str(x) for x in json.loads(cfg.control_path("failed.json").read_text())}
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
+def _save_failed(cfg: AgentConfig, failed: set[str]) -> None:
+    write_atomic(cfg.control_path("failed.json"), json.dumps(sorted(failed)).encode())

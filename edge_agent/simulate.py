@@ -69,7 +69,7 @@ def machine_windows(
     return take
 
 
-async def _machine(
+async def run_machine(
     session: aiohttp.ClientSession,
     url: str,
     windows: Callable[[int], tuple[np.ndarray, np.ndarray]],
@@ -79,7 +79,10 @@ async def _machine(
     rate: float,
     until: float,
     tally: Tally,
+    acked: list[tuple[int, int]] | None = None,
 ) -> None:
+    """Post ``windows`` to the agent at ``url`` until ``until``, ``rate`` windows/s (0: as fast
+    as it takes them); count them in ``tally``, and the seq ranges of the kept in ``acked``."""
     period = batch / rate if rate > 0 else 0.0
     next_at = time.monotonic()
     while time.monotonic() < until:
@@ -92,11 +95,13 @@ async def _machine(
                 headers={"Content-Type": WINDOWS_TYPE},
             ) as resp:
                 answer = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError):
+        except (aiohttp.ClientError, TimeoutError, ValueError):
             tally.unreachable += 1  # the agent is down or restarting: a sensor would drop these too
             await asyncio.sleep(0.5)
             continue
         tally.count(x, y, resp.status, answer)
+        if acked is not None and resp.status == 200 and answer.get("kept"):
+            acked.append((answer["first_seq"], answer["last_seq"]))
         if period:
             next_at += period
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
@@ -123,7 +128,7 @@ async def simulate(
         for i in range(machines):
             m = machine_windows(seed * 1000 + i, fault_rate, spec)
             tg.create_task(
-                _machine(
+                run_machine(
                     session, url, m, stream=stream, batch=batch, rate=rate, until=until, tally=tallies[i]
                 )
             )

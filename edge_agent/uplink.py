@@ -126,7 +126,8 @@ class Uplink:
                     f = await self._prepare(frame)
                     if f is not None:
                         self.in_flight[frame.first_seq] = f
-                        self._send(f)
+                        # oldest first: a frame held by the rate cap must not be overtaken
+                        self._send_due()
             self._expire()
             metrics.FRAMES_IN_FLIGHT.set(len(self.in_flight))
             self._wake.clear()

@@ -36,7 +36,7 @@ import numpy as np
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cloud_ingest.streams import read_all
-from edge_agent.simulate import Tally, machine_windows
+from edge_agent.simulate import Tally, machine_windows, run_machine
 from edge_tier import topics
 from edge_tier.brokers import BrokerProcess, NatsServer
 from edge_tier.services import AgentProcess, ApiProcess, IngestProcess, WorkerProcess, agent_status, metric
@@ -146,40 +146,12 @@ def _percentile(xs: list[float], q: float) -> float | None:
 
 async def feed(url: str, device: int, seconds: float, rate: float, counts: Counts) -> None:
     """One simulated machine posting raw windows to its agent, ``rate`` windows/s."""
-    tally, acked = counts.tallies[device], counts.acked[device]
-    batch = max(1, int(rate // 5))
     windows = machine_windows(seed=1000 + device, fault_rate=0.02)
-    until = time.monotonic() + seconds
-    next_at = time.monotonic()
-    timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        while time.monotonic() < until:
-            x, y = await asyncio.to_thread(windows, batch)
-            answer = await _post_windows(session, url, x)
-            if answer is None:
-                tally.unreachable += 1  # the agent is down (chaos): a sensor would drop these too
-                await asyncio.sleep(0.5)
-                continue
-            tally.count(x, y, 200, answer)
-            if answer.get("kept"):
-                acked.append((answer["first_seq"], answer["last_seq"]))
-            next_at += batch / rate
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-
-
-async def _post_windows(session: aiohttp.ClientSession, url: str, x: np.ndarray) -> dict[str, Any] | None:
-    try:
-        async with session.post(
-            f"{url}/v1/windows",
-            params={"stream": "vibration"},
-            data=x.tobytes(),
-            headers={"Content-Type": "application/x-edge-tier-windows"},
-        ) as resp:
-            if resp.status != 200:
-                return None
-            return dict(await resp.json(content_type=None))
-    except (aiohttp.ClientError, TimeoutError, ValueError):
-        return None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        await run_machine(
+            session, url, windows, stream="vibration", batch=max(1, int(rate // 5)), rate=rate,
+            until=time.monotonic() + seconds, tally=counts.tallies[device], acked=counts.acked[device],
+        )  # fmt: skip
 
 
 async def watch_results(url: str, counts: Counts) -> None:

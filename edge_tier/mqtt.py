@@ -135,6 +135,10 @@ class MqttBridge:
         self._unacked_subs: set[int] = set()
         self._pubacks: dict[int, asyncio.Future[bool]] = {}
         self._inboxes: list[tuple[str, asyncio.Queue[Message]]] = []
+        # unsubscribes asked for while no session was up: a persistent session would keep
+        # those subscriptions at the broker, so they are sent at the next connect
+        self._pending_unsubs: set[str] = set()
+        self._unsubs_lock = threading.Lock()
 
     # -- paho thread side -------------------------------------------------
 
@@ -148,6 +152,10 @@ class MqttBridge:
         if reason_code.is_failure:
             log.warning("%s: broker refused connection: %s", self.name, reason_code)
             return
+        with self._unsubs_lock:
+            for topic in self._pending_unsubs:
+                client.unsubscribe(topic)
+            self._pending_unsubs.clear()
         self._unacked_subs = {client.subscribe(topic, qos)[1] for topic, qos in list(self.subscriptions)}
         self._call(self._set_connected, True)
         if not self._unacked_subs:
@@ -247,6 +255,8 @@ class MqttBridge:
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """Subscribe now if a session is up, and again in every later session."""
+        with self._unsubs_lock:
+            self._pending_unsubs.discard(topic)
         if (topic, qos) not in self.subscriptions:
             self.subscriptions.append((topic, qos))
             # also while no session is up (paho says so, harmlessly): one may be starting
@@ -257,7 +267,10 @@ class MqttBridge:
         before = len(self.subscriptions)
         self.subscriptions = [(t, q) for t, q in self.subscriptions if t != topic]
         if len(self.subscriptions) != before:
-            self.client.unsubscribe(topic)
+            with self._unsubs_lock:
+                rc, _ = self.client.unsubscribe(topic)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    self._pending_unsubs.add(topic)
 
     async def wait_state_change(self) -> None:
         self._state_changed.clear()

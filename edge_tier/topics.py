@@ -33,7 +33,7 @@ def parse_mqtt_topic(topic: str) -> tuple[str, str, str]:
     return parts[1], parts[2], parts[3]
 
 
-MODELS = "_models"  # five levels and more below it, so it never meets a device's four-level topics
+MODELS = "_models"  # chunks are five levels deep, a device's topics four: they never meet
 
 
 def model_chunk_topic(tenant: str, sha256: str, index: int) -> str:
@@ -42,7 +42,9 @@ def model_chunk_topic(tenant: str, sha256: str, index: int) -> str:
 
 
 def model_chunks_filter(tenant: str) -> str:
-    return f"{ROOT}/{tenant}/{MODELS}/#"
+    """Every chunk of a tenant's models: exactly two levels below ``_models``, so not the
+    four-level topics of a device that happens to be named ``_models``."""
+    return f"{ROOT}/{tenant}/{MODELS}/+/+"
 
 
 FEATURES_STREAM = "ET_FEATURES"

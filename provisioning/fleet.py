@@ -432,7 +432,7 @@ use_username_as_clientid true
     def nats_config(self, out: Path, *, port: int = 4222, mqtt_port: int = 1883) -> Path:
         """The embedded mode's broker: nats-server with JetStream and its MQTT listener, the
         same identities and the same scoping as the mosquitto ACL, as subject permissions
-        (MQTT ``et/T/D/up`` is subject ``et.T.D.up``; ``#`` also covers its parent level)."""
+        (MQTT ``et/T/D/up`` is subject ``et.T.D.up``, ``+`` is ``*``)."""
         out.mkdir(parents=True, exist_ok=True)
         q = json.dumps  # a JSON string is a quoted string in the NATS config format
 
@@ -453,7 +453,7 @@ use_username_as_clientid true
             me = f"et.{tenant}.{device}"
             models = f"et.{tenant}.{topics.MODELS}"
             users.append(user(f"{tenant}/{device}", h, [f"{me}.up", f"{me}.status"],
-                              [f"{me}.receipt", f"{me}.control", models, f"{models}.>"]))  # fmt: skip
+                              [f"{me}.receipt", f"{me}.control", f"{models}.*.*"]))  # fmt: skip
         for name, role, tenant, h in self.db.execute(
             "SELECT name, role, tenant, nats_hash FROM users ORDER BY name"
         ):

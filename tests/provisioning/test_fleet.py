@@ -290,9 +290,9 @@ def test_model_push_and_control_set_reach_the_devices_named_and_no_one_else(
     b = Client(broker, user="acme/b", password=pw["acme/b"])
     app = Client(broker, user="app-globex", password=pw["app-globex"])
     a.sub("et/acme/a/control")
-    a.sub("et/acme/_models/#")
+    a.sub("et/acme/_models/+/+")
     b.sub("et/acme/a/control")  # another device's control: the ACL says no
-    app.sub("et/acme/_models/#")
+    app.sub("et/acme/_models/+/+")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "provisioning.cli", "--fleet", str(tmp_path / "fleet"), *args,
@@ -373,7 +373,7 @@ def test_the_embedded_nats_config_scopes_each_device_as_the_mosquitto_acl_does(t
         assert ingest.admitted and a.admitted and app.admitted
         assert not Client(broker, user="acme/gone", password=pw["gone"], client_id="x").admitted
         assert not Client(broker, user="acme/a", password=pw["b"], client_id="y").admitted
-        a.sub("et/acme/_models/#")
+        a.sub("et/acme/_models/+/+")
         a.sub("et/acme/b/receipt")
         app.sub("et/acme/+/results")
         a.pub("et/acme/a/up", b"own")
