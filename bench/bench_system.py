@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ class Level:
     duplicated: int = 0
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per second
     rss_mb: dict[str, float] = field(default_factory=dict)  # peak resident set
+    want: set[tuple[str, int]] = field(default_factory=set, repr=False)  # (device, seq) acknowledged
 
     @property
     def rate(self) -> float:
@@ -186,6 +188,20 @@ class ResultReader:
         with self.lock:
             return len(self.rows)
 
+    def keys(self, since: int = 0) -> set[tuple[str, int]]:
+        with self.lock:
+            return {(d, s) for d, s, _, _ in self.rows[since:]}
+
+    def tally(self, levels: list[Level]) -> None:
+        """Each level's lost and duplicated, over everything read (a late copy of a record
+        of an earlier level counts against that level)."""
+        with self.lock:
+            seen = Counter((d, s) for d, s, _, _ in self.rows)
+        for lv in levels:
+            lv.results = sum(1 for k in lv.want if seen[k])
+            lv.lost = len(lv.want) - lv.results
+            lv.duplicated = sum(seen[k] - 1 for k in lv.want if seen[k] > 1)
+
     async def _run(self) -> None:
         nc = await nats.connect(self.url)
         js = nc.jetstream()
@@ -281,20 +297,17 @@ def run_level(
         t.join()
     lv.enqueued = sum(map(len, acked))
     lv.windows_in = sum(x[0] for x in sent) if windows else 0
+    lv.want = {(f"dev-{i}", s) for i, seqs in enumerate(acked) for s in seqs}
     deadline = time.monotonic() + 180
-    while reader.count() - before < lv.enqueued and time.monotonic() < deadline:
+    while time.monotonic() < deadline and not lv.want <= reader.keys(before):
         time.sleep(0.01)
     lv.seconds = time.monotonic() - t0
     lv.cpu = {k: v / lv.seconds for k, v in meter.stop().items()}
     lv.rss_mb = rss.stop()
     with reader.lock:
         rows = reader.rows[before:]
-    want = {(f"dev-{i}", s) for i, seqs in enumerate(acked) for s in seqs}
-    got = [(dev, s) for dev, s, _, _ in rows]
-    lv.results = len(set(got) & want)
-    lv.lost = len(want - set(got))
-    lv.duplicated = len(got) - len(set(got))
-    lat = np.array([p - t for _, _, t, p in rows], dtype=np.float64)
+    lv.results = len(lv.want & {(d, s) for d, s, _, _ in rows})  # lost and doubled: tally()
+    lat = np.array([p - t for d, s, t, p in rows if (d, s) in lv.want], dtype=np.float64)
     if lat.size:
         lv.p50_ms, lv.p99_ms = (float(x) for x in np.percentile(lat, [50, 99]))
     for a in stack.agents:  # the next level starts from empty queues
@@ -383,9 +396,11 @@ def main(argv: list[str] | None = None) -> int:
             what = "saturating" if offered is None else f"{offered:,.0f}/s"
             print(f"# level {'raw windows, ' if windows else ''}{what} ...", file=sys.stderr, flush=True)
             lv = run_level(s, reader, offered, args.seconds, windows=windows)
-            print(f"#   {lv.rate:,.0f} features/s, p99 {_f(lv.p99_ms, '.1f')} ms, lost {lv.lost}, "
-                  f"dup {lv.duplicated}", file=sys.stderr, flush=True)  # fmt: skip
+            print(f"#   {lv.rate:,.0f} features/s, p99 {_f(lv.p99_ms, '.1f')} ms", file=sys.stderr,
+                  flush=True)  # fmt: skip
             levels.append(lv)
+        time.sleep(2.0)  # a late duplicate would arrive by now
+        reader.tally(levels)
     base = {"naive_pipeline": float("nan"), "naive_worker": float("nan"), "our_worker": float("nan")}
     if not args.skip_baselines:
         base = baselines(args)
@@ -399,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             "Absolute figures drift on a shared machine; compare the ratios, measured in the same run.\n\n"
             + text + "\n"
         )
-    save_json(args.json, {"levels": [asdict(lv) | {"rate": lv.rate} for lv in levels], "baselines": base})
+    figures = [{k: v for k, v in asdict(lv).items() if k != "want"} | {"rate": lv.rate} for lv in levels]
+    save_json(args.json, {"levels": figures, "baselines": base})
     return 0 if all(lv.lost == 0 and lv.duplicated == 0 for lv in levels) else 1
 
 

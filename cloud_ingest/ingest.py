@@ -125,12 +125,14 @@ class Ingest:
         self._hwm_dirty: dict[tuple[str, str], int] = {}
         self._tg: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()
+        self.jetstream_ok = True
 
     # -- lifecycle --------------------------------------------------------
 
     async def checks(self) -> dict[str, bool]:
         return {
             "nats": bool(self.nc and self.nc.is_connected),
+            "jetstream": self.jetstream_ok,  # the last publish went through (no quorum: False)
             "mqtt": self.mqtt.connected.is_set(),
             "subscribed": self.mqtt.subscribed.is_set(),
             "started": self.ready.is_set(),
@@ -219,8 +221,10 @@ class Ingest:
         while running():
             try:
                 await self.handle(msg)
+                self.jetstream_ok = True
                 return
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as e:
+                self.jetstream_ok = False
                 # JetStream unreachable or slow: keep the message unacked and try
                 # again; nothing is receipted until it is durably stored.
                 log.warning(

@@ -100,12 +100,14 @@ class Worker:
         self._outbox: asyncio.Queue[list[Outcome]] = asyncio.Queue(maxsize=2)
         self._tg: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()
+        self._failing: set[str] = set()  # tenants whose consumer is not bound or not answering
 
     # -- lifecycle --------------------------------------------------------
 
     async def checks(self) -> dict[str, bool]:
         return {
             "nats": bool(self.nc and self.nc.is_connected),
+            "jetstream": not self.jetstream_failing,  # every tenant's consumer bound and fetching
             "model": self.model is not None,
             "started": self.ready.is_set(),
         }
@@ -217,10 +219,16 @@ class Worker:
             config=config,
         )
 
+    @property
+    def jetstream_failing(self) -> bool:
+        return bool(self._failing)
+
     async def _fetch_loop(self, lane: Lane) -> None:
+        self._failing.add(lane.tenant)  # until its consumer is bound
         while running():
             try:
                 sub = await self._subscribe(lane.tenant)
+                self._failing.discard(lane.tenant)
                 break
             except (TimeoutError, nats.errors.Error) as e:
                 log.warning("tenant %s: cannot bind its consumer: %r (retrying)", lane.tenant, e)
@@ -232,9 +240,12 @@ class Worker:
                 await asyncio.sleep(wait)
             try:
                 msgs = await sub.fetch(self.w.prefetch - len(lane.items), timeout=1.0)
+                self._failing.discard(lane.tenant)
             except (TimeoutError, nats.errors.TimeoutError):
+                self._failing.discard(lane.tenant)  # nothing to fetch: the consumer answers
                 continue
             except nats.errors.Error as e:
+                self._failing.add(lane.tenant)
                 log.warning("tenant %s: fetch failed: %r (retrying)", lane.tenant, e)
                 await asyncio.sleep(0.5)
                 continue

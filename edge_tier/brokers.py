@@ -642,9 +642,13 @@ class NatsCluster:
         return [n.url for n in self.nodes]
 
     def start(self, timeout: float = 30.0) -> None:
-        for n in self.nodes:
-            n.start(timeout)
-        self.wait_ready(timeout)
+        try:
+            for n in self.nodes:
+                n.start(timeout)
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until every running node reports the same JetStream meta leader."""

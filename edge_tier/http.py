@@ -76,9 +76,9 @@ class OpsServer:
     @contextlib.asynccontextmanager
     async def serving(self, host: str, port: int | None) -> AsyncIterator[None]:
         """Serve while the block runs (``port`` None: not at all)."""
-        if port is not None:
-            await self.start(host, port)
         try:
+            if port is not None:
+                await self.start(host, port)
             yield
         finally:
             await self.stop()

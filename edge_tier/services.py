@@ -43,7 +43,10 @@ def metric(port: int, name: str, host: str = "127.0.0.1") -> float | None:
         return None
     finally:
         conn.close()
-    values = [s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+    try:
+        values = [s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+    except ValueError:  # not a Prometheus page (another service on that port, say)
+        return None
     return float(sum(values)) if values else None
 
 

@@ -29,7 +29,7 @@ from tests.support import (
     wait_until,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
 def _results(url: str) -> list[ResultBatch]:
