@@ -32,7 +32,6 @@ from typing import Any
 import aiohttp
 import nats
 import nats.errors
-import nats.js.errors
 import numpy as np
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 

@@ -73,6 +73,15 @@ class Rig:
     def chunk(self, update: Any, i: int, data: bytes) -> None:
         self.bridge._deliver(Message(topics.model_chunk_topic("demo", update.sha256, i), data, 1, 0, True))
 
+    def all_chunks(self, update: Any, chunks: list[bytes]) -> None:
+        for i, c in enumerate(chunks):
+            self.chunk(update, i, c)
+
+    async def offer(self, update: Any) -> None:
+        """A document with ``update``; returns once the transfer has begun."""
+        self.doc(update)
+        await _until(lambda: self.ctl.transfer is not None, "the transfer to start")
+
 
 async def _until(pred: Any, what: str, within: float = 10.0) -> None:
     deadline = time.monotonic() + within
@@ -88,11 +97,9 @@ def test_a_document_while_a_chunk_is_written_neither_crashes_nor_installs_the_dr
         r = Rig(tmp_path)
         task = asyncio.create_task(r.ctl.run())
         a, a_chunks = r.update("2.0.0", 2)
-        r.doc(a)
-        await _until(lambda: r.ctl.transfer is not None, "the transfer to start")
+        await r.offer(a)
         r.store.delay = 0.3
-        for i, c in enumerate(a_chunks):
-            r.chunk(a, i, c)
+        r.all_chunks(a, a_chunks)
         await asyncio.sleep(0.05)  # the first chunk is being written now
         r.doc(None)  # the update is withdrawn
         await asyncio.sleep(1.5)
@@ -109,15 +116,12 @@ def test_a_model_superseded_mid_transfer_leaves_the_newer_one_running(tmp_path: 
         task = asyncio.create_task(r.ctl.run())
         a, a_chunks = r.update("2.0.0", 2)
         b, b_chunks = r.update("3.0.0", 3)
-        r.doc(a)
-        await _until(lambda: r.ctl.transfer is not None, "the transfer to start")
+        await r.offer(a)
         r.store.delay = 0.2
-        for i, c in enumerate(a_chunks):
-            r.chunk(a, i, c)
+        r.all_chunks(a, a_chunks)
         await asyncio.sleep(0.05 + 0.2 * (len(a_chunks) - 1))  # A's last chunk is being written
         r.doc(b)
-        for i, c in enumerate(b_chunks):
-            r.chunk(b, i, c)
+        r.all_chunks(b, b_chunks)
         await _until(lambda: r.ctl.active_sha == b.sha256, "model 3.0.0 to run")
         assert r.swapped[-1] == "3.0.0" and r.ctl.model is not None and r.ctl.model.state == "active"
         assert not task.done()
@@ -131,15 +135,13 @@ def test_a_full_disk_is_reported_and_the_transfer_resumes_when_there_is_room(tmp
         r = Rig(tmp_path)
         task = asyncio.create_task(r.ctl.run())
         a, a_chunks = r.update("2.0.0", 2)
-        r.doc(a)
-        await _until(lambda: r.ctl.transfer is not None, "the transfer to start")
+        await r.offer(a)
         r.store.fail = OSError(28, "No space left on device")
         r.chunk(a, 0, a_chunks[0])
         await _until(lambda: r.ctl.model is not None and "No space" in (r.ctl.model.error or ""), "the error")
         assert not task.done()
         r.store.fail = None
-        for i, c in enumerate(a_chunks):  # the broker's copies come again (a reconnect, say)
-            r.chunk(a, i, c)
+        r.all_chunks(a, a_chunks)  # the broker's copies come again (a reconnect, say)
         await _until(lambda: r.ctl.active_sha == a.sha256, "model 2.0.0 to run")
         task.cancel()
 
@@ -151,8 +153,7 @@ def test_a_model_that_failed_is_not_fetched_again_after_a_restart(tmp_path: Path
         r = Rig(tmp_path)
         task = asyncio.create_task(r.ctl.run())
         u, chunks = model_update("demo", new_prefilter(tmp_path / "junk", "9.9.9", data=b"TFL3" + bytes(900)))
-        r.doc(u)
-        await _until(lambda: r.ctl.transfer is not None, "the transfer to start")
+        await r.offer(u)
         r.chunk(u, 0, chunks[0])
         await _until(lambda: r.ctl.model is not None and r.ctl.model.state == "failed", "the refusal")
         task.cancel()
