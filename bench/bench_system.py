@@ -342,6 +342,7 @@ def tables(levels: list[Level], base: dict[str, float], devices: int) -> str:
     names = list(levels[0].cpu)
     out = ["| offered features/s | features/s end to end | enqueue→result p50 ms | p99 ms | lost | dup |",
            "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+
     def load(lv: Level) -> str:
         if lv.windows:
             return f"raw windows, saturating ({_f(lv.windows_in / lv.seconds)} windows/s in)"
@@ -418,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             f"# Whole-system benchmark\n\n`python -m bench.bench_system --write` on {when}: "
             f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}. "
             "Absolute figures drift on a shared machine; compare the ratios, measured in the same run.\n\n"
-            + text + "\n"
+            + text
+            + "\n"
         )
     figures = [{k: v for k, v in asdict(lv).items() if k != "want"} | {"rate": lv.rate} for lv in levels]
     save_json(args.json, {"levels": figures, "baselines": base})

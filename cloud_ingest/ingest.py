@@ -50,7 +50,10 @@ from edge_tier.logs import context
 from edge_tier.mqtt import Message, MqttBridge
 from edge_tier.tasks import running
 from edge_tier.wire import (
+    CloudLimits,
     Frame,
+    FrameLimits,
+    FrameTooLarge,
     Receipt,
     ReceiptStatus,
     WireError,
@@ -74,6 +77,12 @@ class Ledger:
 
     last_seq: int = 0
     stream_seq: int = 0  # 0: the stream holds no message of this device
+
+
+def _told(limits: FrameLimits) -> CloudLimits:
+    return CloudLimits(
+        max_frame_bytes=limits.max_frame_bytes, max_records=limits.max_records, max_dim=limits.max_dim
+    )
 
 
 @dataclass(slots=True)
@@ -100,6 +109,8 @@ class Ingest:
     def __init__(self, cfg: IngestConfig) -> None:
         self.cfg = cfg
         self.limits = cfg.ingest.limits
+        self.cloud_limits = _told(self.limits)
+        self._max_payload: int | None = None
         ing = cfg.ingest
         up = topics.mqtt_filter("up")
         shared = ing.shared_group and cfg.mqtt.version == "5"
@@ -144,19 +155,7 @@ class Ingest:
 
     async def _run(self) -> None:
         self.nc = await connect_nats(self.cfg, f"et-ingest-{self.cfg.ingest.instance}")
-        room = self.nc.max_payload - 4096  # headers ride in the same message
-        if self.limits.max_frame_bytes > room:
-            # A frame JetStream cannot take would be retried forever; refuse it at decode
-            # instead, with a reason the device and the dead-letter stream can show.
-            log.warning(
-                "ingest.max_frame_bytes (%d) exceeds what the NATS server accepts (max_payload %d); "
-                "frames over %d bytes will be rejected. Raise max_payload in the NATS config, or "
-                "lower uplink.frame_max_bytes on the devices.",
-                self.limits.max_frame_bytes,
-                self.nc.max_payload,
-                room,
-            )
-            self.limits = dataclasses.replace(self.limits, max_frame_bytes=room)
+        self._fit_limits()
         self.js = self.nc.jetstream(timeout=self.cfg.ingest.publish_timeout_s)
         self.kv = await ensure_streams(self.js, self.cfg.streams)
         self.devices = await self.js.key_value(topics.DEVICES_BUCKET)
@@ -182,6 +181,29 @@ class Ingest:
                 await self.nc.flush(timeout=2)
             with contextlib.suppress(Exception):
                 await self.nc.close()
+
+    def _fit_limits(self) -> None:
+        """Frames no larger than the NATS server takes (headers ride in the same message).
+
+        Checked per frame, since a reconnect may land on a server with another
+        ``max_payload``; the limit goes to the devices in every receipt, and a frame over
+        it gets TOO_LARGE (the device cuts it smaller) instead of being stored or dropped."""
+        assert self.nc is not None
+        if self.nc.max_payload == self._max_payload:
+            return
+        self._max_payload = self.nc.max_payload
+        room = self._max_payload - 4096
+        wanted = self.cfg.ingest.max_frame_bytes
+        if wanted > room:
+            log.info(
+                "frames are limited to %d bytes by the NATS server's max_payload (%d); "
+                "ingest.max_frame_bytes is %d. Devices are told in their receipts and cut to fit.",
+                room,
+                self._max_payload,
+                wanted,
+            )
+        self.limits = dataclasses.replace(self.limits, max_frame_bytes=max(1024, min(wanted, room)))
+        self.cloud_limits = _told(self.limits)
 
     async def _dispatch(self) -> None:
         assert self._tg is not None
@@ -247,8 +269,13 @@ class Ingest:
         if channel == "status":
             await self.record_status(msg, tenant, device)
             return
+        self._fit_limits()
         try:
             frame = decode_frame(msg.payload, limits=self.limits)
+        except FrameTooLarge as e:
+            if not await self._too_large(msg, tenant, device, e):
+                await self._reject_undecodable(msg, tenant, device, e)
+            return
         except WireError as e:
             await self._reject_undecodable(msg, tenant, device, e)
             return
@@ -381,8 +408,35 @@ class Ingest:
             stream_seq=stream_seq,
             expected_prev=expected_prev,
             reason=reason,
+            limits=self.cloud_limits,
         )
         self.mqtt.publish(topics.mqtt_topic(frame.tenant, frame.device, "receipt"), encode_receipt(r), qos=1)
+
+    async def _too_large(self, msg: Message, tenant: str, device: str, err: FrameTooLarge) -> bool:
+        """A frame over the limits that more, smaller frames would carry: not stored and not
+        dead-lettered, the device is told to cut it smaller. False: that would not help (a
+        record wider than ``max_dim``), or the frame is not this sender's."""
+        if err.field == "dim":
+            return False
+        try:
+            hdr = peek_header(msg.payload)
+        except WireError:
+            return False
+        if (hdr.tenant, hdr.device) != (tenant, device):
+            return False
+        metrics.FRAMES.labels("too_large").inc()
+        log.info("upload %s is over the limits (%s); the device cuts it smaller", hdr.upload_id, err,
+                 extra=context(hdr.upload_id, tenant=tenant, device=device))  # fmt: skip
+        r = Receipt(
+            upload_id=hdr.upload_id,
+            status=ReceiptStatus.TOO_LARGE,
+            first_seq=hdr.first_seq,
+            last_seq=hdr.last_seq,
+            reason=str(err)[:500],
+            limits=self.cloud_limits,
+        )
+        self.mqtt.publish(topics.mqtt_topic(tenant, device, "receipt"), encode_receipt(r), qos=1)
+        return True
 
     async def _reject(self, frame: Frame, payload: bytes, reason: str) -> None:
         msg = Message(topics.mqtt_topic(frame.tenant, frame.device, "up"), payload, 1, 0, False)
@@ -408,6 +462,7 @@ class Ingest:
                 first_seq=upload.first_seq,
                 last_seq=upload.last_seq,
                 reason=str(err)[:500],
+                limits=self.cloud_limits,
             )
             self.mqtt.publish(topics.mqtt_topic(tenant, device, "receipt"), encode_receipt(r), qos=1)
 

@@ -30,7 +30,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = load_agent_config(args.config)
-    store = Store(cfg.store, readonly=True)
+    up = cfg.uplink
+    store = Store(
+        cfg.store, readonly=True, frame_max_records=up.frame_max_records, frame_max_bytes=up.frame_max_bytes
+    )
+    saved = store.saved_limits()  # the cloud's, as its receipts last told
+    if saved is not None:
+        store.set_frame_limits(
+            min(up.frame_max_records, saved[1]), min(up.frame_max_bytes, saved[0]), saved[2]
+        )
     st = store.stats()
     store.close()
     d = st.as_dict()
@@ -39,10 +47,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"device        {cfg.device.tenant}/{cfg.device.device}")
     print(f"queue         {cfg.store.path}")
+    budget = st.effective_budget_bytes
     print(
-        f"backlog       {st.records} records, {st.bytes} of {st.budget_bytes} bytes "
-        f"({100 * st.bytes / st.budget_bytes:.1f}%)"
+        f"backlog       {st.records} records, {st.bytes} of {budget} bytes "
+        f"({100 * st.bytes / max(1, budget):.1f}%)"
     )
+    if st.disk_limited:
+        print(
+            f"disk          the filesystem bounds the queue: {budget} of the configured "
+            f"{st.budget_bytes} bytes; {st.disk_free_bytes} bytes free; reserve "
+            f"{'held' if st.disk_reserve_held else 'given up (the disk filled)'}"
+        )
     age = d["oldest_age_s"]
     print(f"oldest        {'-' if age is None else f'{age:.1f}s'}")
     print(f"in flight     {st.frames_in_flight} frames")
@@ -65,7 +80,7 @@ def _control_summary(cfg: AgentConfig) -> str:
 
     lines = []
     try:
-        doc = decode_control(cfg.control_path("control.json").read_bytes())
+        doc = decode_control(cfg.control_path("control.json").read_bytes()).unverified()  # display only
         c = doc.config
         lines.append(f"control       generation {doc.generation}: paused={c.paused}, threshold="
                      f"{c.threshold if c.threshold is not None else 'model'}, upload cap="

@@ -45,6 +45,10 @@ class StoreSettings(BaseModel):
     synchronous: str = "FULL"
     # How long a producer waits for room under the "block" policy.
     block_timeout_s: float = Field(5.0, ge=0)
+    # Preallocated beside the queue and given up when the filesystem fills anyway, so
+    # eviction, checkpoints and receipts always have room (edge_agent/disk.py).
+    # None: a sixteenth of the filesystem, within 1..8 MiB; 0: no reserve.
+    reserve_bytes: int | None = Field(None, ge=0)
 
     @field_validator("synchronous")
     @classmethod
@@ -57,7 +61,9 @@ class StoreSettings(BaseModel):
 class UplinkSettings(BaseModel):
     model_config = {"extra": "forbid"}
     frame_max_records: int = Field(4096, ge=1, le=65536)
-    frame_max_bytes: int = Field(1024 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # At most this, and at most what the cloud says it takes (in every receipt). The default
+    # fits a NATS server's default max_payload (1 MiB) with room for the headers.
+    frame_max_bytes: int = Field(1024 * 1024 - 8192, ge=1024, le=16 * 1024 * 1024)
     window: int = Field(8, ge=1, le=256, description="frames sent and not yet receipted")
     receipt_timeout_s: float = Field(15.0, gt=0)
     compress: str | None = None
@@ -99,7 +105,7 @@ class ControlSettings(BaseModel):
 
     model_config = {"extra": "forbid"}
     # the fleet's Ed25519 public key (signing.pub in a device bundle); without it, every
-    # model update is refused (config changes still apply)
+    # control document is refused, config changes and model updates alike
     signing_key: Path | None = None
     # where model updates and the last control document live (default: beside the queue)
     dir: Path | None = None

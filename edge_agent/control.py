@@ -3,7 +3,11 @@
 The retained document on ``et/{tenant}/{device}/control`` is applied as it arrives and
 again at every start (the last one applied is kept on disk, so a device that boots
 without a broker runs as it was told): threshold, upload rate and pause take effect at
-once. A model update is verified against the fleet's key, fetched chunk by chunk
+once. Nothing of a document is applied unless the fleet's key signed all of it for this
+device, its generation is above the applied one and it has not expired; an agent without
+``[control] signing_key`` refuses every document. A model update must not go below the
+installed model's counter unless the document says rollback (``control/models.json``
+keeps the installed counter per stream). A model update is fetched chunk by chunk
 (only the chunks not yet on disk are subscribed to, so a transfer resumes after a
 reconnect or a restart), joined, checked whole, loaded and tried on a dummy batch;
 only then does it replace the running model, atomically. A model that fails any step
@@ -30,15 +34,19 @@ from edge_agent.model_store import ModelStore
 from edge_agent.prefilter import ModelError, Prefilter
 from edge_tier import topics
 from edge_tier.control import (
+    CLOCK_SKEW_MS,
     ControlConfig,
     ControlDoc,
+    ControlRefused,
     ModelRefused,
     ModelUpdate,
-    SignedModel,
+    SignedControl,
+    check_fresh,
+    check_model,
     decode_control,
     encode_control,
     load_verify_key,
-    verify_model,
+    verify_control,
 )
 from edge_tier.mqtt import MqttBridge
 from edge_tier.tasks import running
@@ -79,16 +87,34 @@ def startup_prefilter(cfg: AgentConfig, store: ModelStore) -> tuple[Prefilter | 
     return load_prefilter(cfg, cfg.prefilter.manifest, _saved_threshold(cfg)), None
 
 
-def _saved_doc(cfg: AgentConfig) -> ControlDoc | None:
+Applied = tuple[ControlDoc, SignedControl]
+
+
+def _saved_doc(cfg: AgentConfig) -> Applied | None:
+    """The document applied last (kept on disk), checked again against the fleet's key; not
+    for expiry: it was fresh when it came, and a device cut off for long runs as last told."""
+    path = cfg.control_path("control.json")
     try:
-        return decode_control(cfg.control_path("control.json").read_bytes())
-    except (OSError, WireError):
+        data = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        if cfg.control.signing_key is None:
+            raise ControlRefused("no [control] signing_key is configured")
+        signed = decode_control(data)
+        return verify_control(load_verify_key(cfg.control.signing_key), signed, *_me(cfg)), signed
+    except WireError as e:
+        log.error("%s: not applied (%s); running as the config file says", path, e)
         return None
 
 
+def _me(cfg: AgentConfig) -> tuple[str, str]:
+    return cfg.device.tenant, cfg.device.device
+
+
 def _saved_threshold(cfg: AgentConfig) -> float | None:
-    doc = _saved_doc(cfg)
-    return doc.config.threshold if doc is not None else None
+    saved = _saved_doc(cfg)
+    return saved[0].config.threshold if saved is not None else None
 
 
 @dataclass
@@ -119,14 +145,14 @@ class Controller:
         self.prefilter = prefilter
         self.active_sha = active_sha
         self._swap, self._limit, self._publish_status = swap, limit, publish_status
-        self.key = None
+        self.key = None  # without it, every document is refused
         if cfg.control.signing_key is not None:
             self.key = load_verify_key(cfg.control.signing_key)  # a bad key stops the agent at start
         self.topic = topics.mqtt_topic(self.tenant, self.device, "control")
         self.docs = mqtt.inbox(self.topic)
         self.chunks = mqtt.inbox(topics.model_chunks_filter(self.tenant))
         mqtt.subscribe(self.topic, 1)
-        self.doc: ControlDoc | None = None
+        self.applied: Applied | None = None
         self.error: str | None = None
         self.model: ModelState | None = None
         self.transfer: Transfer | None = None
@@ -137,13 +163,19 @@ class Controller:
         # is written or a model installed must not pull the transfer from under it
         self._lock = asyncio.Lock()
         self._applied_ms: int | None = None
+        # the installed model's counter and sha256 per stream: nothing older comes in without rollback
+        self.installed: dict[str, tuple[int, str]] = _load_installed(cfg)
         saved = _saved_doc(cfg)
         if saved is not None:
-            self._apply_config(saved)
-            if saved.model is None:
+            self._apply_config(*saved)
+            if saved[0].model is None:
                 self.model = self._active_state()
         elif prefilter is not None:
             self.model = self._active_state()
+
+    @property
+    def doc(self) -> ControlDoc | None:
+        return None if self.applied is None else self.applied[0]
 
     # -- what the status says ------------------------------------------------------------------
 
@@ -178,7 +210,7 @@ class Controller:
     async def run(self) -> None:
         if self.doc is not None and self.doc.model is not None:
             async with self._lock:
-                await self._begin_model(self.doc.model)  # an update cut short by a restart goes on
+                await self._begin_model(self.doc)  # an update cut short by a restart goes on
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._doc_loop(), name="control-docs")
             tg.create_task(self._chunk_loop(), name="control-chunks")
@@ -197,20 +229,30 @@ class Controller:
     async def _handle(self, payload: bytes) -> None:
         if not payload:
             return  # the retained document was cleared: keep running as last told
+        now_ms = time.time_ns() // 1_000_000
         try:
-            doc = decode_control(payload)
-        except WireError as e:
-            self.error = f"control document refused: {e}"
-            log.error("%s/%s: %s", self.tenant, self.device, self.error)
+            signed = decode_control(payload)
+            if self.key is None:
+                raise ControlRefused("no [control] signing_key is configured; every document must be "
+                                     "signed by the fleet's key")  # fmt: skip
+            doc = verify_control(self.key, signed, self.tenant, self.device)
+            if not check_fresh(doc, signed, self.applied, now_ms):
+                return  # the applied document again (a reconnect)
+        except WireError as e:  # malformed, unsigned, forged, for another device, a replay, expired
+            self.error = f"control document refused: {e}"[:1024]
+            metrics.CONTROL_REFUSED.inc()
+            log.error("%s/%s: %s; running as last told", self.tenant, self.device, self.error)
             await self._report()
             return
-        if self.doc is not None and doc.generation <= self.doc.generation:
-            if doc.generation < self.doc.generation:
-                log.info("ignoring control generation %d (%d applied)", doc.generation, self.doc.generation)
-            return
-        self._apply_config(doc)
+        if doc.issued_ms > now_ms + CLOCK_SKEW_MS:
+            ahead = (doc.issued_ms - now_ms) / 1000
+            log.warning("%s/%s: control generation %d was issued %.0f s ahead of this device's clock",
+                        self.tenant, self.device, doc.generation, ahead)  # fmt: skip
+        self._apply_config(doc, signed)
         try:
-            await asyncio.to_thread(write_atomic, self.cfg.control_path("control.json"), encode_control(doc))
+            await asyncio.to_thread(
+                write_atomic, self.cfg.control_path("control.json"), encode_control(signed)
+            )
         except OSError as e:  # applied all the same; a restart would run as told before
             self.error = f"applied, but not saved for the next start: {e}"
             log.error("%s/%s: control generation %d %s", self.tenant, self.device, doc.generation, self.error)
@@ -220,13 +262,13 @@ class Controller:
             doc.config.upload_bytes_per_s,
         )  # fmt: skip
         if doc.model is not None:
-            await self._begin_model(doc.model)
+            await self._begin_model(doc)
         else:
             self._drop_transfer()
         await self._report()
 
-    def _apply_config(self, doc: ControlDoc) -> None:
-        self.doc, self.error = doc, None
+    def _apply_config(self, doc: ControlDoc, signed: SignedControl) -> None:
+        self.applied, self.error = (doc, signed), None
         self._applied_ms = time.time_ns() // 1_000_000
         c = doc.config
         metrics.CONTROL_GENERATION.set(doc.generation)
@@ -244,11 +286,11 @@ class Controller:
 
     # -- model updates -------------------------------------------------------------------------
 
-    async def _begin_model(self, signed: SignedModel) -> None:
+    async def _begin_model(self, doc: ControlDoc) -> None:
+        u = doc.model
+        assert u is not None
         try:
-            if self.key is None:
-                raise ModelRefused("model update refused: no [control] signing_key is configured")
-            u = verify_model(self.key, signed, self.tenant)
+            check_model(u, doc.rollback, self.installed.get(u.name))
         except ModelRefused as e:
             log.error("%s/%s: %s; the running model stays", self.tenant, self.device, e)
             self.model = self._active_state(error=str(e)).model_copy(update={"state": "refused"})
@@ -257,6 +299,7 @@ class Controller:
         if u.sha256 == self.active_sha:
             self._drop_transfer()
             self.model = self._active_state()
+            await self._record_installed(u)  # a rollback to the running model lowers the floor
             return
         if u.sha256 in self.failed:
             return
@@ -361,7 +404,31 @@ class Controller:
         self.prefilter, self.active_sha = pf, u.sha256
         self._swap(pf)
         self.model = self._active_state(chunks_total=len(u.chunks), chunks_fetched=self.fetched)
-        log.info("%s/%s: model %s (%s) is running", self.tenant, self.device, u.version, u.sha256[:12])
+        log.info("%s/%s: model %s (counter %d, %s) is running",
+                 self.tenant, self.device, u.version, u.counter, u.sha256[:12])  # fmt: skip
+        await self._record_installed(u)
+
+    async def _record_installed(self, u: ModelUpdate) -> None:
+        if self.installed.get(u.name) == (u.counter, u.sha256):
+            return
+        self.installed[u.name] = (u.counter, u.sha256)
+        data = json.dumps({k: {"counter": n, "sha256": sha} for k, (n, sha) in self.installed.items()})
+        try:
+            await asyncio.to_thread(write_atomic, self.cfg.control_path("models.json"), data.encode())
+        except OSError as e:  # kept in memory; after a restart the floor is the one before
+            log.error("%s/%s: the installed model's counter is not saved (%s)", self.tenant, self.device, e)
+
+
+def _load_installed(cfg: AgentConfig) -> dict[str, tuple[int, str]]:
+    path = cfg.control_path("models.json")
+    try:
+        data = json.loads(path.read_bytes())
+        return {str(k): (int(v["counter"]), str(v["sha256"])) for k, v in data.items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        log.error("%s: unreadable (%s); no model counter to hold updates to", path, e)
+        return {}
 
 
 def _load_failed(cfg: AgentConfig) -> set[str]:

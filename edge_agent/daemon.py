@@ -29,8 +29,8 @@ class Agent:
         # outgrow a frame, so frames are always made of whole chunks.
         self.store = Store(
             cfg.store,
-            chunk_max_records=cfg.uplink.frame_max_records,
-            chunk_max_bytes=cfg.uplink.frame_max_bytes,
+            frame_max_records=cfg.uplink.frame_max_records,
+            frame_max_bytes=cfg.uplink.frame_max_bytes,
         )
         self.queue = AsyncQueue(self.store)
         receipt = topics.mqtt_topic(dev.tenant, dev.device, "receipt")

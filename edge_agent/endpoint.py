@@ -25,7 +25,7 @@ from aiohttp import web
 
 from edge_agent import metrics
 from edge_agent.config import AgentConfig
-from edge_agent.errors import BadRecord, QueueFull, StoreError
+from edge_agent.errors import BadRecord, DiskFull, QueueFull, RecordTooLarge, StoreError
 from edge_agent.prefilter import Prefilter
 from edge_agent.store import AsyncQueue, NewRecord, RecordBatch, RecordKind
 from edge_tier.http import healthz, metrics_page, problem, readiness, serve_tcp
@@ -46,8 +46,12 @@ async def _answer_errors(request: web.Request, handler: Any) -> web.StreamRespon
         return await handler(request)
     except BadRecord as e:
         return problem(400, "Bad Request", str(e))
+    except RecordTooLarge as e:
+        return problem(413, "Record Too Large", str(e))
     except QueueFull as e:
         return problem(503, "Queue Full", str(e), **{"Retry-After": "1"})
+    except DiskFull as e:
+        return problem(503, "Disk Full", str(e), **{"Retry-After": "5"})
     except StoreError as e:
         log.error("enqueue failed: %s", e)
         return problem(500, "Queue Error", str(e))

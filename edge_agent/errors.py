@@ -15,3 +15,12 @@ class QueueFull(StoreError):
 
 class BadRecord(AgentError):
     """A producer sent a record that cannot be queued (shape, dtype, metadata)."""
+
+
+class RecordTooLarge(StoreError):
+    """A record that no upload frame can carry (the agent's or the cloud's frame limit)."""
+
+
+class DiskFull(StoreError):
+    """The filesystem has no room even after evicting by policy and giving up the reserve
+    (what is left is in flight to the cloud): try again once receipts have freed some."""

@@ -26,6 +26,10 @@ QUEUE_BYTES = Gauge("et_agent_queue_bytes", "Bytes charged to the queue's budget
 QUEUE_OLDEST_AGE = Gauge("et_agent_queue_oldest_age_seconds", "Age of the oldest queued record")
 EVICTED = Gauge("et_agent_evicted_records", "Records lost by policy, cumulative", ["reason"])
 CONTROL_GENERATION = Gauge("et_agent_control_generation", "Generation of the control document applied")
+CONTROL_REFUSED = Counter(
+    "et_agent_control_refused_total",
+    "Control documents refused: malformed, unsigned, forged, replayed, expired",
+)
 UPLOADS_PAUSED = Gauge("et_agent_uploads_paused", "1 while the control channel holds uploads")
 MODEL_INFO = Gauge("et_agent_model_info", "The prefilter running (1), by version", ["version"])
 

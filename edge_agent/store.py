@@ -42,13 +42,18 @@ from typing import Any, TypeVar
 import numpy as np
 
 from edge_agent.config import EvictionPolicy, StoreSettings
-from edge_agent.errors import QueueFull, StoreError
+from edge_agent.disk import DiskRoom, is_disk_full
+from edge_agent.errors import DiskFull, QueueFull, RecordTooLarge, StoreError
 from edge_agent.files import write_atomic
-from edge_tier.wire import Dtype, WireError, check_kind
+from edge_tier.wire import RECORD_WIRE_OVERHEAD, Dtype, WireError, check_kind, frame_overhead
 
 log = logging.getLogger(__name__)
 
 ROW_OVERHEAD = 64  # bytes charged per record on top of its payload (seq, score, time, row share)
+# A record's charge less this is at least what it takes in a frame (the charge counts its
+# metadata as ASCII JSON, never less than the frame's UTF-8).
+WIRE_SAVING = ROW_OVERHEAD - RECORD_WIRE_OVERHEAD
+MAX_PAGES = 4294967294  # SQLite's own ceiling: what max_page_count is outside an append
 SEQ_FLOOR_STEP = 1 << 20  # the side file is rewritten once per this many sequence numbers
 CORRUPTION_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 U64, F32 = np.dtype("<u8"), np.dtype("<f4")
@@ -132,6 +137,10 @@ class RecordKind:
     @property
     def record_bytes(self) -> int:
         return self.dim * self.dtype.itemsize
+
+    @property
+    def frame_overhead(self) -> int:
+        return frame_overhead(stream=self.stream, model=self.model, model_version=self.model_version)
 
     def check(self) -> None:
         """WireError unless a frame header can carry this kind: what is queued must encode."""
@@ -305,12 +314,29 @@ class QueueStats:
     delivered: int = 0
     corrupt_resets: int = 0
     next_seq: int = 0
+    disk_budget_bytes: int | None = None  # what the filesystem can give the queue, in budget bytes
+    disk_free_bytes: int | None = None
+    disk_reserve_held: bool = False
+    frame_max_bytes: int = 0  # frames are cut to this: min(uplink.frame_max_bytes, the cloud's limit)
+
+    @property
+    def effective_budget_bytes(self) -> int:
+        """The budget that binds now: min(configured, what the filesystem can give)."""
+        if self.disk_budget_bytes is None:
+            return self.budget_bytes
+        return min(self.budget_bytes, self.disk_budget_bytes)
+
+    @property
+    def disk_limited(self) -> bool:
+        return self.effective_budget_bytes < self.budget_bytes
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
         d["oldest_age_s"] = (
             None if self.oldest_created_ms is None else max(0.0, (now_ms() - self.oldest_created_ms) / 1000)
         )
+        d["effective_budget_bytes"] = self.effective_budget_bytes
+        d["disk_limited"] = self.disk_limited
         return d
 
 
@@ -326,6 +352,19 @@ class _Staged:
     nbytes: int
 
 
+class _OverCeiling(Exception):
+    """The append would take the database past the filesystem's ceiling and the policy
+    forbids evicting: the transaction is undone and redone as on SQLITE_FULL."""
+
+
+def _fs_size(directory: Path) -> int:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return 0
+    return st.f_blocks * st.f_frsize
+
+
 def _runs_of_one_kind(staged: list[_Staged]) -> list[list[_Staged]]:
     runs: list[list[_Staged]] = []
     for x in staged:
@@ -339,8 +378,8 @@ def _runs_of_one_kind(staged: list[_Staged]) -> list[list[_Staged]]:
 class Store:
     """The queue file. Not thread-safe: one thread uses it (``AsyncQueue`` sees to that).
 
-    ``chunk_max_records`` / ``chunk_max_bytes`` cap a chunk so that whole chunks
-    always fit a frame: pass the uplink's frame limits.
+    ``frame_max_records`` / ``frame_max_bytes`` (the encoded frame) cap a chunk so that
+    whole chunks always fit a frame: pass the uplink's frame limits.
     """
 
     def __init__(
@@ -348,17 +387,31 @@ class Store:
         settings: StoreSettings,
         *,
         readonly: bool = False,
-        chunk_max_records: int = 1024,
-        chunk_max_bytes: int = 1024 * 1024,
+        frame_max_records: int = 1024,
+        frame_max_bytes: int = 1024 * 1024,
     ) -> None:
         self.settings = settings
         self.path = Path(settings.path)
         self.floor_path = self.path.with_name(self.path.name + ".seqfloor")
         self.readonly = readonly
-        self.chunk_max_records = chunk_max_records
-        self.chunk_max_bytes = chunk_max_bytes
-        # The WAL's share of the disk: an eighth of the budget, within 1..8 MiB.
-        self.wal_limit_bytes = min(8 << 20, max(1 << 20, settings.budget_bytes // 8))
+        # Frames are cut to these, and chunks never outgrow a frame; the uplink lowers them
+        # to what the cloud takes (``set_frame_limits``).
+        self.frame_max_records = frame_max_records
+        self.frame_max_bytes = frame_max_bytes
+        self.max_dim: int | None = None  # the cloud's, once known
+        if not readonly:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        fs_bytes = _fs_size(self.path.parent)
+        # The WAL's share of the disk: an eighth of the budget and a sixteenth of the
+        # filesystem, within 1..8 MiB.
+        self.wal_limit_bytes = min(8 << 20, max(1 << 20, min(settings.budget_bytes // 8, fs_bytes // 16)))
+        reserve = settings.reserve_bytes
+        if reserve is None:
+            reserve = min(8 << 20, max(1 << 20, fs_bytes // 16))
+        # The WAL reaches its limit, plus the commit that crosses it before a checkpoint.
+        self.disk = DiskRoom(self.path, reserve_bytes=reserve, wal_allowance_bytes=2 * self.wal_limit_bytes)
+        self._page_size = 65536
+        self._soft_cap_pages = MAX_PAGES  # used pages past this are evicted as disk_full
         self.corrupt_reset = False
         self.commits = 0  # group commits done (benchmarks and tests read it)
         self._kinds: dict[RecordKind, int] = {}
@@ -367,8 +420,9 @@ class Store:
         if readonly:
             self._open_readonly()
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.disk.ensure_reserve()
         self.db = self._open_checked()
+        self._page_size = self.db.execute("PRAGMA page_size").fetchone()[0]
         self._bytes = int(self.db.execute("SELECT total(nbytes) FROM chunks").fetchone()[0])
         self._next_seq = self._meta("next_seq", 1)
         self._floor_written = self._read_floor()
@@ -400,7 +454,13 @@ class Store:
         if self._ckpt_db is None:
             self._ckpt_db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._ckpt_db.execute(f"PRAGMA synchronous={self.settings.synchronous}")
-        self._ckpt_db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        try:
+            self._ckpt_db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.OperationalError as e:
+            # The database file must grow to take what the WAL holds; the reserve is for this.
+            if not (is_disk_full(e) and self.disk.release()):
+                raise
+            self._ckpt_db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _open_readonly(self) -> None:
         if not self.path.exists():
@@ -411,6 +471,7 @@ class Store:
             )
             self._load_kinds()
             self.db.execute("SELECT count(*) FROM chunks").fetchone()
+            self._page_size = self.db.execute("PRAGMA page_size").fetchone()[0]
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path}: cannot read the queue: {e}") from None
 
@@ -433,6 +494,8 @@ class Store:
                     # start rather than set a healthy queue aside.
                     if db is not None:
                         db.close()
+                    if is_disk_full(e) and self.disk.release():
+                        return self._open_checked()  # the reserve is there for this
                     raise StoreError(f"{self.path}: cannot open the queue: {e}") from None
                 problem = str(e)
             if problem is None and db is not None:
@@ -563,10 +626,15 @@ class Store:
         Consecutive batches of one kind share chunk rows, so many small
         producers cost what one big one does. Each batch gets its own result:
         its seq range, or the exception that refused it (``QueueFull`` under the
-        block policy, ``StoreError`` for a bad batch or one the full disk cannot
-        take) without failing the others. A refused batch whose producer is not
-        waiting (``write_behind``) is counted as lost, reason ``refused``: nobody
-        else would hear of it.
+        block policy, ``RecordTooLarge`` for a record no frame can carry,
+        ``StoreError`` for a bad batch or one the full disk cannot take) without
+        failing the others. A refused batch whose producer is not waiting
+        (``write_behind``) is counted as lost, reason ``refused``: nobody else
+        would hear of it.
+
+        The filesystem bounds the queue as the budget does: past the ceiling of
+        ``DiskRoom``, records are evicted by policy in the same transaction and
+        counted as ``disk_full`` (see ``edge_agent/disk.py``).
         """
         failed: dict[int, Exception] = {}
         made_room = False
@@ -576,6 +644,7 @@ class Store:
             results: dict[int, Appended | Exception] = dict(failed)
             current: int | None = None
             try:
+                self._set_ceiling()
                 self.db.execute("BEGIN IMMEDIATE")
                 staged: list[_Staged] = []
                 for i, (kind, records) in enumerate(batches):
@@ -596,6 +665,7 @@ class Store:
                 excess = self._bytes - self.settings.budget_bytes
                 if excess > 0:
                     evicted = self._evict(excess, self.settings.policy.value)
+                evicted += self._evict_to_ceiling()
                 for x in staged:
                     results[x.index] = Appended(x.first, x.first + x.n - 1, evicted)
                 for i, r in results.items():
@@ -608,31 +678,134 @@ class Store:
                 self._raise_floor()
                 self.db.execute("COMMIT")
                 break
-            except sqlite3.OperationalError as e:
+            except (sqlite3.OperationalError, _OverCeiling) as e:
                 # SQLite may roll a transaction back by itself on SQLITE_FULL, so the
                 # whole group is redone: once after making room, then batch by batch
                 # to find the one that does not fit, then without it.
                 self._rollback(snapshot)
-                if sqlite3_errorcode(e) != sqlite3.SQLITE_FULL:
+                if not isinstance(e, _OverCeiling) and not is_disk_full(e):
                     raise
+                self._lift_ceiling()  # making room rewrites chunks: it needs pages of its own
                 if not made_room:
+                    if self._fs_really_full():
+                        self.disk.release()
                     need = sum(len(r) * (k.record_bytes + ROW_OVERHEAD) for k, r in batches) * 2
                     self._make_room_on_disk(max(need, 256 * 1024))
                     made_room = True
                 elif merge:
                     merge = False
                 elif current is not None:
-                    failed[current] = StoreError(
-                        f"{self.path}: disk full: a batch of {len(batches[current][1])} records does not "
-                        "fit even after evicting by policy"
-                    )
+                    failed[current] = self._no_room(len(batches[current][1]))
+                elif len(failed) < len(batches):
+                    # What does not fit is not one batch: the queue holds only frames in flight.
+                    for i, (_kind, records) in enumerate(batches):
+                        failed.setdefault(i, self._no_room(len(records)))
                 else:
-                    raise
+                    # Not even the bookkeeping of the refusals fits: answer without a commit.
+                    log.error("disk full: %d batches refused, nothing written to %s", len(batches), self.path)
+                    return [failed[i] for i in range(len(batches))]
             except BaseException:
                 self._rollback(snapshot)
                 raise
+            finally:
+                self._lift_ceiling()
         self.commits += 1
         return [results[i] for i in range(len(batches))]
+
+    def _fs_really_full(self) -> bool:
+        """Not our ceiling but the filesystem itself: another process may have filled it."""
+        try:
+            return self.disk.view().free_bytes < self.wal_limit_bytes
+        except OSError:
+            return True
+
+    def _no_room(self, n: int) -> StoreError:
+        if self.settings.policy is EvictionPolicy.BLOCK:
+            return QueueFull(
+                f"queue {self.path}: the filesystem is full and the policy is 'block': {n} records refused"
+            )
+        return DiskFull(
+            f"{self.path}: disk full: a batch of {n} records does not fit even after evicting by policy "
+            "(what is left is in flight to the cloud)"
+        )
+
+    # -- the filesystem's ceiling (edge_agent/disk.py) ----------------------
+
+    def _set_ceiling(self) -> None:
+        """Before an append: how many pages the filesystem lets the database hold (soft: past
+        it, evict by policy), and a hard cap a transaction's slack above it."""
+        try:
+            cap = self.disk.capacity_bytes()
+        except OSError as e:
+            log.warning("cannot read the filesystem of %s: %s", self.path, e)
+            return
+        self._soft_cap_pages = self._soft_cap(cap)
+        self.db.execute(f"PRAGMA max_page_count={max(1, cap // self._page_size)}")
+
+    def _soft_cap(self, capacity_bytes: int) -> int:
+        """Pages in use past which appends evict: a transaction's slack under the hard cap."""
+        # an append's own pages, and a chunk that eviction rewrites before it frees the old one
+        slack = max(2 * self._page_size, min(self.wal_limit_bytes // 2, capacity_bytes // 8))
+        slack += self.frame_max_bytes
+        return max(0, capacity_bytes - slack) // self._page_size
+
+    def _lift_ceiling(self) -> None:
+        # Evicting, cutting frames and deleting receipted records must never hit the cap.
+        with contextlib.suppress(sqlite3.Error):
+            self.db.execute(f"PRAGMA max_page_count={MAX_PAGES}")
+
+    def _pages_used(self) -> int:
+        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+        return int(pages) - int(self.db.execute("PRAGMA freelist_count").fetchone()[0])
+
+    def _evict_to_ceiling(self) -> int:
+        """Inside the append's transaction: evict by policy (``disk_full``) what takes the pages in
+        use past the filesystem's ceiling, in budget bytes at the rate the queue fills pages now
+        (evicting frees room inside pages before it frees whole pages, and that rate shows it)."""
+        used = self._pages_used()
+        over = used - self._soft_cap_pages
+        if over <= 0:
+            return 0
+        if self.settings.policy is EvictionPolicy.BLOCK:
+            raise _OverCeiling
+        ratio = max(1.0, used * self._page_size / self._bytes) if self._bytes else 1.0
+        return self._evict(int(over * self._page_size / ratio) + 1, "disk_full")
+
+    def _make_room_on_disk(self, nbytes: int) -> None:
+        """The disk filled during an append: evict by policy (counted as ``disk_full``); SQLite
+        reuses the freed pages. Another process filling the filesystem leaves the WAL no
+        room even for that: then the reserve is given up for it."""
+        if self.settings.policy is EvictionPolicy.BLOCK:
+            return
+        try:
+            freed = self._roomy(self._evict_committed, nbytes)
+        except DiskFull as e:
+            log.error("disk full while writing %s, and no room even to evict: %s", self.path, e)
+            return  # the batches are refused (DiskFull): the producers try again later
+        log.error("disk full while writing %s; evicted %d records to make room", self.path, freed)
+
+    def _evict_committed(self, nbytes: int) -> int:
+        snap = self._snapshot()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            freed = self._evict(nbytes, "disk_full")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self._rollback(snap)
+            raise
+        return freed
+
+    def _roomy(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a write that must not fail for space (eviction, frames, receipts): if the
+        filesystem is full, give up the reserve and try again once."""
+        while True:
+            try:
+                return fn(*args)
+            except sqlite3.OperationalError as e:
+                if not is_disk_full(e):
+                    raise
+                if not self.disk.release():
+                    raise DiskFull(f"{self.path}: the filesystem is full, the reserve spent: {e}") from e
 
     def _raise_floor(self) -> None:
         """Keep the side file's floor above every seq this commit hands out (written before
@@ -654,19 +827,6 @@ class Store:
                 self.db.execute("ROLLBACK")
         self._next_seq, self._bytes, self._kinds = snap[0], snap[1], dict(snap[2])
         self._kinds_by_id = {v: k for k, v in self._kinds.items()}
-
-    def _make_room_on_disk(self, nbytes: int) -> None:
-        """The disk filled before the budget did: evict by policy (counted as ``disk_full``);
-        SQLite reuses the freed pages."""
-        snap = self._snapshot()
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-            freed = self._evict(nbytes, "disk_full")
-            self.db.execute("COMMIT")
-        except BaseException:
-            self._rollback(snap)
-            raise
-        log.error("disk full while writing %s; evicted %d records to make room", self.path, freed)
 
     def _stage(
         self, index: int, kind: RecordKind, records: Sequence[NewRecord] | RecordBatch
@@ -692,10 +852,13 @@ class Store:
                     if len(r.features) != rb:
                         raise StoreError(f"record {i}: {len(r.features)} feature bytes, expected {rb}")
                 metas = [r.meta or {} for r in records] if any(r.meta for r in records) else None
-            meta_bytes = sum(len(_json(m)) for m in metas if m) if metas else 0
+            meta_lens = [len(_json(m)) if m else 0 for m in metas] if metas else [0]
         except (StoreError, TypeError, ValueError) as e:
             return StoreError(f"{where}: {e} ({kind.dim} x {kind.dtype.name.lower()})")
-        nbytes = n * (rb + ROW_OVERHEAD) + meta_bytes
+        too_large = self._too_large(kind, max(meta_lens))
+        if too_large is not None:
+            return RecordTooLarge(f"{where}: {too_large}; none of the {n} records queued")
+        nbytes = n * (rb + ROW_OVERHEAD) + (sum(meta_lens) if metas else 0)
         budget = self.settings.budget_bytes
         if self.settings.policy is EvictionPolicy.BLOCK and self._bytes + nbytes > budget:
             return QueueFull(
@@ -706,6 +869,45 @@ class Store:
         self._next_seq += n
         self._bytes += nbytes
         return staged
+
+    def _too_large(self, kind: RecordKind, meta_len: int) -> str | None:
+        """Why one record of ``kind`` fits no frame, or None. A frame is what reaches the cloud
+        whole, so a record that fits none would never leave the device."""
+        if self.max_dim is not None and kind.dim > self.max_dim:
+            return f"a record of dim {kind.dim} is wider than the cloud takes (max_dim {self.max_dim})"
+        alone = kind.frame_overhead + kind.record_bytes + RECORD_WIRE_OVERHEAD + meta_len
+        if alone > self.frame_max_bytes:
+            return (
+                f"a record of {kind.record_bytes} feature bytes and {meta_len} bytes of metadata makes a "
+                f"{alone}-byte frame, over the frame limit of {self.frame_max_bytes} bytes"
+            )
+        return None
+
+    def set_frame_limits(self, max_records: int, max_bytes: int, max_dim: int | None = None) -> None:
+        """Frames (and so chunks) no larger than this from now on; what is queued is cut to fit
+        when framed (``next_frames``, ``recut_frame``)."""
+        self.frame_max_records, self.frame_max_bytes, self.max_dim = max_records, max_bytes, max_dim
+
+    def _bounds(
+        self, cols: Columns, kind: RecordKind, sizes: np.ndarray | None, most: int, max_bytes: int
+    ) -> list[int]:
+        """Where to split records into pieces that a frame of these limits carries whole (at
+        least one record each)."""
+        n, rb = len(cols), kind.record_bytes
+        room = max(1, max_bytes - kind.frame_overhead)
+        if sizes is None:
+            per = max(1, min(most, room // (rb + RECORD_WIRE_OVERHEAD)))
+            return [*range(0, n, per), n]
+        wire = (sizes - WIRE_SAVING).tolist()
+        bounds = [0]
+        total = 0
+        for i, size in enumerate(wire):
+            if i > bounds[-1] and (i - bounds[-1] >= most or total + size > room):
+                bounds.append(i)
+                total = 0
+            total += size
+        bounds.append(n)
+        return bounds
 
     def _write(self, group: list[_Staged]) -> None:
         """Insert staged batches of one kind, with consecutive seqs, as chunk rows."""
@@ -743,29 +945,16 @@ class Store:
         )
         kid = self._kind_id(kind)
         # Split into chunks that a frame can always carry whole.
-        if metas is None:
-            per = max(1, min(self.chunk_max_records, self.chunk_max_bytes // (rb + ROW_OVERHEAD)))
-            bounds = [*range(0, n, per), n]
-            sizes = None
-        else:
-            sizes = cols.sizes(rb)
-            bounds = [0]
-            total = 0
-            for i, size in enumerate(sizes.tolist()):
-                if i > bounds[-1] and (
-                    i - bounds[-1] >= self.chunk_max_records or total + size > self.chunk_max_bytes
-                ):
-                    bounds.append(i)
-                    total = 0
-                total += size
-            bounds.append(n)
+        sizes = None if metas is None else cols.sizes(rb)
         rows = [
             self._chunk_row(
                 kid,
                 cols.slice(lo, hi, rb),
                 (hi - lo) * (rb + ROW_OVERHEAD) if sizes is None else int(sizes[lo:hi].sum()),
             )
-            for lo, hi in itertools.pairwise(bounds)
+            for lo, hi in itertools.pairwise(
+                self._bounds(cols, kind, sizes, self.frame_max_records, self.frame_max_bytes)
+            )
         ]
         self.db.executemany(f"INSERT INTO chunks({_CHUNK_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
 
@@ -804,6 +993,8 @@ class Store:
         if excess <= 0:
             return 0
         if self.settings.policy is EvictionPolicy.LOWEST_SCORE:
+            if reason == "disk_full":
+                return self._evict_chunks(self._pick_chunks_by_top_score(excess), reason)
             doomed = self._pick_lowest_scores(excess)
         else:
             doomed = self._pick_oldest(excess)
@@ -844,6 +1035,33 @@ class Store:
             if excess <= 0:
                 break
         return picked
+
+    def _pick_chunks_by_top_score(self, excess: int) -> list[tuple[int, int, int]]:
+        """Whole unframed chunks, those whose best record scores lowest first, covering ``excess``:
+        (key, records, bytes) each. The lowest-score policy on a full disk: picking records one
+        by one rewrites every chunk they sit in, and rewriting needs the disk that is missing;
+        deleting whole chunks needs next to none. A chunk with a high-scoring record is kept."""
+        heads = self.db.execute(
+            "SELECT key, n, nbytes, scores FROM chunks WHERE key > ?", (self._chain_last,)
+        ).fetchall()
+        ranked = sorted((float(np.frombuffer(sc, dtype=F32).max()), key, n, nb) for key, n, nb, sc in heads)
+        picked: list[tuple[int, int, int]] = []
+        for _top, key, n, nb in ranked:
+            if excess <= 0:
+                break
+            picked.append((key, n, nb))
+            excess -= nb
+        return picked
+
+    def _evict_chunks(self, chunks: list[tuple[int, int, int]], reason: str) -> int:
+        if not chunks:
+            return 0
+        self.db.executemany("DELETE FROM chunks WHERE key=?", [(key,) for key, _, _ in chunks])
+        count, freed = sum(c[1] for c in chunks), sum(c[2] for c in chunks)
+        self._count_loss(reason, count, freed)
+        self._bytes -= freed
+        log.warning("queue: evicted %d records (%d bytes, whole chunks), reason %s", count, freed, reason)
+        return count
 
     def _pick_lowest_scores(self, excess: int) -> list[tuple[tuple[Any, ...], np.ndarray]]:
         """The records with the lowest (score, seq) whose sizes cover ``excess``, across chunks."""
@@ -896,49 +1114,135 @@ class Store:
 
     def next_frames(self, count: int, max_records: int, max_bytes: int) -> list[FrameRows]:
         """Cut up to ``count`` frames from the oldest unframed chunks, persisted in one commit
-        (the frames must be durable before they are sent: a re-send must be the same upload)."""
-        # Walk the unframed chunks in seq order (the covering index), only as far as needed.
-        cuts: list[tuple[int, int, int, int]] = []  # (first key, last key, records, bytes)
-        cur: list[int] | None = None  # [first key, last key, records, bytes, kind]
-        for key, cn, ck, cb in self.db.execute(
-            "SELECT key, n, kind, nbytes FROM chunks WHERE key > ? ORDER BY key", (self._chain_last,)
-        ):
-            if cur is not None and (ck != cur[4] or cur[2] + cn > max_records or cur[3] + cb > max_bytes):
-                cuts.append((cur[0], cur[1], cur[2], cur[3]))
-                cur = None
-                if len(cuts) == count:
-                    break
-            if cur is None:
-                cur = [key, key, 0, 0, ck]
-            cur[1], cur[2], cur[3] = key, cur[2] + cn, cur[3] + cb
-        if cur is not None and len(cuts) < count:
-            cuts.append((cur[0], cur[1], cur[2], cur[3]))
-        if not cuts:
-            return []
-        prev = self._chain_last
-        frames: list[tuple[FrameRows, int, int, int]] = []
-        for lo, hi, n, total in cuts:
-            rows = self.db.execute(
-                f"SELECT {_CHUNK_COLS} FROM chunks WHERE key BETWEEN ? AND ? ORDER BY key", (lo, hi)
-            ).fetchall()
-            frame = self._frame(prev, rows)
-            frames.append((frame, lo, n, total))
-            prev = frame.last_seq
+        (the frames must be durable before they are sent: a re-send must be the same upload).
+
+        ``max_bytes`` bounds the encoded frame; a chunk written under a larger limit is split
+        first, so a frame always fits the limits it was cut for."""
+        return self._roomy(self._next_frames, count, max_records, max_bytes)
+
+    def _next_frames(self, count: int, max_records: int, max_bytes: int) -> list[FrameRows]:
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.executemany(
-                "INSERT INTO frames(first_seq, last_seq, prev_seq, chunk_lo, n, nbytes, created_ms) "
-                "VALUES (?,?,?,?,?,?,?)",
-                [(f.first_seq, f.last_seq, f.prev_seq, lo, n, total, now_ms()) for f, lo, n, total in frames],
-            )
-            self._set_meta("chain_last", prev)
+            cuts = self._plan_splitting(self._chain_last, None, count, max_records, max_bytes)
+            frames = self._insert_frames(self._chain_last, cuts)
+            if frames:
+                self._set_meta("chain_last", frames[-1].last_seq)
             self.db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
                 self.db.execute("ROLLBACK")
             raise
-        self._chain_last = prev
-        return [f for f, *_ in frames]
+        if frames:
+            self._chain_last = frames[-1].last_seq
+        return frames
+
+    def recut_frame(self, first_seq: int, max_records: int, max_bytes: int) -> list[FrameRows]:
+        """Cut a frame in flight again, smaller (the cloud said TOO_LARGE, so it stored none of
+        it): the same records, the same chain ends, more frames. [] if there is no such frame."""
+        return self._roomy(self._recut_frame, first_seq, max_records, max_bytes)
+
+    def _recut_frame(self, first_seq: int, max_records: int, max_bytes: int) -> list[FrameRows]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.db.execute(
+                "SELECT last_seq, prev_seq, chunk_lo FROM frames WHERE first_seq=?", (first_seq,)
+            ).fetchone()
+            frames: list[FrameRows] = []
+            if row is not None:
+                last, prev, lo = row
+                cuts = self._plan_splitting(lo - 1, last, 1 << 30, max_records, max_bytes)
+                self.db.execute("DELETE FROM frames WHERE first_seq=?", (first_seq,))
+                frames = self._insert_frames(prev, cuts)
+            self.db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.db.execute("ROLLBACK")
+            raise
+        return frames
+
+    def _plan_splitting(
+        self, after: int, upto: int | None, count: int, max_records: int, max_bytes: int
+    ) -> list[tuple[int, int, int, int]]:
+        """``_plan``, splitting the chunks no frame can carry whole (inside the caller's
+        transaction) until there are none."""
+        while True:
+            cuts, oversized = self._plan(after, upto, count, max_records, max_bytes)
+            if oversized is None:
+                return cuts
+            self._split_chunk(oversized, max_records, max_bytes)
+
+    def _plan(
+        self, after: int, upto: int | None, count: int, max_records: int, max_bytes: int
+    ) -> tuple[list[tuple[int, int, int, int]], int | None]:
+        """Group the chunks with keys in (after, upto] into at most ``count`` frames of whole
+        chunks of one kind, in seq order: (first key, last key, records, charged bytes) each.
+        Or, second, the key of the first chunk that no frame of these limits carries whole."""
+        cuts: list[tuple[int, int, int, int]] = []
+        cur: list[int] | None = None  # [first key, last key, records, charged, wire bytes, kind]
+        sql = "SELECT key, n, kind, nbytes FROM chunks WHERE key > ?"
+        args: tuple[int, ...] = (after,)
+        if upto is not None:
+            sql, args = sql + " AND key <= ?", (after, upto)
+        # Walk the covering index only as far as needed.
+        rows = self.db.execute(sql + " ORDER BY key", args)
+        try:
+            for key, cn, ck, cb in rows:
+                room = max_bytes - self._kinds_by_id[ck].frame_overhead
+                wire = cb - cn * WIRE_SAVING
+                if cn > 1 and (cn > max_records or wire > room):
+                    return cuts, key
+                if cur is not None and (ck != cur[5] or cur[2] + cn > max_records or cur[4] + wire > room):
+                    cuts.append((cur[0], cur[1], cur[2], cur[3]))
+                    cur = None
+                    if len(cuts) == count:
+                        break
+                if cur is None:
+                    cur = [key, key, 0, 0, 0, ck]
+                cur[1], cur[2], cur[3], cur[4] = key, cur[2] + cn, cur[3] + cb, cur[4] + wire
+        finally:
+            rows.close()
+        if cur is not None and len(cuts) < count:
+            cuts.append((cur[0], cur[1], cur[2], cur[3]))
+        return cuts, None
+
+    def _split_chunk(self, key: int, max_records: int, max_bytes: int) -> None:
+        """One chunk row into several that frames of these limits carry whole (keys: the
+        first seq of each; seqs of a chunk belong to no other, so the keys are free)."""
+        row = self.db.execute(f"SELECT {_CHUNK_COLS} FROM chunks WHERE key=?", (key,)).fetchone()
+        kind = self._kinds_by_id[row[3]]
+        cols = self._columns(row)
+        sizes = cols.sizes(kind.record_bytes)
+        bounds = self._bounds(cols, kind, sizes, max_records, max_bytes)
+        pieces = [
+            self._chunk_row(row[3], cols.slice(lo, hi, kind.record_bytes), int(sizes[lo:hi].sum()))
+            for lo, hi in itertools.pairwise(bounds)
+        ]
+        first = (key, *pieces[0][1:])
+        self.db.execute(
+            f"UPDATE chunks SET ({_CHUNK_COLS}) = (?,?,?,?,?,?,?,?,?,?,?,?) WHERE key=?", (*first, key)
+        )
+        self.db.executemany(f"INSERT INTO chunks({_CHUNK_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", pieces[1:])
+        log.info("queue: split a chunk of %d records into %d to fit frames of %d bytes", len(cols),
+                 len(pieces), max_bytes)  # fmt: skip
+
+    def _insert_frames(self, prev: int, cuts: list[tuple[int, int, int, int]]) -> list[FrameRows]:
+        """Persist frames over these cuts, chained from ``prev`` (inside the caller's transaction)."""
+        frames: list[FrameRows] = []
+        rows_out = []
+        for lo, hi, n, total in cuts:
+            rows = self.db.execute(
+                f"SELECT {_CHUNK_COLS} FROM chunks WHERE key BETWEEN ? AND ? ORDER BY key", (lo, hi)
+            ).fetchall()
+            frame = self._frame(prev, rows)
+            frames.append(frame)
+            rows_out.append((frame.first_seq, frame.last_seq, frame.prev_seq, lo, n, total, now_ms()))
+            prev = frame.last_seq
+        self.db.executemany(
+            "INSERT INTO frames(first_seq, last_seq, prev_seq, chunk_lo, n, nbytes, created_ms) "
+            "VALUES (?,?,?,?,?,?,?)",
+            rows_out,
+        )
+        return frames
 
     def _frame(self, prev_seq: int, rows: list[tuple[Any, ...]]) -> FrameRows:
         cols = Columns.concat([self._columns(r) for r in rows])
@@ -965,7 +1269,30 @@ class Store:
         return frames
 
     def set_frame_prev(self, first_seq: int, prev_seq: int) -> None:
-        self.db.execute("UPDATE frames SET prev_seq=? WHERE first_seq=?", (prev_seq, first_seq))
+        self._roomy(self.db.execute, "UPDATE frames SET prev_seq=? WHERE first_seq=?", (prev_seq, first_seq))
+
+    def saved_limits(self) -> tuple[int, int, int] | None:
+        """The cloud's frame limits as last told (max_frame_bytes, max_records, max_dim)."""
+        got = [self._meta(k, 0) for k in ("cloud_max_frame_bytes", "cloud_max_records", "cloud_max_dim")]
+        return (got[0], got[1], got[2]) if all(got) else None
+
+    def save_limits(self, max_frame_bytes: int, max_records: int, max_dim: int) -> None:
+        def save() -> None:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for k, v in (
+                    ("cloud_max_frame_bytes", max_frame_bytes),
+                    ("cloud_max_records", max_records),
+                    ("cloud_max_dim", max_dim),
+                ):
+                    self._set_meta(k, v)
+                self.db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.db.execute("ROLLBACK")
+                raise
+
+        self._roomy(save)
 
     def finish_frame(self, first_seq: int, last_seq: int, loss_reason: str | None = None) -> int:
         """Remove a frame's records: delivered (receipt) or, with a reason, counted as lost."""
@@ -978,6 +1305,9 @@ class Store:
         again and the cloud answers DUPLICATE. The next synced commit makes them
         durable (the WAL is written in order).
         """
+        return self._roomy(self._finish_frames, done)
+
+    def _finish_frames(self, done: Sequence[tuple[int, int, str | None]]) -> list[int]:
         self.db.execute("PRAGMA synchronous=NORMAL")
         freed_total = 0
         counts: list[int] = []
@@ -1056,7 +1386,26 @@ class Store:
             delivered=int(meta.get("delivered") or 0),
             corrupt_resets=int(meta.get("corrupt_resets") or 0),
             next_seq=int(meta.get("next_seq") or 0),
+            frame_max_bytes=self.frame_max_bytes,
+            **self._disk_stats(int(nbytes)),
         )
+
+    def _disk_stats(self, nbytes: int) -> dict[str, Any]:
+        """What the filesystem can give the queue, in budget bytes: what it holds, plus the
+        pages it may still fill at the rate the queue uses pages now."""
+        try:
+            view = self.disk.view()
+        except OSError:
+            return {}
+        used = self._pages_used()
+        page = self._page_size
+        ratio = max(1.0, used * page / nbytes) if nbytes >= 16 * page else 1.0
+        room = self._soft_cap(self.disk.capacity_bytes(view)) - used
+        return {
+            "disk_budget_bytes": max(0, int(nbytes + room * page / ratio)),
+            "disk_free_bytes": view.free_bytes,
+            "disk_reserve_held": view.reserve_bytes >= self.disk.reserve_bytes,
+        }
 
     @property
     def bytes_used(self) -> int:
@@ -1135,14 +1484,18 @@ class AsyncQueue:
         async with self._room:
             self._room.notify_all()
 
-    async def checkpoints(self, interval_s: float = 0.2) -> None:
-        """The checkpointer task: keeps the WAL short, off the committer's thread."""
-        while True:
+    async def checkpoints(self, interval_s: float = 0.2, reserve_every_s: float = 5.0) -> None:
+        """The checkpointer task: keeps the WAL short, off the committer's thread, and takes the
+        disk reserve back once a full filesystem has room again."""
+        ticks = max(1, round(reserve_every_s / interval_s))
+        for tick in itertools.count(1):
             await asyncio.sleep(interval_s)
             try:
                 await asyncio.to_thread(self.store.checkpoint)
             except sqlite3.Error as e:
                 log.warning("queue checkpoint failed (will retry): %s", e)
+            if tick % ticks == 0 and not self.store.disk.held:
+                await asyncio.to_thread(self.store.disk.ensure_reserve)
 
     async def run(self) -> None:
         """The committer task: drains pending enqueues one transaction at a time."""

@@ -12,6 +12,16 @@ after a reconnect everything in flight is sent again, oldest first.
 
 The control channel may pause uploads (receipts still count) or cap them in bytes per
 second; a frame held by either waits, already framed, and goes when allowed.
+
+Frame size: every receipt says what the cloud takes (``CloudLimits``: bytes, records,
+dim). Frames are cut to min(``uplink.frame_max_*``, that), remembered across restarts;
+a frame the cloud calls TOO_LARGE (it stored none of it) is cut again, smaller, into
+frames with the same chain ends, so a limit that shrinks loses nothing. A record that no
+frame can carry is refused at enqueue (413); one already queued when the limit fell
+below it is counted as lost, reason ``too_large``.
+
+A full disk (``edge_agent/disk.py``) never ends these loops: a store call that fails
+for space is logged and tried again.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import numpy as np
 
 from edge_agent import metrics
 from edge_agent.config import AgentConfig
+from edge_agent.errors import StoreError
 from edge_agent.store import AsyncQueue, FrameRows
 from edge_tier import topics
 from edge_tier.logs import context
@@ -34,6 +45,7 @@ from edge_tier.mqtt import Message, MqttBridge
 from edge_tier.ratelimit import TokenBucket
 from edge_tier.tasks import running
 from edge_tier.wire import (
+    CloudLimits,
     ControlState,
     DeviceStatus,
     Frame,
@@ -78,7 +90,71 @@ class Uplink:
         self.control: Callable[[], ControlState | None] = lambda: None  # the control channel's state
         self.paused = False
         self._rate = TokenBucket(0)
+        self.cloud_limits: CloudLimits | None = None  # as the last receipt told
         queue.on_commit.append(self._wake.set)
+        saved = self.store.saved_limits()
+        if saved is not None:
+            self.cloud_limits = CloudLimits(max_frame_bytes=saved[0], max_records=saved[1], max_dim=saved[2])
+        self._apply_limits()
+
+    # -- frame limits -------------------------------------------------------
+
+    @property
+    def frame_limits(self) -> tuple[int, int]:
+        """(records, bytes) a frame may have now: the config's, within the cloud's."""
+        records, nbytes = self.cfg.frame_max_records, self.cfg.frame_max_bytes
+        if self.cloud_limits is not None:
+            records = min(records, self.cloud_limits.max_records)
+            nbytes = min(nbytes, self.cloud_limits.max_frame_bytes)
+        return records, nbytes
+
+    def _apply_limits(self) -> None:
+        records, nbytes = self.frame_limits
+        self.store.set_frame_limits(records, nbytes, self.cloud_limits.max_dim if self.cloud_limits else None)
+
+    async def _learn(self, limits: CloudLimits) -> None:
+        if limits == self.cloud_limits:
+            return
+        log.info(
+            "the cloud takes frames of up to %d bytes, %d records, dim %d; cutting to fit",
+            limits.max_frame_bytes,
+            limits.max_records,
+            limits.max_dim,
+        )
+        self.cloud_limits = limits
+        await self.queue.call(self._save_limits, limits)
+        # Frames in flight cut for a larger limit are cut again now, not one TOO_LARGE each.
+        for f in list(self.in_flight.values()):
+            if self.in_flight.get(f.frame.first_seq) is f:
+                await self._fit(f)
+
+    def _save_limits(self, limits: CloudLimits) -> None:
+        self._apply_limits()  # on the store's thread, between its transactions
+        self.store.save_limits(limits.max_frame_bytes, limits.max_records, limits.max_dim)
+
+    async def _fit(self, f: InFlight, *, refused: bool = False) -> None:
+        """Replace ``f`` in flight by frames within the limits: itself if it fits, else its
+        records cut again (each cut at least halves a frame, so this ends; a frame of one
+        record goes as it is, and if the cloud refuses it, that is counted)."""
+        todo, fitted = [f], []
+        records, nbytes = self.frame_limits
+        while todo:
+            x = todo.pop(0)
+            if x.frame.n == 1 or (not refused and len(x.payload) <= nbytes):
+                fitted.append(x)
+                continue
+            refused = False
+            most = min(records, max(1, x.frame.n // 2))
+            parts = await self.queue.call(self.store.recut_frame, x.frame.first_seq, most, nbytes)
+            prepared = [p for p in [await self._prepare(fr) for fr in parts] if p is not None]
+            log.info("upload %s cut again into %d frames of at most %d bytes", x.upload_id, len(prepared),
+                     nbytes, extra=context(x.upload_id))  # fmt: skip
+            todo = prepared + todo
+        if fitted == [f]:
+            return
+        rest = [(k, v) for k, v in self.in_flight.items() if v is not f]
+        self.in_flight = dict(sorted([*rest, *((x.frame.first_seq, x) for x in fitted)]))
+        self._wake.set()
 
     def limit(self, *, paused: bool, bytes_per_s: int | None) -> None:
         """Hold uploads, or cap them (None: no cap); frames already in flight still get receipts."""
@@ -95,6 +171,8 @@ class Uplink:
             prepared = await self._prepare(frame)
             if prepared is not None:
                 self.in_flight[frame.first_seq] = prepared
+        for f in list(self.in_flight.values()):
+            await self._fit(f)  # cut before a restart that brought smaller limits
         if self.in_flight:
             log.info("resuming %d frames that were in flight before the restart", len(self.in_flight))
         async with asyncio.TaskGroup() as tg:
@@ -106,33 +184,41 @@ class Uplink:
         while running():
             if not self.mqtt.connected.is_set():
                 await self.mqtt.connected.wait()
-            if self.mqtt.connections != self._session:
-                self._session = self.mqtt.connections
-                for f in self.in_flight.values():
-                    f.sent_at = None
-                    f.hold = False
-                await self.publish_status()
-            self._send_due()
-            while len(self.in_flight) < self.cfg.window and self.store.has_unframed:
-                frames = await self.queue.call(
-                    self.store.next_frames,
-                    self.cfg.window - len(self.in_flight),
-                    self.cfg.frame_max_records,
-                    self.cfg.frame_max_bytes,
-                )
-                if not frames:
-                    break
-                for frame in frames:
-                    f = await self._prepare(frame)
-                    if f is not None:
-                        self.in_flight[frame.first_seq] = f
-                        # oldest first: a frame held by the rate cap must not be overtaken
-                        self._send_due()
-            self._expire()
+            try:
+                await self._send_round()
+            except StoreError as e:
+                # A full disk: the store gives up its reserve and evicts; try again soon.
+                log.error("uplink: %s (retrying in 1s)", e)
+                await asyncio.sleep(1.0)
+                continue
             metrics.FRAMES_IN_FLIGHT.set(len(self.in_flight))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._next_deadline())
+
+    async def _send_round(self) -> None:
+        if self.mqtt.connections != self._session:
+            self._session = self.mqtt.connections
+            for f in self.in_flight.values():
+                f.sent_at = None
+                f.hold = False
+            await self.publish_status()
+        self._send_due()
+        while len(self.in_flight) < self.cfg.window and self.store.has_unframed:
+            records, nbytes = self.frame_limits
+            frames = await self.queue.call(
+                self.store.next_frames, self.cfg.window - len(self.in_flight), records, nbytes
+            )
+            if not frames:
+                break
+            for frame in frames:
+                f = await self._prepare(frame)
+                if f is not None:
+                    self.in_flight[frame.first_seq] = f
+                    await self._fit(f)  # an encoding larger than its estimate (zlib on noise)
+                    # oldest first: a frame held by the rate cap must not be overtaken
+                    self._send_due()
+        self._expire()
 
     async def _receipt_loop(self) -> None:
         while running():
@@ -149,7 +235,11 @@ class Uplink:
                 except WireError as e:
                     log.warning("ignoring a malformed receipt on %s: %s", msg.topic, e)
             if receipts:
-                await self.handle_receipts(receipts)
+                try:
+                    await self.handle_receipts(receipts)
+                except StoreError as e:
+                    # Not deleted now, so re-sent later and answered DUPLICATE: nothing lost.
+                    log.error("uplink: could not take %d receipts: %s", len(receipts), e)
 
     async def _status_loop(self) -> None:
         while running():
@@ -253,12 +343,27 @@ class Uplink:
     async def handle_receipts(self, receipts: list[Receipt]) -> None:
         finished: list[tuple[InFlight, str | None]] = []
         gaps: list[tuple[InFlight, Receipt]] = []
+        too_large: list[InFlight] = []
         for r in receipts:
+            if r.limits is not None:
+                await self._learn(r.limits)
             f = self.in_flight.get(r.first_seq)
             if f is None or f.frame.last_seq != r.last_seq or any(f is g for g, _ in finished):
                 log.debug("receipt for %s matches nothing in flight (already done)", r.upload_id)
                 continue
-            if r.status in (ReceiptStatus.COMMITTED, ReceiptStatus.DUPLICATE):
+            if r.status is ReceiptStatus.TOO_LARGE:
+                if f.frame.n > 1:
+                    too_large.append(f)
+                    continue
+                log.error(
+                    "cloud takes no frame of upload %s's one record (%s); it is dropped and counted as "
+                    "'too_large'",
+                    r.upload_id,
+                    r.reason,
+                    extra=context(r.upload_id),
+                )
+                finished.append((f, "too_large"))
+            elif r.status in (ReceiptStatus.COMMITTED, ReceiptStatus.DUPLICATE):
                 finished.append((f, None))
             elif r.status is ReceiptStatus.REJECTED:
                 log.error(
@@ -282,6 +387,9 @@ class Uplink:
                     metrics.DELIVERED.inc(n)
                     if f.first_sent_at is not None:
                         metrics.RECEIPT_LATENCY.observe(now - f.first_sent_at)
+        for f in too_large:
+            if self.in_flight.get(f.frame.first_seq) is f:
+                await self._fit(f, refused=True)
         # GAPs after the finished frames are gone: what is oldest now decides re-chaining.
         for f, r in gaps:
             if self.in_flight.get(f.frame.first_seq) is f:
@@ -335,6 +443,8 @@ class Uplink:
             backlog_bytes=st.bytes,
             oldest_age_s=st.as_dict()["oldest_age_s"],
             evictions=st.evictions,
+            budget_bytes=st.effective_budget_bytes,
+            disk_limited=st.disk_limited,
             last_receipt_ms=st.last_receipt_ms,
             model_version=self.model_version,
             control=self.control(),

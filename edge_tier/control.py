@@ -1,17 +1,26 @@
 """The control channel's wire format: what the cloud asks of one device.
 
-One retained JSON document per device on ``et/{tenant}/{device}/control``, holding the
+One retained document per device on ``et/{tenant}/{device}/control``, holding the
 whole desired state (as a device twin's desired properties do), so the broker's one
-retained message per topic is always enough: a ``generation`` that only grows, the
-runtime config (prefilter threshold, upload rate, pause) and, optionally, a model
-update. The device acknowledges in its status (``wire.ControlState``).
+retained message per topic is always enough: the runtime config (prefilter threshold,
+upload rate, pause) and, optionally, a model update. The device acknowledges in its
+status (``wire.ControlState``).
 
-A model update is a statement signed with the fleet's Ed25519 key: the manifest the
-device will load, the file's sha256 and size, and the sha256 of every chunk. The
-chunks are retained on ``et/{tenant}/_models/{sha256}/{index}``, shared by a tenant's
-devices; a device checks each chunk as it arrives, keeps it on disk, and asks only for
-the chunks it lacks, so a transfer cut by a reconnect or a restart resumes. The config
-part is not signed: who may write a control topic is the broker's ACL's business.
+The whole document is a statement signed with the fleet's Ed25519 key (format v2): the
+envelope ``{"v": 2, "signed": "<the exact JSON that was signed>", "signature": "..."}``
+carries a ``ControlDoc`` that binds the tenant and the device, a ``generation`` that only
+grows per device, ``issued_ms`` and ``expires_ms``, the config, the model update and the
+operator's ``rollback`` flag. Whoever can write a control topic but lacks the key can
+neither change the config nor put a model statement signed for an older document into a
+new one: every byte is covered. Freshness (``check_fresh``, ``check_model``): a device
+takes only a generation above the one it applied, only before ``expires_ms``, and only a
+model ``counter`` (ordered per tenant and stream) at least that of the installed one,
+unless the document says ``rollback``.
+
+A model update names the file's sha256 and size and the sha256 of every chunk. The chunks
+are retained on ``et/{tenant}/_models/{sha256}/{index}``, shared by a tenant's devices; a
+device checks each chunk as it arrives, keeps it on disk, and asks only for the chunks it
+lacks, so a transfer cut by a reconnect or a restart resumes.
 """
 
 from __future__ import annotations
@@ -33,12 +42,21 @@ MAX_MODEL_BYTES = 16 * 1024 * 1024
 MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_CHUNK_BYTES = 64 * 1024
 MAX_CONTROL_BYTES = 1024 * 1024  # a document lists one sha256 per chunk
+# how far a device's clock may be ahead of the signer's before a fresh document looks expired
+CLOCK_SKEW_MS = 5 * 60 * 1000
+DEFAULT_VALID_MS = 30 * 24 * 3600 * 1000  # edge-provision's default lifetime of a document
 
 _Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+_Ms = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
-class ModelRefused(WireError):
-    """A model update that must not be installed: bad signature, wrong tenant, bad chunk."""
+class ControlRefused(WireError):
+    """A control document that must not be applied: unsigned, signed by another key, for
+    another device, a replay, expired; str() says which."""
+
+
+class ModelRefused(ControlRefused):
+    """A model update that must not be installed: a downgrade, a bad chunk, a bad key file."""
 
 
 class ControlConfig(BaseModel):
@@ -52,13 +70,15 @@ class ControlConfig(BaseModel):
 
 
 class ModelUpdate(BaseModel):
-    """The signed statement of one model update."""
+    """One model update, as a signed control document states it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    v: Literal[1] = 1
     tenant: str
-    name: Literal["prefilter"] = "prefilter"
+    name: Literal["prefilter"] = "prefilter"  # the stream's model; counters are per name
+    # the order of this tenant's models of this name (edge-provision counts them): a device
+    # takes none below the installed one unless the document says rollback
+    counter: Annotated[int, Field(ge=1, le=2**63 - 1)]
     version: Annotated[str, Field(min_length=1, max_length=64)]
     sha256: _Sha256
     bytes: Annotated[int, Field(ge=1, le=MAX_MODEL_BYTES)]
@@ -81,31 +101,56 @@ class ModelUpdate(BaseModel):
         return start, min(self.bytes, start + self.chunk_bytes)
 
 
-class SignedModel(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    update: Annotated[str, Field(max_length=MAX_CONTROL_BYTES)]  # the exact JSON that was signed
-    signature: Annotated[str, Field(max_length=128)]  # base64 Ed25519
-
-
 class ControlDoc(BaseModel):
-    """The retained document on et/{tenant}/{device}/control."""
+    """The signed statement of one device's desired state (``SignedControl.signed``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    v: Literal[1] = 1
-    generation: Annotated[int, Field(ge=1, le=2**63 - 1)]
-    issued_ms: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    v: Literal[2] = 2
+    tenant: str
+    device: str
+    generation: Annotated[int, Field(ge=1, le=2**63 - 1)]  # only grows, per device
+    issued_ms: _Ms
+    expires_ms: _Ms  # a device refuses the document after this (CLOCK_SKEW_MS allowed)
     config: ControlConfig = ControlConfig()
-    model: SignedModel | None = None
+    model: ModelUpdate | None = None
+    rollback: bool = False  # the operator allows a model counter below the installed one
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ControlDoc:
+        validate_id("tenant", self.tenant)
+        validate_id("device", self.device)
+        if self.expires_ms <= self.issued_ms:
+            raise ValueError(f"expires_ms {self.expires_ms} is not after issued_ms {self.issued_ms}")
+        if self.model is not None and self.model.tenant != self.tenant:
+            raise ValueError(f"model.tenant {self.model.tenant!r} is not the document's {self.tenant!r}")
+        return self
 
 
-def encode_control(doc: ControlDoc) -> bytes:
-    return doc.model_dump_json(exclude_none=True).encode()
+class SignedControl(BaseModel):
+    """The retained message on et/{tenant}/{device}/control."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: Literal[2] = 2
+    signed: Annotated[str, Field(max_length=MAX_CONTROL_BYTES)]  # the exact JSON of a ControlDoc
+    signature: Annotated[str, Field(max_length=128)]  # base64 Ed25519 over the UTF-8 bytes of signed
+
+    def unverified(self) -> ControlDoc:
+        """The document as it says, signature unchecked: for display only; WireError if invalid."""
+        try:
+            return ControlDoc.model_validate_json(self.signed)
+        except ValueError as e:
+            raise WireError(f"SignedControl.signed: not a valid ControlDoc ({e})") from None
 
 
-def decode_control(data: bytes | bytearray | memoryview | str) -> ControlDoc:
-    return _decode_json_model(ControlDoc, data, MAX_CONTROL_BYTES)
+def encode_control(signed: SignedControl) -> bytes:
+    return signed.model_dump_json().encode()
+
+
+def decode_control(data: bytes | bytearray | memoryview | str) -> SignedControl:
+    """The envelope, unverified (``verify_control`` says whether to believe it); else WireError."""
+    return _decode_json_model(SignedControl, data, MAX_CONTROL_BYTES)
 
 
 # -- signing -------------------------------------------------------------------------------
@@ -123,37 +168,83 @@ def load_verify_key(path: str | Path) -> ed25519.Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(Path(path).read_bytes())
     except (OSError, ValueError) as e:
-        raise ModelRefused(f"{path}: cannot read the model-signing key ({e})") from None
+        raise ModelRefused(f"{path}: cannot read the fleet's signing key ({e})") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise ModelRefused(f"{path}: not an Ed25519 public key")
     return key
 
 
-def sign_model(key: ed25519.Ed25519PrivateKey, update: ModelUpdate) -> SignedModel:
-    text = update.model_dump_json()
-    return SignedModel(update=text, signature=base64.b64encode(key.sign(text.encode())).decode())
+def sign_control(key: ed25519.Ed25519PrivateKey, doc: ControlDoc) -> SignedControl:
+    text = doc.model_dump_json(exclude_none=True)
+    return SignedControl(signed=text, signature=base64.b64encode(key.sign(text.encode())).decode())
 
 
-def verify_model(key: ed25519.Ed25519PublicKey, signed: SignedModel, tenant: str) -> ModelUpdate:
-    """The update, if the fleet key signed exactly these bytes for this tenant; else ModelRefused."""
+def verify_control(
+    key: ed25519.Ed25519PublicKey, signed: SignedControl, tenant: str, device: str
+) -> ControlDoc:
+    """The document, if the fleet key signed exactly these bytes for this device; else ControlRefused."""
     try:
-        key.verify(base64.b64decode(signed.signature, validate=True), signed.update.encode())
+        key.verify(base64.b64decode(signed.signature, validate=True), signed.signed.encode())
     except (InvalidSignature, ValueError):
-        raise ModelRefused("model update: the signature does not match the fleet's signing key") from None
+        raise ControlRefused("the signature does not match the fleet's signing key") from None
     try:
-        update = ModelUpdate.model_validate_json(signed.update)
+        doc = ControlDoc.model_validate_json(signed.signed)
     except ValueError as e:
-        raise ModelRefused(f"model update: signed, but not a valid update ({e})") from None
-    if update.tenant != tenant:
-        raise ModelRefused(f"model update: signed for tenant {update.tenant!r}, this device is in {tenant!r}")
-    return update
+        raise ControlRefused(f"signed, but not a valid document ({e})") from None
+    if (doc.tenant, doc.device) != (tenant, device):
+        raise ControlRefused(f"signed for {doc.tenant}/{doc.device}, this device is {tenant}/{device}")
+    return doc
+
+
+# -- freshness -----------------------------------------------------------------------------
+
+
+def check_fresh(
+    doc: ControlDoc, signed: SignedControl, applied: tuple[ControlDoc, SignedControl] | None, now_ms: int
+) -> bool:
+    """Whether a verified ``doc`` is new (True) or the applied one again (False); ControlRefused
+    for a replay of an older document, another one with the same generation, or an expired one.
+
+    The device's notion of now never goes below the ``issued_ms`` it last applied, so a device
+    without a real-time clock that boots in 1970 still refuses what expired before that."""
+    if applied is not None:
+        old, old_signed = applied
+        if doc.generation == old.generation:
+            if signed.signed == old_signed.signed:
+                return False  # the retained document again, after a reconnect
+            raise ControlRefused(f"generation {doc.generation} is applied already, with other contents")
+        if doc.generation < old.generation:
+            raise ControlRefused(
+                f"generation {doc.generation} is older than the applied {old.generation} (a replay)"
+            )
+        now_ms = max(now_ms, old.issued_ms)
+    if doc.expires_ms + CLOCK_SKEW_MS < now_ms:
+        raise ControlRefused(f"generation {doc.generation} expired at {doc.expires_ms} "
+                             f"(the device's clock says {now_ms}; ms since 1970)")  # fmt: skip
+    return True
+
+
+def check_model(update: ModelUpdate, rollback: bool, installed: tuple[int, str] | None) -> None:
+    """ModelRefused if ``update`` would replace the installed model (counter, sha256) with an older
+    one (unless the operator signed a rollback) or with another one of the same counter."""
+    if installed is None:
+        return
+    counter, sha = installed
+    if update.counter == counter and update.sha256 != sha:
+        raise ModelRefused(f"model update: {update.version} has counter {update.counter}, as the "
+                           f"installed {sha[:12]}, but another sha256")  # fmt: skip
+    if update.counter < counter and not rollback:
+        raise ModelRefused(
+            f"model update: {update.version} has counter {update.counter}, below the installed "
+            f"{counter}; only a document signed with rollback may go back"
+        )
 
 
 # -- building an update ----------------------------------------------------------------------
 
 
 def model_update(
-    tenant: str, manifest_path: str | Path, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    tenant: str, manifest_path: str | Path, *, counter: int = 1, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> tuple[ModelUpdate, list[bytes]]:
     """The update for the prefilter named by ``manifest_path``, and its chunks."""
     from models.manifest import load_model  # the same check both tiers load models with
@@ -167,6 +258,7 @@ def model_update(
     manifest["prefilter"] = {**m.entry, "file": "prefilter.tflite"}
     update = ModelUpdate(
         tenant=tenant,
+        counter=counter,
         version=m.version,
         sha256=hashlib.sha256(data).hexdigest(),
         bytes=len(data),

@@ -156,6 +156,7 @@ async def feed(url: str, device: int, seconds: float, rate: float, counts: Count
 
 async def watch_results(url: str, counts: Counts) -> None:
     """Count answers as they are written (a durable consumer, so it outlives a broker restart)."""
+
     async def quiet(e: Exception) -> None:  # the broker's restarts are part of the show
         pass
 

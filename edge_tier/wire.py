@@ -34,7 +34,9 @@ __all__ = [
     "HEADER_FIXED_SIZE",
     "ID_MAX_LEN",
     "MAGIC",
+    "RECORD_WIRE_OVERHEAD",
     "ChecksumMismatch",
+    "CloudLimits",
     "ControlState",
     "DeviceStatus",
     "Dtype",
@@ -55,6 +57,7 @@ __all__ = [
     "encode_frame_parts",
     "encode_receipt",
     "encode_status",
+    "frame_overhead",
     "parse_upload_id",
     "peek_header",
     "upload_id",
@@ -272,6 +275,20 @@ _HARD_MAX_BODY = 2**48
 
 def _align8(n: int) -> int:
     return (n + 7) & ~7
+
+
+# What one record adds to a frame besides its feature bytes and its metadata's JSON:
+# seq, time and score, and the comma and braces of its metadata object.
+RECORD_WIRE_OVERHEAD = _PER_RECORD_FIXED + 3
+
+
+def frame_overhead(*, stream: str, model: str = "", model_version: str = "") -> int:
+    """What a frame adds to its records, at most: header (with the longest tenant and device
+    ids), CRC and the brackets of the metadata list. A frame of n records of ``record_bytes``
+    and metadata JSON of m bytes is at most ``frame_overhead + n x (record_bytes +
+    RECORD_WIRE_OVERHEAD) + m`` bytes uncompressed."""
+    strings = 2 * ID_MAX_LEN + len(stream) + len(model.encode()) + len(model_version.encode())
+    return _align8(HEADER_FIXED_SIZE + strings) + _CRC.size + 2
 
 
 @dataclass(frozen=True)
@@ -1047,6 +1064,18 @@ class ReceiptStatus(StrEnum):
     DUPLICATE = "duplicate"  # already in JetStream (earlier attempt): delete
     GAP = "gap"  # cloud has committed up to expected_prev; resend from there
     REJECTED = "rejected"  # dead-lettered: drop these records and count them
+    TOO_LARGE = "too_large"  # over ``limits`` and not stored: cut it smaller and send again
+
+
+class CloudLimits(BaseModel):
+    """What the cloud accepts in one upload frame, told to the device in every receipt (v2),
+    so the device cuts frames to fit, also after the limit changes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_frame_bytes: Annotated[int, Field(strict=True, ge=1024, le=U64_MAX)]
+    max_records: Annotated[int, Field(strict=True, ge=1, le=U64_MAX)]
+    max_dim: Annotated[int, Field(strict=True, ge=1, le=U64_MAX)]
 
 
 class Receipt(BaseModel):
@@ -1054,14 +1083,15 @@ class Receipt(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    v: Literal[1] = 1
+    v: Literal[1, 2] = 2  # 2: ``limits`` and the too_large status
     upload_id: str
     status: ReceiptStatus
     first_seq: _U64
     last_seq: _U64
     stream_seq: _U64 | None = None  # JetStream stream sequence when committed/duplicate
     expected_prev: _U64 | None = None  # GAP: the last seq the cloud has committed for the device
-    reason: Annotated[str, Field(max_length=4096)] | None = None  # REJECTED: why
+    reason: Annotated[str, Field(max_length=4096)] | None = None  # REJECTED, TOO_LARGE: why
+    limits: CloudLimits | None = None  # v2: what the cloud accepts now
 
     @model_validator(mode="after")
     def _consistent(self) -> Receipt:
@@ -1076,6 +1106,10 @@ class Receipt(BaseModel):
             raise ValueError("a gap receipt needs expected_prev")
         if self.status is ReceiptStatus.REJECTED and not self.reason:
             raise ValueError("a rejected receipt needs a reason")
+        if self.status is ReceiptStatus.TOO_LARGE and self.limits is None:
+            raise ValueError("a too_large receipt needs limits")
+        if self.v == 1 and (self.limits is not None or self.status is ReceiptStatus.TOO_LARGE):
+            raise ValueError("limits and too_large are v2")
         return self
 
 
@@ -1119,6 +1153,10 @@ class DeviceStatus(BaseModel):
     backlog_bytes: _U64 = 0
     oldest_age_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     evictions: dict[Annotated[str, Field(max_length=64)], _U64] = Field(default_factory=dict)
+    # the queue's budget now: min(configured, what the filesystem can give), and whether
+    # the filesystem is what bounds it
+    budget_bytes: _U64 | None = None
+    disk_limited: bool | None = None
     last_receipt_ms: _U64 | None = None
     model_version: Annotated[str, Field(max_length=64)] | None = None
     control: ControlState | None = None

@@ -1,10 +1,11 @@
 """``edge-provision``: the fleet's identities and credentials (``provisioning/fleet.py``).
 
-``init DIR`` makes a fleet directory (CA, model-signing key, registry); ``device
-add|list|revoke`` issues and withdraws device bundles; ``user add`` makes MQTT users for
-ingest processes and applications; ``broker-config`` renders mosquitto's config,
-password file and ACL from the registry; ``token add|list|revoke`` are result-API tokens;
-``control set`` and ``model push`` publish config changes and signed model updates to devices.
+``init DIR`` makes a fleet directory (CA, signing key, registry, the ingest and provision
+MQTT users); ``device add|list|revoke`` issues and withdraws device bundles; ``user add``
+makes MQTT users for ingest processes, applications and provisioning; ``broker-config``
+renders mosquitto's config, password file and ACL from the registry; ``token
+add|list|revoke`` are result-API tokens; ``control set|refresh`` and ``model push`` publish
+signed control documents (config changes, model updates) to devices, as the provision user.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from edge_tier.mqtt import MqttSettings
 from edge_tier.tokens import TokenError, TokenStore
 from provisioning.control import ControlPlane, Published
-from provisioning.fleet import Fleet, FleetError
+from provisioning.fleet import PROVISION_USER, ROLES, Fleet, FleetError
 
 REGISTRY = "registry.db"
 
@@ -38,7 +39,8 @@ def _fleet_dir(args: argparse.Namespace) -> Path:
 def cmd_init(args: argparse.Namespace) -> int:
     Fleet.init(args.dir)
     print(
-        f"fleet in {args.dir}: ca.pem, ca.key, signing.key/.pub, registry.db, crl.pem; ingest user et-ingest"
+        f"fleet in {args.dir}: ca.pem, ca.key, signing.key/.pub, registry.db, crl.pem; "
+        f"MQTT users et-ingest (ingest) and {PROVISION_USER} (control documents and model chunks)"
     )
     return 0
 
@@ -122,7 +124,13 @@ def _control(args: argparse.Namespace) -> ControlPlane:
     password = args.password
     if password is None:
         f = Path(args.password_file) if args.password_file else fleet.root / f"{args.user}.password"
-        password = f.read_text().strip()
+        try:
+            password = f.read_text().strip()
+        except FileNotFoundError:
+            raise FleetError(
+                f"{f}: no password for MQTT user {args.user!r} (a fleet made before it: "
+                f"`edge-provision user add {PROVISION_USER} --role provision`, then broker-config)"
+            ) from None
     mqtt = MqttSettings(host=args.host, port=args.port, username=args.user, password=password)
     return ControlPlane(fleet, mqtt)
 
@@ -153,16 +161,31 @@ def cmd_control_set(args: argparse.Namespace) -> int:
         change["paused"] = bool(args.pause)
     if not change:
         raise FleetError("nothing to change: give --threshold, --upload-rate, --pause or --resume")
-    p = _control(args).set_config(args.tenant, _targets(args), **change)  # type: ignore[arg-type]
+    plane, valid_ms = _control(args), _valid_ms(args)
+    p = plane.set_config(args.tenant, _targets(args), valid_ms=valid_ms, **change)  # type: ignore[arg-type]
     return _published(args, p, "config " + ", ".join(f"{k}={v}" for k, v in change.items()))
+
+
+def cmd_control_refresh(args: argparse.Namespace) -> int:
+    p = _control(args).refresh(args.tenant, _targets(args), valid_ms=_valid_ms(args))
+    return _published(args, p, "the desired state, re-signed")
+
+
+def _valid_ms(args: argparse.Namespace) -> int:
+    if not args.valid_days > 0:
+        raise FleetError(f"--valid-days {args.valid_days}: must be above 0")
+    return int(args.valid_days * 24 * 3600 * 1000)
 
 
 def cmd_model_push(args: argparse.Namespace) -> int:
     manifest = Path(args.model)
     if manifest.suffix == ".tflite":  # the manifest beside it says what the model is
         manifest = manifest.with_name("manifest.json")
-    p = _control(args).push_model(args.tenant, _targets(args), manifest, chunk_bytes=args.chunk_bytes)
-    return _published(args, p, f"model {manifest}")
+    p = _control(args).push_model(
+        args.tenant, _targets(args), manifest, chunk_bytes=args.chunk_bytes, rollback=args.rollback,
+        valid_ms=_valid_ms(args),
+    )  # fmt: skip
+    return _published(args, p, f"model {manifest}" + (" (rollback)" if args.rollback else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     users = sub.add_parser("user", help="MQTT users for services and applications")
     ua = users.add_subparsers(dest="sub", required=True).add_parser("add", help="prints the password once")
     ua.add_argument("name")
-    ua.add_argument("--role", choices=["ingest", "app"], required=True)
+    ua.add_argument("--role", choices=ROLES, required=True, help="provision: writes control and model topics")
     ua.add_argument("--tenant", help="the tenant an app may read results of")
     ua.set_defaults(fn=cmd_user_add)
     b = sub.add_parser("broker-config", help="mosquitto config, password file and ACL; nats.conf")
@@ -227,17 +250,23 @@ def main(argv: list[str] | None = None) -> int:
         dest="sub", required=True
     )
     cs = ctl.add_parser("set", help="change settings on devices without a restart (the others stay)")
+    cr = ctl.add_parser("refresh", help="re-sign the desired state with a new generation and expiry")
+    cr.set_defaults(fn=cmd_control_refresh)
     mp = sub.add_parser("model", help="model updates").add_subparsers(dest="sub", required=True)
     mpp = mp.add_parser("push", help="sign a prefilter with the fleet key and send it to devices")
-    for q in (cs, mpp):
+    for q in (cs, cr, mpp):
         q.add_argument("tenant")
         q.add_argument("device", nargs="?", help="one device (or --all)")
         q.add_argument("--all", action="store_true", help="every registered device of the tenant")
         q.add_argument("--host", default="127.0.0.1", help="the MQTT broker")
         q.add_argument("--port", type=int, default=1883)
-        q.add_argument("--user", default="et-ingest", help="an MQTT user that may write control topics")
+        q.add_argument("--user", default=PROVISION_USER, help="an MQTT user of role provision")
         q.add_argument("--password", help="default: the user's password file in the fleet directory")
         q.add_argument("--password-file")
+        q.add_argument(
+            "--valid-days", type=float, default=30.0,
+            help="devices refuse the documents after this; `control refresh` before then",
+        )  # fmt: skip
     cs.add_argument("--threshold", help="prefilter threshold 0..1, or 'model' for the model's own")
     cs.add_argument("--upload-rate", type=int, help="upload cap in bytes/s (0: no cap)")
     pr = cs.add_mutually_exclusive_group()
@@ -246,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     cs.set_defaults(fn=cmd_control_set)
     mpp.add_argument("model", metavar="MODEL", help="the model's manifest.json (or the .tflite beside it)")
     mpp.add_argument("--chunk-bytes", type=int, default=64 * 1024)
+    mpp.add_argument(
+        "--rollback", action="store_true",
+        help="allow a model older than the one a device has (signed into the documents)",
+    )  # fmt: skip
     mpp.set_defaults(fn=cmd_model_push)
     args = p.parse_args(argv)
     try:

@@ -1,16 +1,23 @@
-"""Telling devices what to do: config changes and signed model updates (``edge_tier/control.py``).
+"""Telling devices what to do: config changes and model updates, signed (``edge_tier/control.py``).
 
-The desired state of each device is kept in the registry (table ``control``) and
-published as one retained document per device, so a change to one part keeps the
-others, ``--all`` reaches every registered device of a tenant, and a device that is
-offline gets it when it comes back. A model's chunks are published (retained) before
-the documents that point at them. Generations only grow (never below the wall clock in
-ms), so a device ignores an older document, even one from a registry restored from backup.
+The desired state of each device is kept in the registry (table ``control``: the last
+document issued to it) and published as one retained document per device, signed whole
+with the fleet key, so a change to one part keeps the others, ``--all`` reaches every
+registered device of a tenant, and a device that is offline gets it when it comes back.
+A model's chunks are published (retained) before the documents that point at them.
+
+Generations only grow per device (never below the wall clock in ms, so a registry restored
+from backup still issues higher ones). Model counters grow per tenant and stream (table
+``models``: one per model file, the same file keeps its counter), so a device can tell an
+older model from a newer one; sending one below what a device was told last needs
+``rollback``. Each document expires (``valid_ms``, 30 days by default): re-sign the
+desired state with ``refresh`` before then, for devices that are away long.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +26,18 @@ from typing import Any
 from edge_tier import topics
 from edge_tier.control import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_VALID_MS,
     ControlConfig,
     ControlDoc,
-    decode_control,
     encode_control,
     load_signing_key,
     model_update,
-    sign_model,
+    sign_control,
 )
 from edge_tier.mqtt import MqttBridge, MqttSettings
 from provisioning.fleet import Fleet, FleetError
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS control (
@@ -36,6 +45,16 @@ CREATE TABLE IF NOT EXISTS control (
     device TEXT NOT NULL,
     doc TEXT NOT NULL,
     PRIMARY KEY (tenant, device)
+);
+CREATE TABLE IF NOT EXISTS models (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    counter INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    version TEXT NOT NULL,
+    pushed_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, name, counter),
+    UNIQUE (tenant, name, sha256)
 );
 """
 
@@ -69,15 +88,27 @@ class ControlPlane:
         row = self.fleet.db.execute(
             "SELECT doc FROM control WHERE tenant = ? AND device = ?", (tenant, device)
         ).fetchone()
-        return None if row is None else decode_control(row[0])
+        if row is None:
+            return None
+        try:
+            return ControlDoc.model_validate_json(row[0])
+        except ValueError:  # a v1 document (unsigned format): start over from the defaults
+            log.warning("%s/%s: the registry's control document is of an old format; starting anew",
+                        tenant, device)  # fmt: skip
+            return None
 
-    def _next(self, tenant: str, device: str, **change: Any) -> ControlDoc:
+    def _next(self, tenant: str, device: str, valid_ms: int, **change: Any) -> ControlDoc:
         old = self.desired(tenant, device)
         now = time.time_ns() // 1_000_000
         generation = max(now, old.generation + 1) if old is not None else now
-        kept = {"config": ControlConfig(), "model": None} if old is None else dict(old)
-        kept.update(change, generation=generation, issued_ms=now)
-        return ControlDoc.model_validate(kept)
+        kept: dict[str, Any] = {"config": ControlConfig(), "model": None, "rollback": False}
+        if old is not None:
+            kept.update(config=old.config, model=old.model, rollback=old.rollback)
+        kept.update(change)
+        return ControlDoc(
+            tenant=tenant, device=device, generation=generation, issued_ms=now, expires_ms=now + valid_ms,
+            **kept,
+        )  # fmt: skip
 
     def set_config(
         self,
@@ -87,44 +118,98 @@ class ControlPlane:
         threshold: float | None = _UNSET,
         upload_bytes_per_s: int | None = _UNSET,
         paused: bool = _UNSET,
+        valid_ms: int = DEFAULT_VALID_MS,
     ) -> Published:
         """Change the named settings (others stay as they were) and publish."""
+        change = {
+            k: v
+            for k, v in (
+                ("threshold", threshold),
+                ("upload_bytes_per_s", upload_bytes_per_s),
+                ("paused", paused),
+            )
+            if v is not _UNSET
+        }
         docs = []
         for d in self.targets(tenant, device):
-            doc = self._next(tenant, d)
-            change = {
-                k: v
-                for k, v in (
-                    ("threshold", threshold),
-                    ("upload_bytes_per_s", upload_bytes_per_s),
-                    ("paused", paused),
-                )
-                if v is not _UNSET
-            }
+            doc = self._next(tenant, d, valid_ms)
             docs.append((d, doc.model_copy(update={"config": doc.config.model_copy(update=change)})))
         return self._publish(tenant, docs, [])
 
+    def refresh(self, tenant: str, device: str | None, *, valid_ms: int = DEFAULT_VALID_MS) -> Published:
+        """The desired state again, with a new generation and expiry (before the old one expires)."""
+        return self._publish(
+            tenant, [(d, self._next(tenant, d, valid_ms)) for d in self.targets(tenant, device)], []
+        )
+
+    def model_counter(self, tenant: str, name: str, sha256: str) -> int:
+        """The counter of this model file: its own if it was pushed before, else the next one."""
+        db = self.fleet.db
+        row = db.execute(
+            "SELECT counter FROM models WHERE tenant = ? AND name = ? AND sha256 = ?", (tenant, name, sha256)
+        ).fetchone()
+        if row is not None:
+            return int(row[0])
+        top = db.execute("SELECT MAX(counter) FROM models WHERE tenant = ? AND name = ?", (tenant, name))
+        return int(top.fetchone()[0] or 0) + 1
+
     def push_model(
-        self, tenant: str, device: str | None, manifest: Path, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+        self,
+        tenant: str,
+        device: str | None,
+        manifest: Path,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        rollback: bool = False,
+        valid_ms: int = DEFAULT_VALID_MS,
     ) -> Published:
-        """Sign the prefilter named by ``manifest`` with the fleet key; publish chunks, then documents."""
+        """Publish the prefilter named by ``manifest`` (chunks, then documents); one older than what
+        a target was told last only with ``rollback``, which the documents then say, signed."""
         update, chunks = model_update(tenant, manifest, chunk_bytes=chunk_bytes)
-        signed = sign_model(load_signing_key(self.fleet.root / "signing.key"), update)
-        docs = [(d, self._next(tenant, d, model=signed)) for d in self.targets(tenant, device)]
+        update = update.model_copy(update={"counter": self.model_counter(tenant, update.name, update.sha256)})
+        targets = self.targets(tenant, device)
+        if not rollback:
+            newer = []
+            for d in targets:
+                old = self.desired(tenant, d)
+                if old is not None and old.model is not None and old.model.counter > update.counter:
+                    newer.append(f"{d} (counter {old.model.counter}, {old.model.version})")
+            if newer:
+                raise FleetError(
+                    f"model {update.version} is counter {update.counter} of {tenant}'s {update.name} models, "
+                    f"older than what {', '.join(newer)} was sent: give --rollback to go back"
+                )
+        docs = [(d, self._next(tenant, d, valid_ms, model=update, rollback=rollback)) for d in targets]
         retained = [(topics.model_chunk_topic(tenant, update.sha256, i), c) for i, c in enumerate(chunks)]
-        return self._publish(tenant, docs, retained)
+        published = self._publish(tenant, docs, retained)
+        with self.fleet.db:
+            self.fleet.db.execute(
+                "INSERT OR IGNORE INTO models (tenant, name, counter, sha256, version, pushed_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    tenant,
+                    update.name,
+                    update.counter,
+                    update.sha256,
+                    update.version,
+                    time.time_ns() // 1_000_000,
+                ),
+            )
+        return published
 
     def _publish(
         self, tenant: str, docs: list[tuple[str, ControlDoc]], retained: list[tuple[str, bytes]]
     ) -> Published:
+        key = load_signing_key(self.fleet.root / "signing.key")
         messages = retained + [
-            (topics.mqtt_topic(tenant, d, "control"), encode_control(doc)) for d, doc in docs
+            (topics.mqtt_topic(tenant, d, "control"), encode_control(sign_control(key, doc)))
+            for d, doc in docs
         ]
         asyncio.run(publish_retained(self.mqtt, messages))
         with self.fleet.db:  # recorded once the broker has it: the registry never runs ahead
             self.fleet.db.executemany(
                 "INSERT OR REPLACE INTO control (tenant, device, doc) VALUES (?, ?, ?)",
-                [(tenant, d, encode_control(doc).decode()) for d, doc in docs],
+                [(tenant, d, doc.model_dump_json(exclude_none=True)) for d, doc in docs],
             )
         return Published(len(docs), len(retained))
 

@@ -8,6 +8,10 @@ A device's MQTT identity is ``{tenant}/{device}``: the CN of its certificate (TL
 listener, ``use_identity_as_username``) and its username (password listener,
 ``use_username_as_clientid``). The broker's ACL substitutes it with ``%u``, so
 ``pattern write et/%u/up`` lets a device write its own upload topic and no other.
+
+Users: ``ingest`` (the cloud side: reads uploads and statuses, writes receipts and
+results), ``app`` (reads one tenant's results) and ``provision`` (``edge-provision``
+itself: the only identity that writes control documents and model chunks).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from edge_tier.wire import validate_id
 log = logging.getLogger(__name__)
 REGISTRY = "registry.db"
 INGEST_USER = "et-ingest"
+PROVISION_USER = "et-provision"  # edge-provision's own MQTT identity: control documents, model chunks
+ROLES = ("ingest", "app", "provision")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     tenant TEXT NOT NULL,
@@ -167,6 +173,7 @@ class Fleet:
         (root / REGISTRY).chmod(0o600)
         fleet = cls(root)
         fleet.add_user(INGEST_USER, "ingest", None)
+        fleet.add_user(PROVISION_USER, "provision", None)
         fleet.write_crl()
         return fleet
 
@@ -338,7 +345,10 @@ class Fleet:
         return next(d for d in self.devices(tenant) if d.device == device)
 
     def add_user(self, name: str, role: str, tenant: str | None) -> str:
-        """An MQTT user: ``ingest`` (the cloud side) or ``app`` (reads one tenant's results); its password."""
+        """An MQTT user: ``ingest`` (the cloud side), ``app`` (reads one tenant's results) or
+        ``provision`` (writes control documents and model chunks); its password."""
+        if role not in ROLES:
+            raise FleetError(f"user {name}: role {role!r} is none of {', '.join(ROLES)}")
         if role == "app":
             validate_id("tenant", tenant or "")
         validate_id("user", name)
@@ -389,6 +399,13 @@ class Fleet:
                 f"topic read {topics.mqtt_filter('status')}",
                 f"topic write {topics.mqtt_filter('receipt')}",
                 f"topic write {topics.mqtt_filter('results')}",
+            ]
+        # control documents and model chunks: edge-provision's identity only. They are signed
+        # all the same; the ACL keeps everyone else from even overwriting the retained copies.
+        for (name,) in self.db.execute("SELECT name FROM users WHERE role = 'provision' ORDER BY name"):
+            acl += [
+                "",
+                f"user {name}",
                 f"topic write {topics.mqtt_filter('control')}",
                 f"topic write {topics.model_chunks_filter('+')}",
             ]
@@ -436,12 +453,22 @@ use_username_as_clientid true
         out.mkdir(parents=True, exist_ok=True)
         q = json.dumps  # a JSON string is a quoted string in the NATS config format
 
-        def user(name: str, h: str, pub: list[str] | None, sub: list[str] | None) -> str:
+        def user(
+            name: str, h: str, pub: list[str] | None, sub: list[str] | None, deny: list[str] | None = None
+        ) -> str:
             perms = ""
             if pub is not None and sub is not None:
                 perms = (f", permissions: {{publish: {{allow: {q(pub)}}}, "
                          f"subscribe: {{allow: {q(sub)}}}}}")  # fmt: skip
+            elif deny is not None:
+                perms = f", permissions: {{publish: {{deny: {q(deny)}}}}}"
             return f"    {{user: {q(name)}, password: {q(h)}{perms}}}"
+
+        control, all_chunks = "et.*.*.control", f"et.*.{topics.MODELS}.*.*"
+        # NATS keeps MQTT retained messages in the stream $MQTT_rmsgs (subjects $MQTT.rmsgs.>):
+        # a user who could write there or change that stream could plant a control document
+        mqtt_store = ["$MQTT.>", "$JS.API.STREAM.*.$MQTT_rmsgs", "$JS.API.STREAM.*.*.$MQTT_rmsgs"]
+        ingest_deny = [control, all_chunks, *mqtt_store]
 
         users, skipped = [], []
         for tenant, device, h in self.db.execute(
@@ -461,8 +488,10 @@ use_username_as_clientid true
                 skipped.append(name)
             elif role == "app":
                 users.append(user(name, h, [], [f"et.{tenant}.*.results", f"et.{tenant}.*.status"]))
-            else:
-                users.append(user(name, h, None, None))  # ingest and workers: JetStream and all topics
+            elif role == "provision":
+                users.append(user(name, h, [control, all_chunks], []))
+            else:  # ingest and workers: JetStream and every topic, but not what provision writes
+                users.append(user(name, h, None, None, deny=ingest_deny))
         note = ""
         if skipped:
             note = f"# no NATS password (made before NATS configs; rotate them): {', '.join(skipped)}\n"

@@ -20,7 +20,7 @@ import pytest
 
 from edge_tier.brokers import BrokerError, BrokerProcess, Mosquitto, NatsServer, require_binary
 from edge_tier.services import AgentProcess, IngestProcess
-from tests.support import Pipeline, Producer, agent_config, ingest_config
+from tests.support import Pipeline, Producer, SmallFilesystem, agent_config, ingest_config
 
 B = TypeVar("B", bound=BrokerProcess)
 
@@ -82,6 +82,28 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 def nats_mqtt_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A running nats-server with JetStream and its MQTT 3.1.1 listener (``.mqtt_port``)."""
     yield from _run(NatsServer(tmp_path / "nats-mqtt", mqtt_port=0))
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Callable[[str, int], SmallFilesystem]]:
+    """Mounts real small filesystems ("ext4" on a loop device, or "tmpfs") of a size in MiB.
+    Skips where mounting is not allowed; in CI (root on Debian) that is a failure."""
+    mounted: list[SmallFilesystem] = []
+
+    def make(kind: str = "ext4", size_mib: int = 20) -> SmallFilesystem:
+        fs = SmallFilesystem(tmp_path, kind, size_mib)
+        try:
+            fs.mount()
+        except OSError as exc:
+            if in_ci():
+                pytest.fail(f"cannot mount a small {kind} filesystem ({exc}); CI=true: a failure, not a skip")
+            pytest.skip(f"cannot mount a small {kind} filesystem: {exc}")
+        mounted.append(fs)
+        return fs
+
+    yield make
+    for fs in mounted:
+        fs.unmount()
 
 
 # -- session scope: shared, do not kill/stop/restart ---------------------------------------

@@ -428,3 +428,64 @@ class Pipeline:
 
     def wait_drained(self, timeout: float = 60.0) -> None:
         wait_until(lambda: drained(self.agent.port), timeout, "the agent's queue to drain")
+
+
+class SmallFilesystem:
+    """A real small filesystem for disk-full tests: a loop-mounted ext4 image or a tmpfs of
+    ``size_mib``, mounted at ``mountpoint`` (needs root: CI runs as root on Debian)."""
+
+    def __init__(self, workdir: Path, kind: str, size_mib: int) -> None:
+        self.kind, self.size_mib = kind, size_mib
+        self.image = workdir / f"{kind}.img"
+        self.mountpoint = workdir / f"{kind}-mnt"
+
+    def mount(self) -> None:
+        import subprocess
+
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        if self.kind == "tmpfs":
+            cmd = ["mount", "-t", "tmpfs", "-o", f"size={self.size_mib}m", "tmpfs", str(self.mountpoint)]
+        else:
+            with open(self.image, "wb") as f:
+                f.truncate(self.size_mib << 20)
+            mkfs = subprocess.run(["mkfs.ext4", "-q", "-F", str(self.image)], capture_output=True, text=True)
+            if mkfs.returncode:
+                raise OSError(f"mkfs.ext4 {self.image}: {mkfs.stderr.strip()}")
+            cmd = ["mount", "-o", "loop", str(self.image), str(self.mountpoint)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise OSError(f"{' '.join(cmd)}: {done.stderr.strip() or done.returncode}")
+
+    def unmount(self) -> None:
+        import subprocess
+
+        subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+        with contextlib.suppress(OSError):
+            self.image.unlink()
+
+    def fill(self, name: str = "hog") -> Path:
+        """Another process writes a file beside the queue until the filesystem is full."""
+        import subprocess
+        import sys
+
+        hog = self.mountpoint / name
+        code = (
+            "import sys\n"
+            "f = open(sys.argv[1], 'ab', buffering=0)\n"
+            "block = b'x' * 65536\n"
+            "try:\n"
+            "    while True: f.write(block)\n"
+            "except OSError: pass\n"
+            "small = b'x' * 512\n"
+            "try:\n"
+            "    while True: f.write(small)\n"
+            "except OSError: pass\n"
+        )
+        subprocess.run([sys.executable, "-c", code, str(hog)], check=True, timeout=60)
+        return hog
+
+    def free_bytes(self) -> int:
+        import os
+
+        st = os.statvfs(self.mountpoint)
+        return st.f_bavail * st.f_frsize

@@ -120,13 +120,14 @@ def test_bad_frames_go_to_the_dead_letter_stream_and_ingest_keeps_going(ingest_o
     c.publish(frame(1, 3000, prev=0, dim=8))  # ~ 120 KB > 64 KiB limit
     c.publish(frame(1, 10, prev=0, device="someone-else"))  # topic says press-7
     c.publish(good)
-    rs = c.wait_receipts(3)  # corrupt -> rejected, oversize -> rejected, good -> committed
-    assert [r["status"] for r in rs] == ["rejected", "rejected", "committed"], rs
+    rs = c.wait_receipts(3)  # corrupt -> rejected, oversize -> too_large (cut it), good -> committed
+    assert [r["status"] for r in rs] == ["rejected", "too_large", "committed"], rs
     assert "checksum" in rs[0]["reason"].lower() or "crc" in rs[0]["reason"].lower()
-    assert "limit" in rs[1]["reason"].lower() or "large" in rs[1]["reason"].lower()
+    assert "limit" in rs[1]["reason"].lower()
+    assert all(r["v"] == 2 and r["limits"]["max_frame_bytes"] == 64 * 1024 for r in rs), rs
     dlq = stream_messages(p.nats.url, topics.DEADLETTER_STREAM)
     reasons = [m.headers["Et-Reason"] for m in dlq]
-    assert len(dlq) == 4, reasons
+    assert len(dlq) == 3, reasons  # an oversize frame is not bad data: the device cuts it again
     assert any("someone-else" in r for r in reasons), "topic/frame mismatch must be dead-lettered"
     assert all(m.headers["Et-Topic"] == topics.mqtt_topic(TENANT, DEVICE, "up") for m in dlq)
     assert dlq[0].data.startswith(b"\x00garbage"), "the raw bytes are kept for inspection"
@@ -180,7 +181,7 @@ def test_two_ingest_processes_share_the_load_exactly_once(make_pipeline, tmp_pat
         second.stop()
 
 
-def test_frames_over_the_nats_max_payload_are_rejected_not_retried_forever(mosquitto, tmp_path) -> None:
+def test_frames_over_the_nats_max_payload_are_too_large_not_retried_forever(mosquitto, tmp_path) -> None:
     from edge_tier.brokers import NatsServer
 
     small = NatsServer(tmp_path / "nats-small", max_payload=64 * 1024)
@@ -192,7 +193,8 @@ def test_frames_over_the_nats_max_payload_are_rejected_not_retried_forever(mosqu
         c.publish(frame(1, 3000, prev=0))  # ~ 120 KB: over the server's max_payload
         c.publish(frame(1, 10, prev=0))
         rs = c.wait_receipts(2)
-        assert [r["status"] for r in rs] == ["rejected", "committed"], rs
+        assert [r["status"] for r in rs] == ["too_large", "committed"], rs
+        assert all(r["limits"]["max_frame_bytes"] == 64 * 1024 - 4096 for r in rs), rs
         assert "max_payload" in ingest.log_path.read_text()
         assert stream_seqs(small.url) == list(range(1, 11))
         c.close()

@@ -243,7 +243,7 @@ frame_max_bytes = 4096
 """,
     )
     cfg = load_agent_config(p)
-    store = Store(cfg.store, chunk_max_records=1)
+    store = Store(cfg.store, frame_max_records=1)
     try:
         feats = b"\0" * 4096
         for _ in range(4):

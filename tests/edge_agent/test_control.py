@@ -20,7 +20,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.control import Controller, startup_prefilter
 from edge_agent.model_store import ModelStore
 from edge_tier import topics
-from edge_tier.control import ControlDoc, encode_control, model_update, sign_model
+from edge_tier.control import ControlDoc, encode_control, model_update, sign_control
 from edge_tier.mqtt import Message, MqttBridge
 from models.manifest import DEFAULT_MANIFEST
 from tests.support import new_prefilter
@@ -46,6 +46,7 @@ class Rig:
         pem = KEY.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
         (tmp_path / "signing.pub").write_bytes(pem)
         self.cfg = AgentConfig(
+            device={"tenant": "demo", "device": "device-1"},
             store={"path": str(tmp_path / "q.db")},
             prefilter={"manifest": str(DEFAULT_MANIFEST)},
             control={"signing_key": str(tmp_path / "signing.pub")},
@@ -59,15 +60,20 @@ class Rig:
             swap=lambda p: self.swapped.append(p.version), limit=lambda c: None, publish_status=lambda: None,
         )  # fmt: skip
         self.gen = 1
+        self.counter = 1
         self.tmp = tmp_path
 
     def update(self, version: str, seed: int) -> tuple[Any, list[bytes]]:
-        return model_update("demo", new_prefilter(self.tmp / version, version, seed=seed), chunk_bytes=4096)
+        self.counter += 1  # as edge-provision counts them: each new model file above the last
+        manifest = new_prefilter(self.tmp / version, version, seed=seed)
+        return model_update("demo", manifest, counter=self.counter, chunk_bytes=4096)
 
     def doc(self, update: Any = None) -> None:
         self.gen += 1
-        model = None if update is None else sign_model(KEY, update)
-        payload = encode_control(ControlDoc(generation=self.gen, model=model))
+        now = int(time.time() * 1000)
+        doc = ControlDoc(tenant="demo", device="device-1", generation=self.gen, issued_ms=now,
+                         expires_ms=now + 60_000, model=update)  # fmt: skip
+        payload = encode_control(sign_control(KEY, doc))
         self.bridge._deliver(Message(topics.mqtt_topic("demo", "device-1", "control"), payload, 1, 0, True))
 
     def chunk(self, update: Any, i: int, data: bytes) -> None:

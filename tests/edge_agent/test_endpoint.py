@@ -388,6 +388,29 @@ def test_accepted_records_can_be_encoded_as_a_frame(tmp_path: Path, name: str) -
         assert status == 400, answer
 
 
+def test_a_record_no_frame_can_carry_is_413_naming_the_limit_and_nothing_is_queued(tmp_path: Path) -> None:
+    async def scenario(a: Agent) -> None:
+        a.queue.store.set_frame_limits(100, 8192)  # as the cloud's receipts may set them
+        ok = await a.post(_bin(3, 1024), query="?stream=vib&dim=1024", headers={"Content-Type": BINARY_TYPE})
+        assert ok[0] == 200, ok
+        before = await a.snapshot()
+        for dim in (2048, 4096):  # 8 KiB of features and more: no 8 KiB frame holds one
+            status, headers, problem = await a.post(
+                _bin(5, dim), query=f"?stream=vib&dim={dim}", headers={"Content-Type": BINARY_TYPE}
+            )
+            assert status == 413, problem
+            assert headers["content-type"] == "application/problem+json"
+            assert "8192" in problem["detail"] and "frame" in problem["detail"], problem
+        a.queue.store.set_frame_limits(100, 1 << 20, max_dim=1000)  # the cloud takes dim <= 1000
+        status, _, problem = await a.post(
+            _bin(2, 1024), query="?stream=vib&dim=1024", headers={"Content-Type": BINARY_TYPE}
+        )
+        assert status == 413 and "max_dim 1000" in problem["detail"], problem
+        assert await a.snapshot() == before
+
+    run(tmp_path, scenario)
+
+
 def test_block_policy_full_is_503_with_retry_after(tmp_path: Path) -> None:
     dim = 1024  # 4096 + 64 bytes per record: 15 fit in the 64 KiB budget
     payload = _bin(10, dim)

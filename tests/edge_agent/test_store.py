@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import json
 import logging
 import os
 import random
@@ -26,9 +27,9 @@ import pytest
 
 import edge_agent.store as store_mod
 from edge_agent.config import StoreSettings
-from edge_agent.errors import QueueFull, StoreError
+from edge_agent.errors import QueueFull, RecordTooLarge, StoreError
 from edge_agent.store import Appended, AsyncQueue, NewRecord, RecordKind, Store
-from edge_tier.wire import Dtype
+from edge_tier.wire import RECORD_WIRE_OVERHEAD, Dtype
 
 K4 = RecordKind("vib", Dtype.FLOAT32, 4)
 K4B = RecordKind("cam", Dtype.FLOAT32, 4)
@@ -324,7 +325,7 @@ def test_budget_holds_after_every_append_and_everything_is_counted(tmp_path: Pat
 
 
 def test_records_in_a_frame_are_never_evicted(tmp_path: Path) -> None:
-    with opened(settings(tmp_path, budget_bytes=MIN_BUDGET, policy="lowest_score"), chunk_max_records=1) as s:
+    with opened(settings(tmp_path, budget_bytes=MIN_BUDGET, policy="lowest_score"), frame_max_records=1) as s:
         ok(s.append_many([(BIG, recs(5, kind=BIG, scores=[0.0] * 5))])[0])
         frame = s.next_frame(5, 1 << 20)
         assert frame is not None and len(frame.seqs) == 5
@@ -378,15 +379,16 @@ def test_disk_use_stays_bounded_under_20x_budget(tmp_path: Path) -> None:
 
 
 def test_next_frame_takes_seq_order_one_kind_and_respects_limits(tmp_path: Path) -> None:
-    with opened(settings(tmp_path), chunk_max_records=1) as s:
+    with opened(settings(tmp_path), frame_max_records=1) as s:
         a1 = ok(s.append_many([(K4, recs(10))])[0])
         b = ok(s.append_many([(K4B, recs(3, start=10))])[0])
         a2 = ok(s.append_many([(K4, recs(5, start=13))])[0])
-        per = 16 + store_mod.ROW_OVERHEAD
+        # frame bytes on the wire: the header, then each record's features, seq, time and score
+        per = 16 + RECORD_WIRE_OVERHEAD
         frames = []
         limits = [
             (4, 1 << 20),
-            (100, 2 * per + per // 2),
+            (100, K4.frame_overhead + 2 * per + per // 2),
             (100, 1),
             (100, 1 << 20),
             (100, 1 << 20),
@@ -409,8 +411,8 @@ def test_next_frame_takes_seq_order_one_kind_and_respects_limits(tmp_path: Path)
         for prev, f in itertools.pairwise(frames):
             assert f.prev_seq == prev.last_seq
             assert (f.first_seq, f.last_seq) == (f.seqs[0], f.seqs[-1])
-        assert all(f.nbytes == per * len(f.seqs) for f in frames)
-        assert frames[1].nbytes <= 2 * per + per // 2
+        charged = 16 + store_mod.ROW_OVERHEAD
+        assert all(f.nbytes == charged * len(f.seqs) for f in frames)
         assert s.next_frame(100, 1 << 20) is None
         assert not s.has_unframed
         assert frames[3].features == [feats(i) for i in range(7, 10)]
@@ -418,12 +420,12 @@ def test_next_frame_takes_seq_order_one_kind_and_respects_limits(tmp_path: Path)
 
 def test_frames_persist_across_reopen(tmp_path: Path) -> None:
     st = settings(tmp_path)
-    with opened(st, chunk_max_records=1) as s:
+    with opened(st, frame_max_records=1) as s:
         batch = [NewRecord(feats(i), i / 10, {"site": f"s{i}"} if i % 2 else None) for i in range(9)]
         ok(s.append_many([(K4, batch)])[0])
         made = [s.next_frame(4, 1 << 20) for _ in range(2)]
         assert s.stats().frames_in_flight == 2
-    with opened(st, chunk_max_records=1) as s:
+    with opened(st, frame_max_records=1) as s:
         again = s.open_frames()
         assert [(f.first_seq, f.last_seq, f.prev_seq) for f in again] == [
             (f.first_seq, f.last_seq, f.prev_seq)
@@ -446,7 +448,7 @@ def test_frames_persist_across_reopen(tmp_path: Path) -> None:
 
 
 def test_finish_frame_deletes_exactly_its_range_and_counts(tmp_path: Path) -> None:
-    with opened(settings(tmp_path), chunk_max_records=1) as s:
+    with opened(settings(tmp_path), frame_max_records=1) as s:
         ok(s.append_many([(K4, recs(12))])[0])
         f1, f2, f3 = (s.next_frame(4, 1 << 20) for _ in range(3))
         assert f1 and f2 and f3
@@ -468,13 +470,13 @@ def test_finish_frame_deletes_exactly_its_range_and_counts(tmp_path: Path) -> No
 
 def test_set_frame_prev_persists(tmp_path: Path) -> None:
     st = settings(tmp_path)
-    with opened(st, chunk_max_records=1) as s:
+    with opened(st, frame_max_records=1) as s:
         ok(s.append_many([(K4, recs(6))])[0])
         s.next_frame(3, 1 << 20)
         f2 = s.next_frame(3, 1 << 20)
         assert f2 is not None
         s.set_frame_prev(f2.first_seq, 12345)
-    with opened(st, chunk_max_records=1) as s:
+    with opened(st, frame_max_records=1) as s:
         assert [f.prev_seq for f in s.open_frames()] == [0, 12345]
 
 
@@ -562,15 +564,89 @@ def test_locked_queue_is_not_treated_as_corrupt(tmp_path: Path, monkeypatch: pyt
         assert len(seqs(s)) == 5
 
 
+def _encoded(frame: Any) -> int:
+    """What the frame is on the wire, with the longest tenant and device ids."""
+    from edge_tier.wire import Frame, encode_frame
+
+    k, r = frame.kind, frame.records
+    return len(
+        encode_frame(
+            Frame(
+                tenant="t" * 64,
+                device="d" * 64,
+                prev_seq=frame.prev_seq,
+                stream=k.stream,
+                model=k.model,
+                model_version=k.model_version,
+                schema_version=k.schema_version,
+                created_ms=1,
+                seqs=r.seqs,
+                scores=r.scores,
+                times_ms=r.times,
+                features=np.frombuffer(r.features, dtype=k.dtype.np_dtype).reshape(len(r), k.dim),
+                scale=k.scale,
+                meta=None if r.meta is None else tuple(r.meta),
+            )
+        )
+    )
+
+
+def test_a_frame_cut_again_keeps_its_records_and_chain_ends_in_frames_that_fit(tmp_path: Path) -> None:
+    """The cloud said TOO_LARGE: the same records, smaller frames, chained from the old prev to
+    the old last seq, so frames in flight after it still follow."""
+    with opened(settings(tmp_path), frame_max_bytes=1 << 20) as s:
+        metas = [{"site": f"plant-{i}"} if i % 3 else {} for i in range(60)]
+        a = ok(s.append_many([(BIG, [NewRecord(feats(i, BIG), 0.5, m) for i, m in enumerate(metas)])])[0])
+        big, after = s.next_frames(2, 50, 1 << 20)
+        assert (big.n, after.prev_seq) == (50, big.last_seq)
+        limit = 5 * BIG.record_bytes + BIG.frame_overhead + 400
+        parts = s.recut_frame(big.first_seq, 50, limit)
+        assert len(parts) >= 10
+        assert parts[0].prev_seq == big.prev_seq and parts[-1].last_seq == big.last_seq
+        for prev, f in itertools.pairwise(parts):
+            assert f.prev_seq == prev.last_seq
+        assert [q for f in parts for q in f.seqs] == big.seqs
+        assert [m for f in parts for m in (f.meta or [{}] * f.n)] == metas[:50]
+        assert all(_encoded(f) <= limit for f in parts)
+        # durable: the frames in flight after a restart are the new ones, then the one after
+        assert [f.first_seq for f in s.open_frames()] == [*(f.first_seq for f in parts), after.first_seq]
+        assert s.recut_frame(big.first_seq + 1, 50, limit) == []  # no such frame
+        bookkeeping(s, 60)
+        assert s.stats().bytes == 60 * BIG_NBYTES + sum(
+            len(json.dumps(m, separators=(",", ":"))) for m in metas if m
+        )
+        assert a.last_seq == after.last_seq
+
+
+def test_chunks_written_for_a_larger_limit_are_split_when_framed(tmp_path: Path) -> None:
+    with opened(settings(tmp_path), frame_max_bytes=1 << 20) as s:
+        ok(s.append_many([(BIG, recs(100, kind=BIG))])[0])
+        limit = 3 * (BIG.record_bytes + 23) + BIG.frame_overhead
+        frames = s.next_frames(100, 4096, limit)
+        assert [f.n for f in frames] == [3] * 33 + [1]
+        assert all(_encoded(f) <= limit for f in frames)
+        assert [q for f in frames for q in f.seqs] == seqs(s)
+
+
+def test_a_record_no_frame_can_carry_is_refused_whole(tmp_path: Path) -> None:
+    with opened(settings(tmp_path), frame_max_bytes=4096) as s:
+        (refused,) = s.append_many([(BIG, recs(2, kind=BIG))])
+        assert isinstance(refused, RecordTooLarge) and "4096" in str(refused)
+        small = ok(s.append_many([(K4, recs(2))])[0])
+        assert seqs(s) == [small.first_seq, small.last_seq]
+
+
 # -- disk full --------------------------------------------------------------------------------
 
 
 def _fill_to_page_limit(s: Store, extra_pages: int) -> int:
-    """Let the file grow by about ``extra_pages`` 4 KiB pages more (whatever its page size)."""
+    """A filesystem with room for about ``extra_pages`` 4 KiB pages more (whatever the page
+    size): the store's ceiling, as a small disk would set it (the real small filesystems are
+    in tests/system/test_disk_full.py)."""
     pages = s.db.execute("PRAGMA page_count").fetchone()[0]
     page_size = s.db.execute("PRAGMA page_size").fetchone()[0]
     limit = pages + max(1, extra_pages * 4096 // page_size)
-    assert s.db.execute(f"PRAGMA max_page_count = {limit}").fetchone()[0] == limit
+    s.disk.capacity_bytes = lambda view=None: limit * page_size  # type: ignore[method-assign]
     return limit
 
 

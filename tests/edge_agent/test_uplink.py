@@ -61,7 +61,7 @@ async def _run(tmp_path: Path, script: Any, timeout_s: float = 0.3) -> tuple[Scr
             "status_interval_s": 60,
         },
     )
-    queue = AsyncQueue(Store(cfg.store, chunk_max_records=1))
+    queue = AsyncQueue(Store(cfg.store, frame_max_records=1))
     bridge = ScriptedBridge()
     uplink = Uplink(cfg, queue, bridge)  # type: ignore[arg-type]
     committer = asyncio.create_task(queue.run())

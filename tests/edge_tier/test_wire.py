@@ -20,7 +20,9 @@ from edge_tier.wire import (
     FORMAT_VERSION,
     HEADER_FIXED_SIZE,
     MAGIC,
+    RECORD_WIRE_OVERHEAD,
     ChecksumMismatch,
+    CloudLimits,
     DeviceStatus,
     Dtype,
     Frame,
@@ -39,6 +41,7 @@ from edge_tier.wire import (
     encode_receipt,
     encode_results,
     encode_status,
+    frame_overhead,
     parse_upload_id,
     peek_header,
     upload_id,
@@ -916,6 +919,14 @@ def test_fuzz_header_fields(seed: bytes, fields: dict[str, int]) -> None:
             last_seq=9,
             reason="scores[3] at offset 120: nan is not finite",
         ),
+        Receipt(
+            upload_id="acme.dev-01.5-9",
+            status="too_large",
+            first_seq=5,
+            last_seq=9,
+            reason="frame is 2000000 bytes, limit is 1044480",
+            limits=CloudLimits(max_frame_bytes=1044480, max_records=65536, max_dim=65536),
+        ),
     ],
 )
 def test_receipt_round_trip(receipt: Receipt) -> None:
@@ -923,18 +934,25 @@ def test_receipt_round_trip(receipt: Receipt) -> None:
     assert decode_receipt(data) == receipt
     assert decode_receipt(memoryview(data)) == receipt
     assert decode_receipt(data.decode()) == receipt
-    assert b"null" not in data and json.loads(data)["v"] == 1
+    assert b"null" not in data and json.loads(data)["v"] == 2
+
+
+def test_receipt_v1_still_decodes() -> None:
+    r = decode_receipt(b'{"v":1,"upload_id":"t.d.3-4","status":"committed","first_seq":3,"last_seq":4}')
+    assert (r.v, r.status, r.limits) == (1, ReceiptStatus.COMMITTED, None)
 
 
 def test_receipt_json_shape() -> None:
-    r = Receipt(upload_id="t.d.3-4", status="committed", first_seq=3, last_seq=4, stream_seq=7)
+    limits = CloudLimits(max_frame_bytes=1044480, max_records=65536, max_dim=65536)
+    r = Receipt(upload_id="t.d.3-4", status="committed", first_seq=3, last_seq=4, stream_seq=7, limits=limits)
     assert json.loads(encode_receipt(r)) == {
-        "v": 1,
+        "v": 2,
         "upload_id": "t.d.3-4",
         "status": "committed",
         "first_seq": 3,
         "last_seq": 4,
         "stream_seq": 7,
+        "limits": {"max_frame_bytes": 1044480, "max_records": 65536, "max_dim": 65536},
     }
 
 
@@ -947,7 +965,12 @@ def test_receipt_json_shape() -> None:
         b"[]",
         b"null",
         b'{"v":1}',
-        b'{"v":2,"upload_id":"t.d.1-2","status":"committed","first_seq":1,"last_seq":2}',
+        b'{"v":3,"upload_id":"t.d.1-2","status":"committed","first_seq":1,"last_seq":2}',
+        b'{"upload_id":"t.d.1-2","status":"too_large","first_seq":1,"last_seq":2}',
+        b'{"v":1,"upload_id":"t.d.1-2","status":"too_large","first_seq":1,"last_seq":2,'
+        b'"limits":{"max_frame_bytes":4096,"max_records":1,"max_dim":1}}',
+        b'{"upload_id":"t.d.1-2","status":"committed","first_seq":1,"last_seq":2,'
+        b'"limits":{"max_frame_bytes":10,"max_records":1,"max_dim":1}}',
         b'{"upload_id":"t.d.1-2","status":"done","first_seq":1,"last_seq":2}',
         b'{"upload_id":"t.d.1-2","status":"committed","first_seq":"1","last_seq":2}',
         b'{"upload_id":"t.d.1-2","status":"committed","first_seq":1.0,"last_seq":2}',
@@ -1095,3 +1118,39 @@ def test_results_refuse_non_finite_columns() -> None:
     bad = Frame(**{k: getattr(f, k) for k in Frame.__slots__ if k != "scores"}, scores=np.full(5, np.nan))
     with pytest.raises(ValueError):
         _results_doc(bad)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_frame_overhead_bounds_every_encoded_frame(seed: int) -> None:
+    """The device cuts frames by this bound (edge_agent/store.py), so no frame it cuts for a
+    limit may encode larger than the limit."""
+    rng = np.random.default_rng(seed)
+    n, dim = int(rng.integers(1, 50)), int(rng.integers(1, 300))
+    dtype = [Dtype.FLOAT32, Dtype.FLOAT16, Dtype.INT8][seed % 3]
+    meta = None
+    if seed % 2:
+        meta = tuple(
+            {"site": "plänt-" + "x" * int(rng.integers(0, 30)), "n": int(rng.integers(0, 9))}
+            for _ in range(n)
+        )
+    f = Frame(
+        tenant="t" * 64,
+        device="d" * 64,
+        prev_seq=0,
+        stream="s" * int(rng.integers(1, 64)),
+        model="m" * int(rng.integers(0, 40)),
+        model_version="1.2.3",
+        schema_version=1,
+        created_ms=1,
+        seqs=np.arange(1, n + 1, dtype=np.uint64),
+        scores=np.zeros(n, dtype=np.float32),
+        times_ms=np.ones(n, dtype=np.uint64),
+        features=np.zeros((n, dim), dtype=dtype.np_dtype),
+        scale=0.5 if dtype is Dtype.INT8 else 1.0,
+        meta=meta,
+    )
+    # the device charges metadata as ASCII JSON (json.dumps' default), never less than UTF-8
+    meta_len = sum(len(json.dumps(m, separators=(",", ":"))) for m in meta) if meta else 0
+    bound = frame_overhead(stream=f.stream, model=f.model, model_version=f.model_version)
+    bound += n * (dim * dtype.itemsize + RECORD_WIRE_OVERHEAD) + meta_len
+    assert len(encode_frame(f)) <= bound

@@ -27,7 +27,7 @@ from tests.conftest import need_binary
 
 def test_init_writes_private_files_private_and_refuses_to_overwrite(tmp_path: Path) -> None:
     fleet = Fleet.init(tmp_path / "fleet")
-    for name in ("ca.key", "signing.key", "registry.db", "et-ingest.password"):
+    for name in ("ca.key", "signing.key", "registry.db", "et-ingest.password", "et-provision.password"):
         assert (tmp_path / "fleet" / name).stat().st_mode & 0o777 == 0o600, name
     with pytest.raises(FleetError, match="already a fleet directory"):
         Fleet.init(tmp_path / "fleet")
@@ -170,6 +170,7 @@ def fleet_broker(tmp_path: Path) -> Iterator[tuple[Fleet, Broker, dict[str, str]
         fleet.add_device("acme", d, tmp_path / f"bundle-{d}", broker_host="127.0.0.1", port=0, tls_port=0)
     passwords = {
         "et-ingest": (tmp_path / "fleet" / "et-ingest.password").read_text(),
+        "et-provision": (tmp_path / "fleet" / "et-provision.password").read_text(),
         "app-acme": fleet.add_user("app-acme", "app", "acme"),
         "app-globex": fleet.add_user("app-globex", "app", "globex"),
     }
@@ -280,7 +281,6 @@ def test_rotation_keeps_the_old_certificate_for_the_overlap_only(
 def test_model_push_and_control_set_reach_the_devices_named_and_no_one_else(
     fleet_broker: FleetBroker, tmp_path: Path
 ) -> None:
-    import json
 
     from edge_tier.control import decode_control
     from models.manifest import DEFAULT_MANIFEST
@@ -302,10 +302,10 @@ def test_model_push_and_control_set_reach_the_devices_named_and_no_one_else(
     r = cli("model", "push", "acme", "a", str(DEFAULT_MANIFEST), "--chunk-bytes", "4096")
     assert r.returncode == 0, r.stderr
     time.sleep(0.5)
-    docs = [decode_control(p) for t, p in a.got if t == "et/acme/a/control"]
+    docs = [decode_control(p).unverified() for t, p in a.got if t == "et/acme/a/control"]
     chunks = sorted(t for t, _ in a.got if "/_models/" in t)
-    assert len(docs) == 1 and docs[0].model is not None
-    sha = json.loads(docs[0].model.update)["sha256"]
+    assert len(docs) == 1 and docs[0].model is not None and docs[0].model.counter == 1
+    sha = docs[0].model.sha256
     assert chunks == [f"et/acme/_models/{sha}/{i}" for i in range(3)]
     assert b.got == [] and app.got == [], "another device or tenant read a's update"
     # a device may not write model chunks (it would feed its neighbours)
@@ -323,14 +323,27 @@ def test_model_push_and_control_set_reach_the_devices_named_and_no_one_else(
     b.sub("et/acme/b/control")
     a.got.clear()
     a.sub("et/acme/a/control")
-    new = decode_control(a.got[-1][1])
+    new = decode_control(a.got[-1][1]).unverified()
     assert new.config.paused and new.config.threshold == 0.4 and new.model == docs[0].model
-    assert new.generation > docs[0].generation
-    assert decode_control(b.got[-1][1]).config.paused
+    assert new.generation > docs[0].generation and (new.tenant, new.device) == ("acme", "a")
+    assert decode_control(b.got[-1][1]).unverified().config.paused
+    # refresh: the same desired state, a higher generation, a new expiry
+    r = cli("control", "refresh", "acme", "a", "--valid-days", "2")
+    assert r.returncode == 0, r.stderr
+    a.got.clear()
+    a.sub("et/acme/a/control")
+    again = decode_control(a.got[-1][1]).unverified()
+    assert again.generation > new.generation and (again.config, again.model) == (new.config, new.model)
+    assert abs(again.expires_ms - again.issued_ms - 2 * 86_400_000) < 1000
     r = cli("control", "set", "acme", "a", "--all", "--pause")
     assert r.returncode == 2 and "one DEVICE, or --all" in r.stderr
     r = cli("model", "push", "acme", "nope", str(DEFAULT_MANIFEST))
     assert r.returncode == 2 and "acme/nope: not registered" in r.stderr
+    # the ingest user may not write control topics any more: the broker drops what it sends
+    r = cli("control", "set", "acme", "a", "--pause", "--user", "et-ingest")
+    a.got.clear()
+    a.sub("et/acme/a/control")
+    assert decode_control(a.got[-1][1]).unverified().generation == again.generation, r
     for c in (a, b, app):
         c.close()
 
@@ -348,6 +361,7 @@ def test_the_embedded_nats_config_scopes_each_device_as_the_mosquitto_acl_does(t
     fleet.revoke_device("acme", "gone")
     pw = {d: _bundle_password(tmp_path / f"bundle-{d}") for d in ("a", "b", "gone")}
     pw["et-ingest"] = (tmp_path / "fleet" / "et-ingest.password").read_text()
+    pw["et-provision"] = (tmp_path / "fleet" / "et-provision.password").read_text()
     pw["app-globex"] = fleet.add_user("app-globex", "app", "globex")
     port, mqtt_port = free_port(), free_port()
     conf = fleet.nats_config(tmp_path / "nats", port=port, mqtt_port=mqtt_port)
@@ -367,13 +381,21 @@ def test_the_embedded_nats_config_scopes_each_device_as_the_mosquitto_acl_does(t
         broker: Any = SimpleNamespace(port=mqtt_port)
         ingest = Client(broker, user="et-ingest", password=pw["et-ingest"], client_id="ingest")
         ingest.sub("et/+/+/up")
-        ingest.c.publish("et/acme/_models/f00/0", b"chunk", qos=1, retain=True).wait_for_publish(5)
+        # only the provision user writes model chunks and control documents
+        for topic in ("et/acme/_models/f00/0", "et/acme/a/control"):
+            ingest.c.publish(topic, b"forged", qos=1, retain=True).wait_for_publish(5)
+        prov = Client(broker, user="et-provision", password=pw["et-provision"], client_id="provision")
+        assert prov.admitted
+        prov.c.publish("et/acme/_models/f00/0", b"chunk", qos=1, retain=True).wait_for_publish(5)
+        prov.c.publish("et/acme/a/control", b"doc", qos=1, retain=True).wait_for_publish(5)
+        prov.close()
         a = Client(broker, user="acme/a", password=pw["a"], client_id="et-acme-a")
         app = Client(broker, user="app-globex", password=pw["app-globex"], client_id="app")
         assert ingest.admitted and a.admitted and app.admitted
         assert not Client(broker, user="acme/gone", password=pw["gone"], client_id="x").admitted
         assert not Client(broker, user="acme/a", password=pw["b"], client_id="y").admitted
         a.sub("et/acme/_models/+/+")
+        a.sub("et/acme/a/control")
         a.sub("et/acme/b/receipt")
         app.sub("et/acme/+/results")
         a.pub("et/acme/a/up", b"own")
@@ -382,7 +404,7 @@ def test_the_embedded_nats_config_scopes_each_device_as_the_mosquitto_acl_does(t
         ingest.pub("et/acme/a/results", b"acme's")
         time.sleep(0.5)
         assert ingest.got == [("et/acme/a/up", b"own")]
-        assert a.got == [("et/acme/_models/f00/0", b"chunk")]
+        assert sorted(a.got) == [("et/acme/_models/f00/0", b"chunk"), ("et/acme/a/control", b"doc")]
         assert app.got == []
 
         async def jetstream() -> int:  # ingest and workers use JetStream as that user
@@ -399,3 +421,40 @@ def test_the_embedded_nats_config_scopes_each_device_as_the_mosquitto_acl_does(t
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+def test_only_the_provisioning_identity_writes_control_documents_and_model_chunks(
+    fleet_broker: FleetBroker,
+) -> None:
+    """An ingest-role (or app, or device) credential cannot write a device's control topic or
+    a tenant's model chunks, not even over the retained copies; the provision user can."""
+    fleet, broker, pw = fleet_broker
+    pw["ingest-2"] = fleet.add_user("ingest-2", "ingest", None)
+    broker.stop()
+    broker.start()
+    a = Client(broker, user="acme/a", password=pw["acme/a"])
+    a.sub("et/acme/a/control")
+    a.sub("et/acme/_models/+/+")
+    sha = "ab" * 32
+    for user in ("et-ingest", "ingest-2", "app-acme", "acme/b"):
+        c = Client(broker, user=user, password=pw[user])
+        assert c.admitted, user
+        c.c.publish("et/acme/a/control", b"forged by " + user.encode(), qos=1, retain=True).wait_for_publish(
+            5
+        )
+        c.c.publish(f"et/acme/_models/{sha}/0", b"forged", qos=1, retain=True).wait_for_publish(5)
+        c.close()
+    time.sleep(0.5)
+    assert a.got == [], "the broker let another identity write control or model topics"
+    prov = Client(broker, user="et-provision", password=pw["et-provision"])
+    prov.c.publish("et/acme/a/control", b"doc", qos=1, retain=True).wait_for_publish(5)
+    prov.c.publish(f"et/acme/_models/{sha}/0", b"chunk", qos=1, retain=True).wait_for_publish(5)
+    time.sleep(0.5)
+    assert sorted(a.got) == [("et/acme/_models/" + sha + "/0", b"chunk"), ("et/acme/a/control", b"doc")]
+    # the provision user reads nothing: it is no back door into uploads or receipts
+    prov.sub("et/+/+/up")
+    Client(broker, user="acme/b", password=pw["acme/b"]).pub("et/acme/b/up", b"b's")
+    time.sleep(0.3)
+    assert prov.got == []
+    for c in (a, prov):
+        c.close()

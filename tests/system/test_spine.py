@@ -7,9 +7,12 @@ features stream with the set the agent acknowledged to its producer.
 
 from __future__ import annotations
 
+import http.client
+import json
 import sqlite3
 import threading
 import time
+from typing import Any
 
 from edge_agent.config import StoreSettings
 from edge_agent.store import Store
@@ -181,24 +184,61 @@ def test_a_damaged_frame_is_dropped_counted_and_does_not_block_the_queue(make_pi
     assert_exactly_once(stream_seqs(p.nats.url), set(p.producer.acked))
 
 
-def test_rejected_frames_are_counted_and_the_chain_recovers(make_pipeline) -> None:
-    """Ingest refuses the big frames (size limit): the device drops and counts them, re-chains, goes on."""
+def test_frames_over_the_cloud_limit_are_cut_again_and_delivered(make_pipeline) -> None:
+    """Ingest takes frames of 4 KiB: the device's bigger frames get TOO_LARGE, are cut again
+    with the same chain ends and are delivered, none lost, none dead-lettered."""
     p: Pipeline = make_pipeline(
         agent={"uplink": {"frame_max_records": 40, "window": 2}},
         ingest={"ingest": {"max_frame_bytes": 4096}},
     )
-    p.mosquitto.pause()  # let both batches queue up so the frames are cut as intended
-    big = p.producer.post(80, meta={"label": "x" * 100})
-    assert big is not None
-    rejected = set(p.producer.acked)
-    p.producer.acked.clear()
+    p.mosquitto.pause()  # let the batches queue up, cut for the agent's own limit
+    assert p.producer.post(80, meta={"label": "x" * 100}) is not None
     p.producer.run(batches=3, size=40, seed_base=10)
     p.mosquitto.resume()
     p.wait_drained()
     st = agent_status(p.agent.port)
-    assert st is not None and st["evictions"].get("rejected") == len(rejected) == 80
+    assert st is not None and st["evictions"] == {}, st
+    assert st["frame_max_bytes"] == 4096
+    assert_exactly_once(stream_seqs(p.nats.url), set(p.producer.acked))
+    assert len(p.producer.acked) == 200
+    assert stream_messages(p.nats.url, "ET_DEADLETTER") == []
+    assert "cut again" in p.agent.log_path.read_text()
+
+
+def _post_dim(p: Pipeline, n: int, dim: int) -> tuple[int, dict[str, Any]]:
+    body = {"stream": "vibration", "records": [{"features": [0.5] * dim, "score": 0.5} for _ in range(n)]}
+    conn = http.client.HTTPConnection("127.0.0.1", p.agent.port, timeout=10)
+    try:
+        conn.request("POST", "/v1/records", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_rejected_frames_are_counted_and_the_chain_recovers(make_pipeline) -> None:
+    """Ingest takes dim <= 8: frames of wider records are rejected (no cut helps), dropped and
+    counted on the device, which re-chains, refuses such records from then on (413) and goes on."""
+    p: Pipeline = make_pipeline(
+        agent={"uplink": {"frame_max_records": 40, "window": 2}},
+        ingest={"ingest": {"max_dim": 8}},
+    )
+    p.mosquitto.pause()
+    assert p.producer.post(80) is not None  # dim 16, queued before the device knows the limit
+    rejected = set(p.producer.acked)
+    p.producer.acked.clear()
+    p.mosquitto.resume()
+    wait_until(lambda: (agent_status(p.agent.port) or {}).get("evictions", {}).get("rejected") == 80,
+               30, "the rejected frames to be counted")  # fmt: skip
+    code, problem = _post_dim(p, 5, 16)
+    assert code == 413 and "max_dim 8" in problem["detail"], problem
+    for _ in range(3):
+        code, body = _post_dim(p, 40, 8)
+        assert code == 200, body
+        p.producer.acked.extend(range(body["first_seq"], body["last_seq"] + 1))
+    p.wait_drained()
+    st = agent_status(p.agent.port)
+    assert st is not None and st["evictions"] == {"rejected": len(rejected)}
     assert_exactly_once(stream_seqs(p.nats.url), set(p.producer.acked))
     dlq = stream_messages(p.nats.url, "ET_DEADLETTER")
-    assert len(dlq) == 2 and all(
-        "limit" in m.headers["Et-Reason"] or "large" in m.headers["Et-Reason"] for m in dlq
-    )
+    assert len(dlq) == 2 and all("dim" in m.headers["Et-Reason"] for m in dlq)
