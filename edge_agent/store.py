@@ -454,13 +454,10 @@ class Store:
         if self._ckpt_db is None:
             self._ckpt_db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._ckpt_db.execute(f"PRAGMA synchronous={self.settings.synchronous}")
-        try:
-            self._ckpt_db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.OperationalError as e:
-            # The database file must grow to take what the WAL holds; the reserve is for this.
-            if not (is_disk_full(e) and self.disk.release()):
-                raise
-            self._ckpt_db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        # On a full disk this fails until the store's own thread gives up the reserve, when one
+        # of its writes fails: not from here, where another process still filling the disk
+        # would take the room before the queue could use it.
+        self._ckpt_db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _open_readonly(self) -> None:
         if not self.path.exists():
@@ -668,12 +665,12 @@ class Store:
                 evicted += self._evict_to_ceiling()
                 for x in staged:
                     results[x.index] = Appended(x.first, x.first + x.n - 1, evicted)
-                for i, r in results.items():
-                    if isinstance(r, Exception) and write_behind is not None and write_behind[i]:
+                for i, res in results.items():
+                    if isinstance(res, Exception) and write_behind is not None and write_behind[i]:
                         kind, records = batches[i]
                         n = len(records)
                         self._count_loss("refused", n, n * (kind.record_bytes + ROW_OVERHEAD))
-                        log.error("write-behind batch of %d records refused: %s", n, r)
+                        log.error("write-behind batch of %d records refused: %s", n, res)
                 self._set_meta("next_seq", self._next_seq)
                 self._raise_floor()
                 self.db.execute("COMMIT")
@@ -688,7 +685,7 @@ class Store:
                 self._lift_ceiling()  # making room rewrites chunks: it needs pages of its own
                 if not made_room:
                     if self._fs_really_full():
-                        self.disk.release()
+                        self._rescue()
                     need = sum(len(r) * (k.record_bytes + ROW_OVERHEAD) for k, r in batches) * 2
                     self._make_room_on_disk(max(need, 256 * 1024))
                     made_room = True
@@ -795,17 +792,45 @@ class Store:
             raise
         return freed
 
+    def _rescue(self) -> bool:
+        """The filesystem is full: hand the WAL's blocks back to it (a checkpoint that truncates
+        the WAL needs no room unless the database must grow), and if the filesystem is still
+        full, the reserve. False if neither gave anything back."""
+        before = self._free_bytes()
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError as e:
+            if not is_disk_full(e):
+                raise
+        gained = self._free_bytes() > before
+        if gained and not self._fs_really_full():
+            log.warning("the filesystem of %s is full: truncated the WAL to make room", self.path)
+            return True
+        return self.disk.release() or gained
+
+    def _free_bytes(self) -> int:
+        try:
+            return self.disk.view().free_bytes
+        except OSError:
+            return 0
+
     def _roomy(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a write that must not fail for space (eviction, frames, receipts): if the
-        filesystem is full, give up the reserve and try again once."""
-        while True:
+        filesystem is full, give back the WAL's blocks or the reserve and try again."""
+        for _ in range(3):
             try:
                 return fn(*args)
             except sqlite3.OperationalError as e:
                 if not is_disk_full(e):
                     raise
-                if not self.disk.release():
+                if not self._rescue():
                     raise DiskFull(f"{self.path}: the filesystem is full, the reserve spent: {e}") from e
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as e:
+            if is_disk_full(e):
+                raise DiskFull(f"{self.path}: the filesystem is full, the reserve spent: {e}") from e
+            raise
 
     def _raise_floor(self) -> None:
         """Keep the side file's floor above every seq this commit hands out (written before

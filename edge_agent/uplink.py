@@ -212,10 +212,10 @@ class Uplink:
             if not frames:
                 break
             for frame in frames:
-                f = await self._prepare(frame)
-                if f is not None:
-                    self.in_flight[frame.first_seq] = f
-                    await self._fit(f)  # an encoding larger than its estimate (zlib on noise)
+                new = await self._prepare(frame)
+                if new is not None:
+                    self.in_flight[frame.first_seq] = new
+                    await self._fit(new)  # an encoding larger than its estimate (zlib on noise)
                     # oldest first: a frame held by the rate cap must not be overtaken
                     self._send_due()
         self._expire()
