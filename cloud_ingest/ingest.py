@@ -52,6 +52,7 @@ from edge_tier.tasks import running
 from edge_tier.wire import (
     CloudLimits,
     Frame,
+    FrameHeader,
     FrameLimits,
     FrameTooLarge,
     Receipt,
@@ -427,16 +428,20 @@ class Ingest:
         metrics.FRAMES.labels("too_large").inc()
         log.info("upload %s is over the limits (%s); the device cuts it smaller", hdr.upload_id, err,
                  extra=context(hdr.upload_id, tenant=tenant, device=device))  # fmt: skip
+        self._answer_header(hdr, ReceiptStatus.TOO_LARGE, str(err))
+        return True
+
+    def _answer_header(self, hdr: FrameHeader, status: ReceiptStatus, reason: str) -> None:
+        """A receipt for a frame known only by its header (it did not decode)."""
         r = Receipt(
             upload_id=hdr.upload_id,
-            status=ReceiptStatus.TOO_LARGE,
+            status=status,
             first_seq=hdr.first_seq,
             last_seq=hdr.last_seq,
-            reason=str(err)[:500],
+            reason=reason[:500],
             limits=self.cloud_limits,
         )
-        self.mqtt.publish(topics.mqtt_topic(tenant, device, "receipt"), encode_receipt(r), qos=1)
-        return True
+        self.mqtt.publish(topics.mqtt_topic(hdr.tenant, hdr.device, "receipt"), encode_receipt(r), qos=1)
 
     async def _reject(self, frame: Frame, payload: bytes, reason: str) -> None:
         msg = Message(topics.mqtt_topic(frame.tenant, frame.device, "up"), payload, 1, 0, False)
@@ -456,15 +461,7 @@ class Ingest:
         )
         if upload is not None:
             # The device can be told which upload failed, so it stops re-sending it.
-            r = Receipt(
-                upload_id=upload.upload_id,
-                status=ReceiptStatus.REJECTED,
-                first_seq=upload.first_seq,
-                last_seq=upload.last_seq,
-                reason=str(err)[:500],
-                limits=self.cloud_limits,
-            )
-            self.mqtt.publish(topics.mqtt_topic(tenant, device, "receipt"), encode_receipt(r), qos=1)
+            self._answer_header(upload, ReceiptStatus.REJECTED, str(err))
 
     async def dead_letter(
         self,

@@ -45,7 +45,7 @@ from edge_agent.config import EvictionPolicy, StoreSettings
 from edge_agent.disk import DiskRoom, is_disk_full
 from edge_agent.errors import DiskFull, QueueFull, RecordTooLarge, StoreError
 from edge_agent.files import write_atomic
-from edge_tier.wire import RECORD_WIRE_OVERHEAD, Dtype, WireError, check_kind, frame_overhead
+from edge_tier.wire import RECORD_WIRE_OVERHEAD, Dtype, Frame, WireError, check_kind, frame_overhead
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,26 @@ class FrameRows:
     @property
     def n(self) -> int:
         return len(self.records)
+
+    def to_frame(self, tenant: str, device: str, created_ms: int) -> Frame:
+        """The upload frame of these records (what ``encode_frame`` takes)."""
+        k, r = self.kind, self.records
+        return Frame(
+            tenant=tenant,
+            device=device,
+            prev_seq=self.prev_seq,
+            stream=k.stream,
+            model=k.model,
+            model_version=k.model_version,
+            schema_version=k.schema_version,
+            created_ms=created_ms,
+            seqs=r.seqs,
+            scores=r.scores,
+            times_ms=r.times,
+            features=np.frombuffer(r.features, dtype=k.dtype.np_dtype).reshape(len(r), k.dim),
+            scale=k.scale,
+            meta=None if r.meta is None else tuple(r.meta),
+        )
 
     # Per-record views, for diagnostics and tests; the uplink encodes ``records`` directly.
     @property

@@ -33,8 +33,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from edge_agent import metrics
 from edge_agent.config import AgentConfig
 from edge_agent.errors import StoreError
@@ -48,7 +46,6 @@ from edge_tier.wire import (
     CloudLimits,
     ControlState,
     DeviceStatus,
-    Frame,
     Receipt,
     ReceiptStatus,
     WireError,
@@ -268,25 +265,8 @@ class Uplink:
         return InFlight(frame, payload, uid)
 
     def _encode(self, frame: FrameRows) -> bytes:
-        k, r = frame.kind, frame.records
         return encode_frame(
-            Frame(
-                tenant=self.tenant,
-                device=self.device,
-                prev_seq=frame.prev_seq,
-                stream=k.stream,
-                model=k.model,
-                model_version=k.model_version,
-                schema_version=k.schema_version,
-                created_ms=time.time_ns() // 1_000_000,
-                seqs=r.seqs,
-                scores=r.scores,
-                times_ms=r.times,
-                features=np.frombuffer(r.features, dtype=k.dtype.np_dtype).reshape(len(r), k.dim),
-                scale=k.scale,
-                meta=None if r.meta is None else tuple(r.meta),
-            ),
-            compress=self.cfg.compress,
+            frame.to_frame(self.tenant, self.device, time.time_ns() // 1_000_000), compress=self.cfg.compress
         )
 
     def _send(self, f: InFlight) -> None:

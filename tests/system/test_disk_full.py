@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.support import assert_exactly_once, drained, stream_seqs, wait_until
+from tests.support import agent_status, assert_exactly_once, drained, stream_seqs, wait_until
 
 DIM = 256  # 1 KiB of float32 a record: a 20 MiB filesystem holds about 15k of them
 BUDGET = 256 * 1024 * 1024  # the default: far more than the filesystem has
@@ -56,12 +56,9 @@ class Poster:
 
 
 def status(port: int) -> dict[str, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", "/v1/status")
-        return json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
+    st = agent_status(port)
+    assert st is not None, "the agent does not answer"
+    return st
 
 
 def evicted_total(st: dict[str, Any]) -> int:

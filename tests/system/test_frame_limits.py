@@ -21,7 +21,15 @@ from edge_agent.config import UplinkSettings
 from edge_tier.brokers import Mosquitto, NatsServer
 from edge_tier.services import AgentProcess, IngestProcess
 from tests.conftest import need_binary
-from tests.support import agent_config, assert_exactly_once, drained, ingest_config, stream_seqs, wait_until
+from tests.support import (
+    agent_config,
+    agent_status,
+    assert_exactly_once,
+    drained,
+    ingest_config,
+    stream_seqs,
+    wait_until,
+)
 
 DEFAULT_FRAME = UplinkSettings().frame_max_bytes
 
@@ -46,12 +54,9 @@ def post(port: int, n: int, dim: int, seed: int) -> tuple[int, dict[str, Any]]:
 
 
 def status(port: int) -> dict[str, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", "/v1/status")
-        return json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
+    st = agent_status(port)
+    assert st is not None, "the agent does not answer"
+    return st
 
 
 class Stack:
