@@ -37,7 +37,7 @@ from prometheus_client import Counter, Histogram
 
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.errors import IngestError
-from cloud_ingest.ingest import connect_nats
+from cloud_ingest.nats_client import connect_nats
 from cloud_ingest.openapi import document
 from cloud_ingest.results_index import Entry, ResultsIndex
 from cloud_ingest.streams import ensure_streams

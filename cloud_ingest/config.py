@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ssl
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from edge_tier.config import ServiceSettings, load_config
@@ -16,12 +18,164 @@ from models.manifest import DEFAULT_MANIFEST
 DAY = 24 * 3600
 
 
+# The directory relative paths in [nats] are resolved against: the config file's, while
+# load_ingest_config validates one (None: the working directory, as for a path given in code).
+_config_dir: ContextVar[Path | None] = ContextVar("cloud_ingest_config_dir", default=None)
+_AUTH_FIELDS = ("user", "creds_file", "nkey_seed_file")  # one way to authenticate, at most
+
+
+def _readable_file(field: str, value: Path) -> Path:
+    """``value`` resolved against the config file's directory; it must be a readable file."""
+    base = _config_dir.get()
+    path = value if value.is_absolute() or base is None else base / value
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ValueError(f"{field} = {str(value)!r}: {path} {what}")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{field} = {str(value)!r}: cannot read {path}: {e.strerror or e}") from None
+    return path
+
+
+def _check_user_seed(field: str, path: Path, seed: bytes) -> None:
+    try:
+        import nkeys
+    except ImportError:  # pragma: no cover - a dependency; only a broken install lacks it
+        raise ValueError(f"{field}: NKey auth needs the nkeys package (pip install nkeys)") from None
+    if not seed.startswith(b"SU"):
+        raise ValueError(f"{field}: {path} does not hold an NKey user seed (one starts with SU)")
+    try:
+        nkeys.from_seed(bytearray(seed)).wipe()
+    except (nkeys.NkeysError, ValueError):
+        raise ValueError(f"{field}: {path} holds a malformed NKey user seed (encoding, checksum)") from None
+
+
+def _creds_section(text: bytes, header: bytes) -> bytes | None:
+    """The first non-blank line after the ``-----BEGIN <header>-----`` line of a .creds file."""
+    lines = iter(text.splitlines())
+    for line in lines:
+        if header in line and line.strip().startswith(b"-----BEGIN"):
+            for body in lines:
+                if body.strip():
+                    return body.strip()
+    return None
+
+
 class NatsSettings(BaseModel):
+    """How the cloud services reach NATS: the servers, TLS and one way to authenticate.
+
+    Authentication is at most one of: ``user`` + ``password``, ``creds_file`` (a ``.creds``
+    file, decentralised JWT auth: the user JWT and its NKey seed) or ``nkey_seed_file`` (a
+    file with an NKey user seed, ``SU…``, for a server that lists the user's public key).
+    A CA file (``tls_ca``) or ``tls://`` server URLs turn TLS on; ``tls_cert`` + ``tls_key``
+    add a client certificate (mutual TLS). Relative paths are relative to the config file.
+    """
+
     model_config = {"extra": "forbid"}
-    servers: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    servers: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"], min_length=1)
     user: str | None = None
     password: str | None = None
+    creds_file: Path | None = None
+    nkey_seed_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = Field(None, validate_default=True)
+    # the name the server's certificate must carry (default: each server URL's host)
+    tls_hostname: str | None = None
+    # TLS before the server's INFO (the server has `tls { handshake_first: true }`)
+    tls_handshake_first: bool = Field(False, validate_default=True)
     connect_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("password")
+    @classmethod
+    def _password_needs_user(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("user") is None:
+            raise ValueError("password is set without user")
+        return v
+
+    @field_validator("creds_file", "nkey_seed_file")
+    @classmethod
+    def _one_auth(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is None:
+            return None
+        field = str(info.field_name)
+        others = [f for f in _AUTH_FIELDS if f != field and info.data.get(f) is not None]
+        if others:
+            named = " and ".join(("user/password" if f == "user" else f) for f in others)
+            raise ValueError(
+                f"{field} and {named} are both set: give one way to authenticate "
+                "(user/password, creds_file or nkey_seed_file)"
+            )
+        path = _readable_file(field, v)
+        text = path.read_bytes()
+        if field == "nkey_seed_file":
+            _check_user_seed(field, path, text.strip())
+        else:
+            if not _creds_section(text, b"NATS USER JWT"):
+                raise ValueError(
+                    f"{field}: {path} is not a NATS .creds file (no '-----BEGIN NATS USER JWT-----' section)"
+                )
+            seed = _creds_section(text, b"USER NKEY SEED")
+            if not seed:
+                raise ValueError(f"{field}: {path} has no '-----BEGIN USER NKEY SEED-----' section")
+            _check_user_seed(field, path, seed)
+        return path
+
+    @field_validator("tls_ca")
+    @classmethod
+    def _ca_file(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return None
+        path = _readable_file("tls_ca", v)
+        try:
+            ssl.create_default_context(cafile=str(path))
+        except (ssl.SSLError, ValueError) as e:
+            raise ValueError(f"tls_ca: {path} holds no usable PEM CA certificate: {e}") from None
+        return path
+
+    @field_validator("tls_cert")
+    @classmethod
+    def _cert_file(cls, v: Path | None) -> Path | None:
+        return None if v is None else _readable_file("tls_cert", v)
+
+    @field_validator("tls_key")
+    @classmethod
+    def _key_file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        cert = info.data.get("tls_cert")
+        if v is None:
+            if cert is not None:
+                raise ValueError("tls_cert is set without tls_key: a client certificate needs its key")
+            return None
+        path = _readable_file("tls_key", v)
+        if cert is None:
+            if "tls_cert" in info.data:  # not just invalid itself
+                raise ValueError("tls_key is set without tls_cert: mutual TLS needs the certificate too")
+            return path
+        try:
+            ssl.create_default_context().load_cert_chain(str(cert), str(path))
+        except (ssl.SSLError, ValueError) as e:
+            raise ValueError(
+                f"tls_key: {path} is not the PEM private key of tls_cert {cert} (or either is not PEM): {e}"
+            ) from None
+        return path
+
+    @field_validator("tls_handshake_first")
+    @classmethod
+    def _handshake_needs_tls(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and not (info.data.get("tls_ca") or info.data.get("tls_cert") or cls._tls_urls(info)):
+            raise ValueError("tls_handshake_first needs TLS: set tls_ca or use tls:// server URLs")
+        return v
+
+    @staticmethod
+    def _tls_urls(info: ValidationInfo) -> bool:
+        return any(s.startswith("tls://") for s in info.data.get("servers") or [])
+
+    @property
+    def tls(self) -> bool:
+        """TLS is wanted: a CA or client certificate is given, or a server URL is ``tls://``."""
+        return bool(self.tls_ca or self.tls_cert or any(s.startswith("tls://") for s in self.servers))
 
 
 class StreamSettings(BaseModel):
@@ -151,4 +305,8 @@ class IngestConfig(ServiceSettings):
 
 
 def load_ingest_config(path: str | Path | None) -> IngestConfig:
-    return load_config(IngestConfig, path)
+    token = _config_dir.set(None if path is None else Path(path).parent)
+    try:
+        return load_config(IngestConfig, path)
+    finally:
+        _config_dir.reset(token)

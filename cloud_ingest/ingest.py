@@ -43,6 +43,7 @@ from nats.js.kv import KeyValue
 
 from cloud_ingest import metrics
 from cloud_ingest.config import IngestConfig
+from cloud_ingest.nats_client import connect_nats
 from cloud_ingest.streams import clip_header, ensure_streams, publish_dead_letter
 from edge_tier import topics
 from edge_tier.http import OpsServer
@@ -90,20 +91,6 @@ def _told(limits: FrameLimits) -> CloudLimits:
 class _Entry:
     msg: Message
     done: bool = False
-
-
-async def connect_nats(cfg: IngestConfig, name: str) -> NatsClient:
-    n = cfg.nats
-    return await nats.connect(
-        servers=n.servers,
-        name=name,
-        user=n.user,
-        password=n.password,
-        connect_timeout=n.connect_timeout_s,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        allow_reconnect=True,
-    )
 
 
 class Ingest:

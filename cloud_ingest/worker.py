@@ -43,7 +43,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from cloud_ingest import metrics
 from cloud_ingest.config import IngestConfig
-from cloud_ingest.ingest import connect_nats
+from cloud_ingest.nats_client import connect_nats
 from cloud_ingest.streams import clip_header, ensure_streams, publish_dead_letter
 from cloud_ingest.tier2 import Tier2Model
 from edge_tier import topics

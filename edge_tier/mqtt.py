@@ -6,6 +6,10 @@ fleet reconnecting in lock-step after a broker restart is a thundering herd).
 Everything paho reports is handed to the event loop with
 ``call_soon_threadsafe``; everything the loop asks of paho (publish, ack) is
 thread-safe in paho.
+
+A broker that will not talk is said so, not just retried: a CONNACK that refuses is logged
+with its reason code and retried no sooner than ``refused_backoff_s``; sessions that end
+with no CONNACK at all, again and again, in MQTT 5 are taken for a 3.1.1-only broker.
 """
 
 from __future__ import annotations
@@ -28,6 +32,23 @@ from pydantic import BaseModel, Field
 
 log = logging.getLogger(__name__)
 
+# A 3.1.1-only broker may drop an MQTT 5 CONNECT without a CONNACK (RabbitMQ 3.10's MQTT
+# plugin does); this many such sessions in a row, and nothing else explains them as well.
+NO_CONNACK_HINT_AFTER = 3
+V5_HINT = 'the broker may not speak MQTT 5; set mqtt.version = "3.1.1"'
+
+# What to do about a refused CONNACK, by MQTT 5 reason code (paho maps 3.1.1's return
+# codes onto these: see _V311_RETURN_CODE).
+_REFUSAL_HINTS: dict[int, str] = {
+    132: V5_HINT,
+    133: "the broker rejects this client id (mqtt.client_id)",
+    134: "check mqtt.username and mqtt.password",
+    135: "check the credentials (mqtt.username/password or the client certificate) and the broker's ACL",
+    138: "the broker has banned this client",
+    140: "the broker wants another authentication method",
+}
+_V311_RETURN_CODE = {132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
+
 
 class MqttSettings(BaseModel):
     """Broker connection settings, shared by the agent and the cloud services."""
@@ -48,6 +69,9 @@ class MqttSettings(BaseModel):
     tls_insecure: bool = False
     backoff_min_s: float = Field(0.2, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
+    # Least wait after a refused CONNACK: credentials and ACLs do not fix themselves in a
+    # second, and a fleet hammering a broker that says no only loads it (at most backoff_max_s).
+    refused_backoff_s: float = Field(5.0, gt=0)
     # Persistent session (QoS1 messages queued by the broker while we are away).
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
 
@@ -139,6 +163,9 @@ class MqttBridge:
         # those subscriptions at the broker, so they are sent at the next connect
         self._pending_unsubs: set[str] = set()
         self._unsubs_lock = threading.Lock()
+        # the current attempt's CONNACK reason code (None: none came); read and written on
+        # the paho thread only
+        self._connack: paho.ReasonCode | None = None
 
     # -- paho thread side -------------------------------------------------
 
@@ -149,9 +176,9 @@ class MqttBridge:
                 loop.call_soon_threadsafe(fn, *args)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        self._connack = reason_code
         if reason_code.is_failure:
-            log.warning("%s: broker refused connection: %s", self.name, reason_code)
-            return
+            return  # said by _run once the session is over, with what to do about it
         with self._unsubs_lock:
             for topic in self._pending_unsubs:
                 client.unsubscribe(topic)
@@ -186,7 +213,9 @@ class MqttBridge:
     def _run(self) -> None:
         s = self.settings
         attempt = 0
+        no_connack = 0  # sessions in a row that ended with no CONNACK
         while not self._stop.is_set():
+            self._connack = None
             try:
                 if self._v5:
                     self.client.connect(
@@ -218,13 +247,44 @@ class MqttBridge:
                 break
             # A session that lasted a while resets the backoff.
             attempt = 1 if time.monotonic() - began > s.backoff_max_s else attempt + 1
-            self._backoff(attempt, f"connection to {s.host}:{s.port} lost")
+            connack = self._connack
+            no_connack = no_connack + 1 if connack is None else 0
+            if connack is not None and connack.is_failure:
+                self._backoff(
+                    attempt, self._refusal(connack), floor=s.refused_backoff_s, level=logging.WARNING
+                )
+            elif self._v5 and no_connack >= NO_CONNACK_HINT_AFTER:
+                why = (
+                    f"{s.host}:{s.port} closed the connection {no_connack} times in a row without "
+                    f"answering the MQTT 5 CONNECT (no CONNACK): {V5_HINT} "
+                    "(or the port is not MQTT, or it wants TLS)"
+                )
+                self._backoff(attempt, why, level=logging.WARNING)
+            else:
+                self._backoff(attempt, f"connection to {s.host}:{s.port} lost")
 
-    def _backoff(self, attempt: int, why: str) -> None:
+    def _refusal(self, rc: paho.ReasonCode) -> str:
         s = self.settings
-        cap = min(s.backoff_max_s, s.backoff_min_s * 2 ** min(attempt, 20))
-        delay = random.uniform(s.backoff_min_s, cap)  # full jitter
-        log.info("%s: %s; retrying in %.2fs", self.name, why, delay)
+        code = (
+            f"reason code {rc.value}"
+            if self._v5
+            else f"return code {_V311_RETURN_CODE.get(rc.value, rc.value)}"
+        )
+        user = s.username or "(no user name)"
+        why = f"broker {s.host}:{s.port} refused the connection as {user}: {rc} (CONNACK {code})"
+        hint = _REFUSAL_HINTS.get(rc.value)
+        if rc.value == 132 and not self._v5:
+            hint = "the broker does not take MQTT 3.1.1 either"
+        return f"{why}; {hint}" if hint else why
+
+    def _backoff(
+        self, attempt: int, why: str, *, floor: float | None = None, level: int = logging.INFO
+    ) -> None:
+        s = self.settings
+        lo = s.backoff_min_s if floor is None else min(s.backoff_max_s, max(floor, s.backoff_min_s))
+        cap = max(lo, min(s.backoff_max_s, s.backoff_min_s * 2 ** min(attempt, 20)))
+        delay = random.uniform(lo, cap)  # full jitter
+        log.log(level, "%s: %s; retrying in %.2fs", self.name, why, delay)
         self._stop.wait(delay)
 
     # -- asyncio side -----------------------------------------------------

@@ -21,8 +21,11 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
+import pwd
 import secrets
 import sqlite3
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +99,54 @@ def _hashes(password: str) -> tuple[str, str | None]:
     return mosquitto_hash(password), nats_hash(password)
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _write_private(path: Path, data: bytes, owner: tuple[int, int] | None = None) -> None:
+    """Write ``path`` readable by its owner only: us, or ``owner`` (uid, gid) when given."""
     path.write_bytes(data)
     path.chmod(0o600)
+    if owner is not None:
+        os.chown(path, *owner)
+
+
+def _broker_owner(out: Path, user: str | None) -> tuple[int, int] | None:
+    """(uid, gid) to give the broker's private files to: ``user``'s, when we run as root
+    and mosquitto would drop to that user; None when no change of owner is needed."""
+    if user is None or user == "root" or os.geteuid() != 0:
+        return None  # not root: mosquitto keeps our uid and reads what we wrote
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise FleetError(
+            f"broker user {user!r} does not exist here, and mosquitto started as root drops to it "
+            f"(to 'nobody' when it is missing): create it (Debian's mosquitto package does), "
+            f"--broker-user NAME for another, or --broker-user root to keep mosquitto as root"
+        ) from None
+    groups = set(os.getgrouplist(user, pw.pw_gid))
+    path = out.resolve()
+    for d in [path, *path.parents]:
+        if not d.exists():
+            continue
+        st = d.stat()
+        if st.st_uid == pw.pw_uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            raise FleetError(
+                f"{d}: mosquitto, started as root, runs as {user!r}, who cannot enter this directory "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}, owner {_user_name(st.st_uid)}) and so could not "
+                f"read {out}: --out a directory it can reach (say /etc/mosquitto/edge-tier), or "
+                f"--broker-user root to keep mosquitto as root"
+            )
+    return pw.pw_uid, pw.pw_gid
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
@@ -364,10 +412,25 @@ class Fleet:
 
     # -- the broker -----------------------------------------------------------
 
-    def broker_files(self, out: Path, *, host: str, port: int, tls_port: int) -> dict[str, Path]:
+    def broker_files(
+        self, out: Path, *, host: str, port: int, tls_port: int, bind: str | None = None,
+        user: str | None = None,
+    ) -> dict[str, Path]:  # fmt: skip
         """mosquitto's side of the fleet: password file, ACL, server certificate, CRL and a
-        config with a TLS listener (client certificates) and a password listener."""
+        config with a TLS listener (client certificates) and a password listener.
+
+        Both listeners bind ``bind`` (default: ``host``, the name in the server certificate,
+        which devices connect to; ``0.0.0.0`` for every interface). ``user`` is rendered as
+        mosquitto's ``user`` option: the account it drops to when started as root. Rendered
+        as root for a user other than root, the private files (password file, server key)
+        are given to that user, 0600, so that ``mosquitto -c CONF`` started as root can read
+        them; a directory on the way that the user cannot enter is a :class:`FleetError`
+        before anything is written. ``user=None`` renders no ``user`` option."""
+        owner = _broker_owner(out, user)
+        fresh = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
+        if fresh and owner is not None:
+            out.chmod(0o755)  # whatever the umask: the broker's user must enter it
         lines = []
         for tenant, device, h in self.db.execute(
             "SELECT tenant, device, password_hash FROM devices "
@@ -376,7 +439,7 @@ class Fleet:
             lines.append(f"{tenant}/{device}:{h}")
         for name, h in self.db.execute("SELECT name, password_hash FROM users ORDER BY name"):
             lines.append(f"{name}:{h}")
-        _write_private(out / "passwd", ("\n".join(lines) + "\n").encode())
+        _write_private(out / "passwd", ("\n".join(lines) + "\n").encode(), owner)
         acl = [
             "# written by edge-provision broker-config; devices are {tenant}/{device} (%u)",
             "pattern write et/%u/up",
@@ -421,17 +484,19 @@ class Fleet:
         (out / "acl").write_text("\n".join(acl) + "\n")
         cert, key, _ = self.issue("mqtt-broker", server_names=[host, "localhost", "127.0.0.1"])
         (out / "server.pem").write_bytes(cert)
-        _write_private(out / "server.key", key)
+        _write_private(out / "server.key", key, owner)
         (out / "ca.pem").write_bytes((self.root / "ca.pem").read_bytes())
         (out / "crl.pem").write_bytes(self.write_crl().read_bytes())
+        bind = bind or host
+        run_as = "" if user is None else f"# started as root, mosquitto runs as this user\nuser {user}\n"
         conf = f"""# written by edge-provision broker-config
-per_listener_settings false
+{run_as}per_listener_settings false
 allow_anonymous false
 password_file {out / "passwd"}
 acl_file {out / "acl"}
 
 # devices with client certificates: the certificate's CN is the MQTT username
-listener {tls_port}
+listener {tls_port} {bind}
 cafile {out / "ca.pem"}
 certfile {out / "server.pem"}
 keyfile {out / "server.key"}
@@ -440,16 +505,19 @@ require_certificate true
 use_identity_as_username true
 
 # devices and services with passwords: the username is the client id
-listener {port}
+listener {port} {bind}
 use_username_as_clientid true
 """
         (out / "mosquitto.conf").write_text(conf)
         return {"conf": out / "mosquitto.conf", "passwd": out / "passwd", "acl": out / "acl"}
 
-    def nats_config(self, out: Path, *, port: int = 4222, mqtt_port: int = 1883) -> Path:
+    def nats_config(
+        self, out: Path, *, port: int = 4222, mqtt_port: int = 1883, bind: str | None = None
+    ) -> Path:
         """The embedded mode's broker: nats-server with JetStream and its MQTT listener, the
         same identities and the same scoping as the mosquitto ACL, as subject permissions
-        (MQTT ``et/T/D/up`` is subject ``et.T.D.up``, ``+`` is ``*``)."""
+        (MQTT ``et/T/D/up`` is subject ``et.T.D.up``, ``+`` is ``*``). Both listeners bind
+        ``bind`` (None: every interface)."""
         out.mkdir(parents=True, exist_ok=True)
         q = json.dumps  # a JSON string is a quoted string in the NATS config format
 
@@ -495,11 +563,13 @@ use_username_as_clientid true
         note = ""
         if skipped:
             note = f"# no NATS password (made before NATS configs; rotate them): {', '.join(skipped)}\n"
+        host = "" if bind is None else f"host: {q(bind)}\n"
+        host_m = "" if bind is None else f"host: {q(bind)}, "
         conf = f"""# written by edge-provision broker-config: the embedded mode (no mosquitto)
-{note}port: {port}
+{note}{host}port: {port}
 jetstream {{ store_dir: {q(str(out / "nats-data"))} }}
 server_name: et-embedded
-mqtt {{ port: {mqtt_port} }}
+mqtt {{ {host_m}port: {mqtt_port} }}
 authorization {{
   users = [
 {chr(10).join(users)}

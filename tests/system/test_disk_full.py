@@ -80,6 +80,8 @@ def deliver_and_check(p: Any, poster: Poster) -> dict[str, Any]:
     assert_exactly_once(stored, set(stored) & set(poster.acked))
     assert set(stored) <= set(poster.acked)
     assert st["delivered"] == len(stored)
+    print(f"acknowledged {len(poster.acked)} = delivered {len(stored)} + evicted {st['evictions']}; "
+          f"answers {poster.answers}")  # fmt: skip
     return st
 
 
