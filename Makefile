@@ -14,13 +14,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
-# System packages the tests need: mosquitto, and systemd's systemd-analyze for the unit
-# files (nats-server comes from PyPI).
+# System packages the tests need: mosquitto, systemd's systemd-analyze for the unit files,
+# curl and mosquitto_sub (mosquitto-clients) for the demo's printed commands, and mkfs.ext4
+# (e2fsprogs) for the full-disk tests (nats-server comes from PyPI).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 deps: $(STAMP)
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="mosquitto"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v mosquitto_sub >/dev/null 2>&1 || missing="$$missing mosquitto-clients"; \
+	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
+	command -v mkfs.ext4 >/dev/null 2>&1 || missing="$$missing e2fsprogs"; \
 	if [ -n "$$missing" ]; then echo "installing$$missing (apt-get)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; fi
 

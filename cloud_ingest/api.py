@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,15 +39,22 @@ from prometheus_client import Counter, Histogram
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.errors import IngestError
 from cloud_ingest.nats_client import connect_nats
-from cloud_ingest.openapi import document
+from cloud_ingest.openapi import SINCE_MS_PATTERN, document
 from cloud_ingest.results_index import Entry, ResultsIndex
 from cloud_ingest.streams import ensure_streams
 from edge_tier import topics
-from edge_tier.http import healthz, metrics_page, problem, readiness, serve_tcp
+from edge_tier.http import app_runner, healthz, metrics_page, problem, problem_from, readiness, serve_tcp
 from edge_tier.ratelimit import TokenBucket
 from edge_tier.tasks import running
 from edge_tier.tokens import TokenError, TokenStore
-from edge_tier.wire import ResultBatch, WireError, decode_results, parse_upload_id, validate_id
+from edge_tier.wire import (
+    UPLOAD_ID_PATTERN,
+    ResultBatch,
+    WireError,
+    decode_results,
+    parse_upload_id,
+    validate_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +128,7 @@ def _since(text: str | None) -> int:
     """``since``: milliseconds since the epoch, or an ISO 8601 time with a zone."""
     if text is None:
         return 0
-    if text.isdigit():
+    if re.fullmatch(SINCE_MS_PATTERN, text):
         return int(text)
     try:
         t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -209,7 +217,7 @@ class ResultApi:
         self.nc = await connect_nats(self.cfg, "et-api")
         self.js = self.nc.jetstream(timeout=self.cfg.ingest.publish_timeout_s)
         await ensure_streams(self.js, self.cfg.streams)
-        runner = web.AppRunner(self.app, access_log=None)
+        runner = app_runner(self.app)
         await runner.setup()
         self.port = await serve_tcp(runner, self.a.host, self.a.port)
         try:
@@ -335,7 +343,7 @@ class ResultApi:
         except ApiError as e:
             resp = problem(e.status, e.title, e.detail, request.path, **e.headers)
         except web.HTTPException as e:
-            resp = problem(e.status, e.reason, e.text or e.reason, request.path)
+            resp = problem_from(e, request)
         except (nats.errors.Error, TimeoutError) as e:
             log.warning("%s: JetStream unavailable: %r", request.path, e)
             resp = problem(503, "Service Unavailable", "JetStream is not reachable; retry", request.path)
@@ -402,7 +410,7 @@ class ResultApi:
         device = _device(request.match_info["device"])
         q = request.query
         limit = _int_param(q, "limit", self.a.page_default, 1, self.a.page_max)
-        if "cursor" in q:
+        if q.get("cursor"):  # an empty cursor is no cursor: the first page, as in a loop's first turn
             cur = Cursor.decode(q["cursor"])
         else:
             order = q.get("order", "oldest")
@@ -451,7 +459,10 @@ class ResultApi:
         try:
             owner, device, first, last = parse_upload_id(text)
         except WireError as e:
-            raise bad_request(f"upload_id: {e}") from None
+            if re.fullmatch(UPLOAD_ID_PATTERN, text) is None:
+                raise bad_request(f"upload_id: {e}") from None
+            # well formed (the document's pattern), but a range no upload has (first > last)
+            raise not_found(f"upload {text!r}: no upload has this id ({e})") from None
         seqs = self.index.upload(text) if owner == tenant else []
         if not seqs:
             # Another tenant's upload reads exactly like one that does not exist.

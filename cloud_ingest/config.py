@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ssl
 from contextvars import ContextVar
 from pathlib import Path
@@ -47,19 +48,20 @@ def _check_user_seed(field: str, path: Path, seed: bytes) -> None:
     if not seed.startswith(b"SU"):
         raise ValueError(f"{field}: {path} does not hold an NKey user seed (one starts with SU)")
     try:
+        raw = base64.b32decode(seed + b"=" * (-len(seed) % 8))
+        if nkeys.crc16_checksum(raw[:-2]) != raw[-2:]:  # nkeys.from_seed does not check it
+            raise ValueError("checksum")
         nkeys.from_seed(bytearray(seed)).wipe()
     except (nkeys.NkeysError, ValueError):
         raise ValueError(f"{field}: {path} holds a malformed NKey user seed (encoding, checksum)") from None
 
 
 def _creds_section(text: bytes, header: bytes) -> bytes | None:
-    """The first non-blank line after the ``-----BEGIN <header>-----`` line of a .creds file."""
-    lines = iter(text.splitlines())
-    for line in lines:
+    """The line after the ``-----BEGIN <header>-----`` line of a .creds file (where nats-py reads it)."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines[:-1]):
         if header in line and line.strip().startswith(b"-----BEGIN"):
-            for body in lines:
-                if body.strip():
-                    return body.strip()
+            return lines[i + 1].strip() or None
     return None
 
 

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
+from edge_tier.wire import ID_PATTERN, UPLOAD_ID_PATTERN
+
+# Cursors are unpadded base64url (api.Cursor.encode); far shorter than this.
+CURSOR_PATTERN = "^[A-Za-z0-9_-]{0,200}$"
+# ``since``: epoch milliseconds (at most 15 digits: until the year 33658), or an ISO 8601 time with a zone.
+SINCE_MS_PATTERN = "^[0-9]{1,15}$"
 
 _PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
 
@@ -68,8 +73,9 @@ def document(page_max: int = 1000) -> dict[str, Any]:
                         {
                             "name": "cursor",
                             "in": "query",
-                            "description": "the last page's next_cursor (opaque; keeps order and since)",
-                            "schema": {"type": "string"},
+                            "description": "the last page's next_cursor (opaque; keeps order and since); "
+                            "empty or absent: the first page",
+                            "schema": {"type": "string", "pattern": CURSOR_PATTERN},
                         },
                         {
                             "name": "order",
@@ -80,7 +86,12 @@ def document(page_max: int = 1000) -> dict[str, Any]:
                             "name": "since",
                             "in": "query",
                             "description": "results produced at or after: epoch ms, or ISO 8601 with a zone",
-                            "schema": {"type": "string"},
+                            "schema": {
+                                "anyOf": [
+                                    {"type": "string", "pattern": SINCE_MS_PATTERN},
+                                    {"type": "string", "format": "date-time"},
+                                ]
+                            },
                         },
                     ],
                     "responses": {
@@ -98,11 +109,20 @@ def document(page_max: int = 1000) -> dict[str, Any]:
                     "operationId": "getUpload",
                     "summary": "The results of one upload (tenant.device.first-last)",
                     "parameters": [
-                        {"name": "upload_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                        {
+                            "name": "upload_id",
+                            "in": "path",
+                            "required": True,
+                            "description": "tenant.device.first-last, seqs in decimal without leading zeros",
+                            "schema": {"type": "string", "pattern": UPLOAD_ID_PATTERN},
+                        }
                     ],
                     "responses": {
                         "200": {"description": "the upload's results", "content": _json("Upload")},
-                        "404": _problem("No results for this upload (yet), or not of this tenant"),
+                        "404": _problem(
+                            "No results for this upload (yet), not of this tenant, or no upload can have "
+                            "this id (first > last)"
+                        ),
                         **_COMMON,
                     },
                 }

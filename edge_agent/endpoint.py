@@ -28,7 +28,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.errors import BadRecord, DiskFull, QueueFull, RecordTooLarge, StoreError
 from edge_agent.prefilter import Prefilter
 from edge_agent.store import AsyncQueue, NewRecord, RecordBatch, RecordKind
-from edge_tier.http import healthz, metrics_page, problem, readiness, serve_tcp
+from edge_tier.http import app_runner, healthz, metrics_page, problem, readiness, serve_tcp
 from edge_tier.wire import Dtype, WireError, check_meta
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class Endpoint:
         self.port: int | None = None
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = app_runner(self.app)
         await self._runner.setup()
         self.port = await serve_tcp(self._runner, self.cfg.host, self.cfg.port)
         if self.cfg.unix_socket is not None:

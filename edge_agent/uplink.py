@@ -239,6 +239,9 @@ class Uplink:
                     log.error("uplink: could not take %d receipts: %s", len(receipts), e)
 
     async def _status_loop(self) -> None:
+        # The re-announce, not the retained copy, is what brings a device back into et_devices
+        # on a broker that sends no retained messages on ingest's wildcard (RabbitMQ 3.10):
+        # tests/system/test_status_converges.py.
         while running():
             await asyncio.sleep(self.cfg.status_interval_s)
             if self.mqtt.connected.is_set():

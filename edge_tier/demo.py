@@ -11,14 +11,16 @@ what ET_RESULTS holds against what the agents acknowledged: lost and duplicated 
 both be 0 (exit 1 otherwise).
 
 ``--chaos`` kills (``kill -9``) and restarts the broker, ingest, the worker and a device
-during the run; the counts must still come out at 0. Ctrl-C stops everything.
+during the run; the counts must still come out at 0. ``--serve`` keeps it all up after the
+summary, with a trickle of windows (``--trickle``) so that the printed stream and MQTT
+commands have answers to show. Every printed command works as printed, from the directory
+the demo was started in (without an activated virtualenv too). Ctrl-C stops everything.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import shutil
 import signal
@@ -350,17 +352,66 @@ def summary(s: dict[str, Any]) -> str:
     ])  # fmt: skip
 
 
-def next_steps(stack: Stack, kept_up: bool) -> str:
+async def trickle(stack: Stack, rate: float) -> None:
+    """Under ``--serve``, after the summary: each machine goes on posting ``rate`` windows/s
+    (new seeds), so that ``/v1/stream`` and ``mosquitto_sub`` have new answers to show."""
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as session, asyncio.TaskGroup() as tg:
+        for i, a in enumerate(stack.agents):
+            windows = machine_windows(seed=2000 + i, fault_rate=0.02)
+            tg.create_task(
+                run_machine(session, a.endpoint, windows, stream="vibration", batch=max(1, int(rate // 5)),
+                            rate=rate, until=float("inf"), tally=Tally())
+            )  # fmt: skip
+
+
+async def _last_result_seq(url: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        return int((await nc.jetstream().stream_info(topics.RESULTS_STREAM)).state.last_seq)
+    finally:
+        await nc.close()
+
+
+def script(name: str) -> str:
+    """How to type this installation's console script ``name`` here: the bare name when PATH
+    finds this one, else its path (relative to the working directory when under it): with
+    ``make demo`` that is ``.venv/bin/NAME``, which needs no activated virtualenv."""
+    mine = Path(sys.executable).parent / name
+    if not mine.exists():
+        return name
+    found = shutil.which(name)
+    if found is not None and Path(found).resolve() == mine.resolve():
+        return name
+    try:
+        rel = str(mine.relative_to(Path.cwd()))
+    except ValueError:
+        return str(mine)
+    return rel if "/" in rel else f"./{rel}"
+
+
+def next_steps(stack: Stack, kept_up: bool, *, replay_after: int = 0, trickle_rate: float = 0.0) -> str:
+    """The commands to try, each exactly as it works in a shell in the demo's directory."""
     api = f"http://127.0.0.1:{stack.api.port}"
+    auth = '-H "Authorization: Bearer $TOKEN"'
+    if not kept_up:
+        head = "try next (run with --serve to keep the demo up for these)"
+    elif trickle_rate > 0:
+        head = f"try next (the demo stays up; {trickle_rate:g} windows/s per device keep answers coming)"
+    else:
+        head = "try next (the demo stays up; --trickle 0: no new answers, /v1/stream replays the last)"
     lines = [
         "",
-        "try next" + ("" if kept_up else " (run with --serve to keep the demo up for these)"),
+        head,
         f"  export TOKEN={stack.token}",
-        f'  curl -s -H "Authorization: Bearer $TOKEN" {api}/v1/devices',
-        f"  curl -s -H \"Authorization: Bearer $TOKEN\" '{api}/v1/devices/device-0/results?limit=5'",
-        f'  curl -sN -H "Authorization: Bearer $TOKEN" {api}/v1/stream',
-        f"  mosquitto_sub -p {stack.nats.mqtt_port} -V mqttv311 -t 'et/{TENANT}/+/results'",
-        f"  edge-agent status --config {stack.agents[0].config_path}",
+        f"  curl -s {auth} {api}/v1/devices",
+        f"  curl -s {auth} '{api}/v1/devices/device-0/results?limit=5'",
+        f"  curl -sN {auth} -H 'Last-Event-ID: {replay_after}' {api}/v1/stream",
+        f"  mosquitto_sub -h 127.0.0.1 -p {stack.nats.mqtt_port} -V mqttv311 -t 'et/{TENANT}/+/results'",
+        f"  {script('edge-agent')} status --config {stack.agents[0].config_path}",
+        "(the stream replays the answers after Last-Event-ID, then goes on live: leave the header out for "
+        "live only; Ctrl-C ends it. mosquitto_sub is Debian's mosquitto-clients: apt-get install "
+        "mosquitto-clients)",
     ]
     return "\n".join(lines)
 
@@ -376,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=50.0, help="raw windows/s per device")
     p.add_argument("--chaos", action="store_true", help="kill and restart broker, ingest, worker, a device")
     p.add_argument("--serve", action="store_true", help="keep everything running after the summary")
+    p.add_argument(
+        "--trickle", type=float, default=10.0, metavar="RATE",
+        help="with --serve: raw windows/s per device after the summary, so answers keep coming (0: none)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="the summary as JSON on stdout (the view on stderr)")
     p.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp dir)")
     args = p.parse_args(argv)
@@ -394,14 +449,20 @@ def main(argv: list[str] | None = None) -> int:
               f"worker, API on {stack.api.port}, {len(stack.agents)} agents (prefilter)\n")  # fmt: skip
         result = asyncio.run(run(args, stack))
         print(summary(result))
-        print(next_steps(stack, args.serve))
+        last = asyncio.run(_last_result_seq(stack.nats.url))
+        steps = next_steps(stack, args.serve, replay_after=max(0, last - 3), trickle_rate=args.trickle)
+        print(steps)
         if args.json:
             out.write(json.dumps(result) + "\n")
         if args.serve:
-            print("\nrunning until Ctrl-C")
-            with contextlib.suppress(KeyboardInterrupt):
+            print("\nrunning until Ctrl-C", flush=True)
+            try:
+                if args.trickle > 0:
+                    asyncio.run(trickle(stack, args.trickle))
                 while True:
                     time.sleep(3600)
+            except KeyboardInterrupt:  # the way out of --serve: the run's own verdict stands
+                print("\nstopping (Ctrl-C)")
         flowed = result["kept"] > 0 and result["results"] == result["kept"]
         return 0 if flowed and result["lost"] == 0 and result["duplicated"] == 0 else 1
     except KeyboardInterrupt:

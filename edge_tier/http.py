@@ -1,14 +1,19 @@
 """What the HTTP services (the agent's endpoint, the result API) share: problem+json
 answers (RFC 9457), the Prometheus page, health and readiness answers, serving an aiohttp
-app on a TCP port, and the small ops server of the services without an HTTP API of their
-own (ingest, workers): ``/metrics``, ``/healthz``, ``/readyz``."""
+app on a TCP port (with malformed requests logged as one warning line), and the small ops
+server of the services without an HTTP API of their own (ingest, workers): ``/metrics``,
+``/healthz``, ``/readyz``."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.log import server_logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
@@ -21,6 +26,50 @@ def problem(
     return web.json_response(
         body, status=status, content_type="application/problem+json", headers=headers or None
     )
+
+
+# What an aiohttp HTTPException says about its own body: the problem+json answer replaces it.
+_BODY_HEADERS = frozenset({hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH, hdrs.CONTENT_ENCODING})
+
+
+def problem_from(exc: web.HTTPException, request: web.Request) -> web.Response:
+    """aiohttp's own refusal (404 no route, 405 wrong method, 413 body too large, ...) as
+    problem+json, keeping the headers it carries: ``Allow`` on a 405 (RFC 9110 15.5.6)."""
+    headers = {k: v for k, v in exc.headers.items() if k not in _BODY_HEADERS}
+    detail = exc.text or exc.reason
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        detail = f"{exc.method} is not allowed on {request.path}; allowed: {allowed}"
+    return problem(exc.status, exc.reason, detail, request.path, **headers)
+
+
+class ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server log (``aiohttp.server``), except that a request that is not valid HTTP
+    (aiohttp answers it 400 itself, before any handler) is one WARNING line, not an ERROR with a
+    traceback: it is the client's fault, and the internet sends plenty. Handler failures (500)
+    stay ERRORs with their traceback."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            what = " ".join(exc_info.message.split())  # aiohttp's messages span lines
+            self.warning(
+                f"{msg}: malformed HTTP, answered %d: %s: %.200s",
+                *args,
+                exc_info.code,
+                type(exc_info).__name__,
+                what,
+                **kwargs,
+            )
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+SERVER_LOG = ServerLog(server_logger, {})
+
+
+def app_runner(app: web.Application) -> web.AppRunner:
+    """The runner every service serves ``app`` with: no access log, :class:`ServerLog`."""
+    return web.AppRunner(app, access_log=None, logger=SERVER_LOG)
 
 
 async def metrics_page(request: web.Request) -> web.Response:
@@ -65,7 +114,7 @@ class OpsServer:
         return await readiness(await self.checks())
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = app_runner(self.app)
         await self._runner.setup()
         self.port = await serve_tcp(self._runner, host, port)
 

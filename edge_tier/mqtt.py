@@ -274,7 +274,7 @@ class MqttBridge:
         why = f"broker {s.host}:{s.port} refused the connection as {user}: {rc} (CONNACK {code})"
         hint = _REFUSAL_HINTS.get(rc.value)
         if rc.value == 132 and not self._v5:
-            hint = "the broker does not take MQTT 3.1.1 either"
+            hint = 'the broker does not take MQTT 3.1.1; try mqtt.version = "5"'
         return f"{why}; {hint}" if hint else why
 
     def _backoff(
@@ -282,7 +282,8 @@ class MqttBridge:
     ) -> None:
         s = self.settings
         lo = s.backoff_min_s if floor is None else min(s.backoff_max_s, max(floor, s.backoff_min_s))
-        cap = max(lo, min(s.backoff_max_s, s.backoff_min_s * 2 ** min(attempt, 20)))
+        # jitter above a floor too: a fleet refused together must not retry together
+        cap = min(s.backoff_max_s, max(2 * lo, s.backoff_min_s * 2 ** min(attempt, 20)))
         delay = random.uniform(lo, cap)  # full jitter
         log.log(level, "%s: %s; retrying in %.2fs", self.name, why, delay)
         self._stop.wait(delay)
@@ -297,7 +298,8 @@ class MqttBridge:
         elif not up and self.connected.is_set():
             self.connected.clear()
             self.subscribed.clear()
-            log.warning("%s: disconnected", self.name)
+            # stop() asked for it: nothing to warn about (a lost session still warns)
+            log.log(logging.DEBUG if self._stop.is_set() else logging.WARNING, "%s: disconnected", self.name)
         self._state_changed.set()
 
     def _deliver(self, m: Message) -> None:

@@ -33,8 +33,10 @@ __all__ = [
     "FORMAT_VERSION",
     "HEADER_FIXED_SIZE",
     "ID_MAX_LEN",
+    "ID_PATTERN",
     "MAGIC",
     "RECORD_WIRE_OVERHEAD",
+    "UPLOAD_ID_PATTERN",
     "ChecksumMismatch",
     "CloudLimits",
     "ControlState",
@@ -155,6 +157,12 @@ def upload_id(tenant: str, device: str, first_seq: int, last_seq: int) -> str:
     if first > last:
         raise WireError(f"first_seq {first} > last_seq {last}")
     return f"{tenant}.{device}.{first}-{last}"
+
+
+# The shapes above as JSON Schema / OpenAPI patterns, so the API's document and the code share one
+# vocabulary. An upload id's range order (first <= last <= U64_MAX) is checked by parse_upload_id only.
+ID_PATTERN = f"^{_ID_RE.pattern}$"
+UPLOAD_ID_PATTERN = rf"^{_ID_RE.pattern}\.{_ID_RE.pattern}\.(?:{_SEQ_RE.pattern})-(?:{_SEQ_RE.pattern})$"
 
 
 def parse_upload_id(s: str) -> tuple[str, str, int, int]:

@@ -92,10 +92,16 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 def cmd_broker_config(args: argparse.Namespace) -> int:
     fleet = Fleet(_fleet_dir(args))
-    files = fleet.broker_files(Path(args.out), host=args.host, port=args.port, tls_port=args.tls_port)
-    nats = fleet.nats_config(Path(args.out), port=args.nats_port, mqtt_port=args.port)
+    out, bind = Path(args.out).absolute(), args.bind or args.host
+    files = fleet.broker_files(
+        out, host=args.host, port=args.port, tls_port=args.tls_port, bind=bind, user=args.broker_user
+    )
+    nats = fleet.nats_config(out, port=args.nats_port, mqtt_port=args.port, bind=bind)
     print(f"mosquitto -c {files['conf']}")
     print(f"nats-server -c {nats}    # or: the embedded mode, NATS's own MQTT listener instead of mosquitto")
+    every = " (every interface)" if bind in ("0.0.0.0", "::") else ""
+    print(f"listeners on {bind}{every}: {args.port} (passwords), {args.tls_port} (client certificates); "
+          f"nats-server {args.nats_port}", file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -229,6 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("broker-config", help="mosquitto config, password file and ACL; nats.conf")
     b.add_argument("--out", default="broker")
     b.add_argument("--host", default="127.0.0.1", help="the broker's name in its certificate")
+    b.add_argument(
+        "--bind", metavar="ADDR",
+        help="the address the listeners bind (default: --host; 0.0.0.0 for every interface)",
+    )  # fmt: skip
+    b.add_argument(
+        "--broker-user", default="mosquitto", metavar="USER",
+        help="the account mosquitto runs as when started as root (its `user` option; default "
+        "mosquitto, as mosquitto's own): rendered as root, the password file and server key are "
+        "given to it; root keeps mosquitto as root",
+    )  # fmt: skip
     b.add_argument("--port", type=int, default=1883)
     b.add_argument("--tls-port", type=int, default=8883)
     b.add_argument("--nats-port", type=int, default=4222, help="client port in nats.conf (embedded mode)")

@@ -488,7 +488,9 @@ class Fleet:
         (out / "ca.pem").write_bytes((self.root / "ca.pem").read_bytes())
         (out / "crl.pem").write_bytes(self.write_crl().read_bytes())
         bind = bind or host
-        run_as = "" if user is None else f"# started as root, mosquitto runs as this user\nuser {user}\n"
+        run_as = (
+            "" if user is None else f"# the account mosquitto runs as when started as root\nuser {user}\n"
+        )
         conf = f"""# written by edge-provision broker-config
 {run_as}per_listener_settings false
 allow_anonymous false

@@ -448,7 +448,10 @@ class SmallFilesystem:
         else:
             with open(self.image, "wb") as f:
                 f.truncate(self.size_mib << 20)
-            mkfs = subprocess.run(["mkfs.ext4", "-q", "-F", str(self.image)], capture_output=True, text=True)
+            import shutil
+
+            exe = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"  # /sbin may not be on PATH
+            mkfs = subprocess.run([exe, "-q", "-F", str(self.image)], capture_output=True, text=True)
             if mkfs.returncode:
                 raise OSError(f"mkfs.ext4 {self.image}: {mkfs.stderr.strip()}")
             cmd = ["mount", "-o", "loop", str(self.image), str(self.mountpoint)]

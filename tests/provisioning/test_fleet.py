@@ -3,15 +3,20 @@ config it renders (ACL by identity, client certificates, revocation)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -22,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.config import load_agent_config
 from edge_tier.brokers import free_port
 from provisioning.fleet import Fleet, FleetError
-from tests.conftest import need_binary
+from tests.conftest import in_ci, need_binary
 
 
 def test_init_writes_private_files_private_and_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -76,7 +81,9 @@ def test_the_cli_round_trip(tmp_path: Path) -> None:
     assert run("device", "revoke", "acme", "d1").returncode == 0
     r = run("device", "revoke", "acme", "d1")
     assert r.returncode == 2 and "already revoked" in r.stderr
-    assert run("broker-config", "--out", str(tmp_path / "broker")).returncode == 0
+    # --broker-user root: as root, user "mosquitto" could not reach tmp_path (see below)
+    r = run("broker-config", "--out", str(tmp_path / "broker"), "--broker-user", "root")
+    assert r.returncode == 0, r.stderr
     assert "acme/d1" not in (tmp_path / "broker" / "passwd").read_text()
 
 
@@ -90,14 +97,15 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        files = self.fleet.broker_files(self.out, host="127.0.0.1", port=self.port, tls_port=self.tls_port)
-        conf = files["conf"].read_text()
-        if os.geteuid() == 0:  # mosquitto would drop to user "mosquitto", who cannot read 0600 files
-            conf = "user root\n" + conf
-        (self.out / "test.conf").write_text(conf)
+        # tmp_path is in a 0700 directory of root's: user "mosquitto" could not reach the files
+        # (test_the_printed_mosquitto_command_runs_as_root_... renders for that user)
+        user = "root" if os.geteuid() == 0 else None
+        files = self.fleet.broker_files(
+            self.out, host="127.0.0.1", port=self.port, tls_port=self.tls_port, user=user
+        )
         log = open(self.out / "mosquitto.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [need_binary("mosquitto"), "-c", str(self.out / "test.conf")], stdout=log, stderr=log
+            [need_binary("mosquitto"), "-c", str(files["conf"])], stdout=log, stderr=log
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -458,3 +466,176 @@ def test_only_the_provisioning_identity_writes_control_documents_and_model_chunk
     assert prov.got == []
     for c in (a, prov):
         c.close()
+
+
+# -- broker-config as printed: the listeners' address, mosquitto started as root -----------
+
+
+def _provision(tmp_path: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "provisioning.cli", "--fleet", str(tmp_path / "fleet"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=cwd or tmp_path)
+
+
+def _printed(stdout: str, program: str) -> str:
+    """The line of ``stdout`` that starts ``program``: a command to run as printed."""
+    lines = [x for x in stdout.splitlines() if x.startswith(program + " ")]
+    assert len(lines) == 1, stdout
+    return lines[0]
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses a TCP socket listens on ``port`` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        try:
+            rows = Path(f"/proc/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            addr, port_hex = local.split(":")
+            if state != "0A" or int(port_hex, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(addr)  # the kernel writes each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(socket.inet_ntop(family, raw))
+    return found
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], ports: list[int], log: Path) -> None:
+    deadline = time.monotonic() + 10
+    while not all(_listening(p) for p in ports):
+        assert proc.poll() is None, f"exited {proc.returncode}:\n{log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"not listening on {ports}:\n{log.read_text()[-2000:]}"
+        time.sleep(0.05)
+
+
+def _shell_env(*programs: str) -> dict[str, str]:
+    """The environment of an operator's shell that has ``programs`` on its PATH."""
+    dirs = [os.path.dirname(need_binary(p)) for p in programs]
+    return {**os.environ, "PATH": os.pathsep.join([*dirs, os.environ.get("PATH", "")])}
+
+
+def test_broker_config_binds_the_host_or_bind_and_says_so(tmp_path: Path) -> None:
+    Fleet.init(tmp_path / "fleet")
+    root = ("--broker-user", "root")  # files only: no broker runs here
+    r = _provision(tmp_path, "broker-config", "--out", "b1", *root)
+    assert r.returncode == 0, r.stderr
+    conf = (tmp_path / "b1" / "mosquitto.conf").read_text()
+    assert "listener 8883 127.0.0.1\n" in conf and "listener 1883 127.0.0.1\n" in conf, conf
+    nats = (tmp_path / "b1" / "nats.conf").read_text()
+    assert 'host: "127.0.0.1"\nport: 4222' in nats and 'mqtt { host: "127.0.0.1", port: 1883 }' in nats
+    assert "listeners on 127.0.0.1: 1883 (passwords), 8883 (client certificates)" in r.stderr
+    # the printed paths are absolute: the command works from any directory
+    assert _printed(r.stdout, "mosquitto") == f"mosquitto -c {tmp_path / 'b1' / 'mosquitto.conf'}"
+    r = _provision(tmp_path, "broker-config", "--out", "b2", "--host", "broker.example", "--bind", "0.0.0.0",
+                   *root)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    conf = (tmp_path / "b2" / "mosquitto.conf").read_text()
+    assert "listener 8883 0.0.0.0\n" in conf and "listener 1883 0.0.0.0\n" in conf, conf
+    assert "listeners on 0.0.0.0 (every interface)" in r.stderr
+    server = x509.load_pem_x509_certificate((tmp_path / "b2" / "server.pem").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "broker.example" in names.get_values_for_type(x509.DNSName)
+    assert "--bind ADDR" in _provision(tmp_path, "broker-config", "--help").stdout
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        if in_ci():
+            pytest.fail("CI=true runs as root: mosquitto started as root is what this test is about")
+        pytest.skip("needs root: mosquitto drops privileges only when started as root")
+
+
+def test_the_printed_mosquitto_command_runs_as_root_and_admits_the_rendered_credentials(
+    tmp_path: Path,
+) -> None:
+    """``mosquitto -c ...`` exactly as ``broker-config`` printed it, started as root (as CI
+    and a fresh Debian box run it): mosquitto drops to user "mosquitto" and must still read
+    the password file and server key; it listens on the printed address only."""
+    _need_root()
+    env = _shell_env("mosquitto")
+    fleet = Fleet.init(tmp_path / "fleet")
+    fleet.add_device("acme", "a", tmp_path / "bundle-a", broker_host="127.0.0.1", port=0, tls_port=0)
+    port, tls_port = free_port(), free_port()
+    out = Path(tempfile.mkdtemp(prefix="et-broker-"))  # tmp_path's parents are root's 0700 dirs
+    proc = None
+    try:
+        out.chmod(0o755)
+        r = _provision(tmp_path, "broker-config", "--out", str(out), "--port", str(port),
+                       "--tls-port", str(tls_port))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        command = _printed(r.stdout, "mosquitto")
+        log = out / "mosquitto.log"
+        with open(log, "ab") as f:
+            proc = subprocess.Popen(command, shell=True, env=env, stdout=f, stderr=f, start_new_session=True)
+        _wait_listening(proc, [port, tls_port], log)
+        assert _listening(port) == {"127.0.0.1"} and _listening(tls_port) == {"127.0.0.1"}
+        time.sleep(0.3)  # mosquitto reads the password file after it drops to its user
+        assert proc.poll() is None, log.read_text()
+        broker: Any = SimpleNamespace(port=port, tls_port=tls_port)
+        ingest_pw = (tmp_path / "fleet" / "et-ingest.password").read_text()
+        ingest = Client(broker, user="et-ingest", password=ingest_pw)
+        device = Client(broker, user="acme/a", password=_bundle_password(tmp_path / "bundle-a"))
+        tls = Client(broker, bundle=tmp_path / "bundle-a", client_id="et-acme-a-tls")
+        assert ingest.admitted and device.admitted and tls.admitted, log.read_text()
+        assert not Client(broker, user="et-ingest", password="wrong").admitted
+        ingest.sub("et/+/+/up")
+        tls.pub("et/acme/a/up", b"over tls")
+        time.sleep(0.3)
+        assert ingest.got == [("et/acme/a/up", b"over tls")]
+        for c in (ingest, device, tls):
+            c.close()
+    finally:
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(5)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_broker_config_as_root_says_when_the_broker_user_cannot_read_the_files(tmp_path: Path) -> None:
+    _need_root()
+    need_binary("mosquitto")  # its Debian package makes the user "mosquitto"
+    Fleet.init(tmp_path / "fleet")
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)
+    r = _provision(tmp_path, "broker-config", "--out", str(hidden / "broker"))
+    assert r.returncode == 2 and f"{hidden}: mosquitto, started as root, runs as 'mosquitto'" in r.stderr
+    assert "--broker-user root" in r.stderr and not (hidden / "broker").exists()
+    r = _provision(tmp_path, "broker-config", "--out", str(hidden / "broker"), "--broker-user", "nobody-here")
+    assert r.returncode == 2 and "broker user 'nobody-here' does not exist" in r.stderr
+    r = _provision(tmp_path, "broker-config", "--out", str(hidden / "broker"), "--broker-user", "root")
+    assert r.returncode == 0 and "\nuser root\n" in (hidden / "broker" / "mosquitto.conf").read_text()
+
+
+def test_model_push_is_silent_on_stderr_after_success_and_a_lost_broker_still_warns(
+    fleet_broker: FleetBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import logging
+
+    from edge_tier.mqtt import MqttBridge, MqttSettings
+    from models.manifest import DEFAULT_MANIFEST
+
+    _, broker, pw = fleet_broker
+    r = _provision(tmp_path, "model", "push", "acme", "a", str(DEFAULT_MANIFEST), "--port", str(broker.port))
+    assert r.returncode == 0 and "model" in r.stdout, r.stderr
+    assert r.stderr == "", "a clean disconnect after success is no news"
+
+    async def lose_the_broker() -> None:
+        settings = MqttSettings(port=broker.port, username="et-provision", password=pw["et-provision"])
+        bridge = MqttBridge(settings, client_id="et-provision", clean=True, name="probe")
+        await bridge.start()
+        try:
+            await asyncio.wait_for(bridge.connected.wait(), 10)
+            await asyncio.to_thread(broker.stop)
+            while bridge.connected.is_set():
+                await asyncio.wait_for(bridge.wait_state_change(), 10)
+        finally:
+            await bridge.stop()
+
+    with caplog.at_level(logging.WARNING, logger="edge_tier.mqtt"):
+        asyncio.run(lose_the_broker())
+    assert [r.getMessage() for r in caplog.records].count("probe: disconnected") == 1
+    broker.start()  # the fixture stops it at the end
