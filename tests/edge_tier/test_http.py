@@ -23,6 +23,18 @@ async def _raw(port: int, data: bytes) -> bytes:
     return answer
 
 
+async def _serve_and_ask(app: web.Application, request: bytes) -> bytes:
+    """``app`` on a loopback port behind ``app_runner`` (as every service runs), one raw request."""
+    runner = app_runner(app)
+    await runner.setup()
+    try:
+        port = await serve_tcp(runner, "127.0.0.1", 0)
+        assert port is not None
+        return await _raw(port, request)
+    finally:
+        await runner.cleanup()
+
+
 async def _ready() -> dict[str, bool]:
     return {"ok": True}
 
@@ -68,14 +80,7 @@ def test_a_failing_handler_stays_an_error_with_its_traceback(caplog: pytest.LogC
     async def go() -> bytes:
         app = web.Application()
         app.add_routes([web.get("/boom", boom)])
-        runner = app_runner(app)
-        await runner.setup()
-        try:
-            port = await serve_tcp(runner, "127.0.0.1", 0)
-            assert port is not None
-            return await _raw(port, b"GET /boom HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        finally:
-            await runner.cleanup()
+        return await _serve_and_ask(app, b"GET /boom HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
 
     with caplog.at_level(logging.DEBUG, logger="aiohttp.server"):
         answer = asyncio.run(go())
@@ -99,14 +104,7 @@ def test_a_405_as_problem_json_keeps_allow() -> None:
     async def go() -> bytes:
         app = web.Application(middlewares=[as_problem])
         app.add_routes([web.get("/thing", ok)])
-        runner = app_runner(app)
-        await runner.setup()
-        try:
-            port = await serve_tcp(runner, "127.0.0.1", 0)
-            assert port is not None
-            return await _raw(port, b"DELETE /thing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        finally:
-            await runner.cleanup()
+        return await _serve_and_ask(app, b"DELETE /thing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
 
     head, _, body = asyncio.run(go()).partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
