@@ -142,6 +142,15 @@ class DiskRoom:
             return 0
 
 
+def filesystem_bytes(directory: Path) -> int:
+    """The size of the filesystem holding ``directory`` (0 if it cannot be read)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return 0
+    return st.f_blocks * st.f_frsize
+
+
 def is_disk_full(e: BaseException) -> bool:
     """SQLite's SQLITE_FULL or an OSError ENOSPC/EDQUOT: no room on the filesystem."""
     if isinstance(e, sqlite3.Error):

@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from edge_agent.config import EvictionPolicy, StoreSettings
-from edge_agent.disk import DiskRoom, is_disk_full
+from edge_agent.disk import DiskRoom, filesystem_bytes, is_disk_full
 from edge_agent.errors import DiskFull, QueueFull, RecordTooLarge, StoreError
 from edge_agent.files import write_atomic
 from edge_tier.wire import RECORD_WIRE_OVERHEAD, Dtype, Frame, WireError, check_kind, frame_overhead
@@ -377,14 +377,6 @@ class _OverCeiling(Exception):
     forbids evicting: the transaction is undone and redone as on SQLITE_FULL."""
 
 
-def _fs_size(directory: Path) -> int:
-    try:
-        st = os.statvfs(directory)
-    except OSError:
-        return 0
-    return st.f_blocks * st.f_frsize
-
-
 def _runs_of_one_kind(staged: list[_Staged]) -> list[list[_Staged]]:
     runs: list[list[_Staged]] = []
     for x in staged:
@@ -421,7 +413,7 @@ class Store:
         self.max_dim: int | None = None  # the cloud's, once known
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        fs_bytes = _fs_size(self.path.parent)
+        fs_bytes = filesystem_bytes(self.path.parent)
         # The WAL's share of the disk: an eighth of the budget and a sixteenth of the
         # filesystem, within 1..8 MiB.
         self.wal_limit_bytes = min(8 << 20, max(1 << 20, min(settings.budget_bytes // 8, fs_bytes // 16)))
@@ -612,6 +604,18 @@ class Store:
 
     # -- writing ----------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _txn(self) -> Iterator[None]:
+        """One write transaction: committed at the end of the block, rolled back on any error."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.db.execute("ROLLBACK")
+            raise
+
     def _kind_id(self, kind: RecordKind) -> int:
         kid = self._kinds.get(kind)
         if kid is None:
@@ -731,10 +735,7 @@ class Store:
 
     def _fs_really_full(self) -> bool:
         """Not our ceiling but the filesystem itself: another process may have filled it."""
-        try:
-            return self.disk.view().free_bytes < self.wal_limit_bytes
-        except OSError:
-            return True
+        return self._free_bytes() < self.wal_limit_bytes
 
     def _no_room(self, n: int) -> StoreError:
         if self.settings.policy is EvictionPolicy.BLOCK:
@@ -829,6 +830,7 @@ class Store:
         return self.disk.release() or gained
 
     def _free_bytes(self) -> int:
+        """What the filesystem has free (0 if it cannot be read: take it as full)."""
         try:
             return self.disk.view().free_bytes
         except OSError:
@@ -1166,17 +1168,11 @@ class Store:
         return self._roomy(self._next_frames, count, max_records, max_bytes)
 
     def _next_frames(self, count: int, max_records: int, max_bytes: int) -> list[FrameRows]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._txn():
             cuts = self._plan_splitting(self._chain_last, None, count, max_records, max_bytes)
             frames = self._insert_frames(self._chain_last, cuts)
             if frames:
                 self._set_meta("chain_last", frames[-1].last_seq)
-            self.db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.db.execute("ROLLBACK")
-            raise
         if frames:
             self._chain_last = frames[-1].last_seq
         return frames
@@ -1187,22 +1183,16 @@ class Store:
         return self._roomy(self._recut_frame, first_seq, max_records, max_bytes)
 
     def _recut_frame(self, first_seq: int, max_records: int, max_bytes: int) -> list[FrameRows]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        frames: list[FrameRows] = []
+        with self._txn():
             row = self.db.execute(
                 "SELECT last_seq, prev_seq, chunk_lo FROM frames WHERE first_seq=?", (first_seq,)
             ).fetchone()
-            frames: list[FrameRows] = []
             if row is not None:
                 last, prev, lo = row
                 cuts = self._plan_splitting(lo - 1, last, 1 << 30, max_records, max_bytes)
                 self.db.execute("DELETE FROM frames WHERE first_seq=?", (first_seq,))
                 frames = self._insert_frames(prev, cuts)
-            self.db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.db.execute("ROLLBACK")
-            raise
         return frames
 
     def _plan_splitting(
@@ -1323,19 +1313,13 @@ class Store:
 
     def save_limits(self, max_frame_bytes: int, max_records: int, max_dim: int) -> None:
         def save() -> None:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._txn():
                 for k, v in (
                     ("cloud_max_frame_bytes", max_frame_bytes),
                     ("cloud_max_records", max_records),
                     ("cloud_max_dim", max_dim),
                 ):
                     self._set_meta(k, v)
-                self.db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    self.db.execute("ROLLBACK")
-                raise
 
         self._roomy(save)
 
@@ -1357,37 +1341,32 @@ class Store:
         freed_total = 0
         counts: list[int] = []
         try:
-            self.db.execute("BEGIN IMMEDIATE")
-            delivered = 0
-            for first_seq, last_seq, loss_reason in done:
-                row = self.db.execute(
-                    "SELECT chunk_lo FROM frames WHERE first_seq=?", (first_seq,)
-                ).fetchone()
-                lo = row[0] if row else first_seq
-                freed = self.db.execute(
-                    "DELETE FROM chunks WHERE key BETWEEN ? AND ? RETURNING n, nbytes", (lo, last_seq)
-                ).fetchall()
-                self.db.execute("DELETE FROM frames WHERE first_seq=?", (first_seq,))
-                n = sum(r[0] for r in freed)
-                nbytes = sum(r[1] for r in freed)
-                freed_total += nbytes
-                counts.append(n)
-                if loss_reason is not None:
-                    self._count_loss(loss_reason, n, nbytes)
-                else:
-                    delivered += n
-            if delivered:
-                self.db.execute(
-                    "INSERT INTO meta(key, value) VALUES ('delivered', ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
-                    (delivered,),
-                )
-                self._set_meta("last_receipt_ms", now_ms())
-            self.db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.db.execute("ROLLBACK")
-            raise
+            with self._txn():
+                delivered = 0
+                for first_seq, last_seq, loss_reason in done:
+                    row = self.db.execute(
+                        "SELECT chunk_lo FROM frames WHERE first_seq=?", (first_seq,)
+                    ).fetchone()
+                    lo = row[0] if row else first_seq
+                    freed = self.db.execute(
+                        "DELETE FROM chunks WHERE key BETWEEN ? AND ? RETURNING n, nbytes", (lo, last_seq)
+                    ).fetchall()
+                    self.db.execute("DELETE FROM frames WHERE first_seq=?", (first_seq,))
+                    n = sum(r[0] for r in freed)
+                    nbytes = sum(r[1] for r in freed)
+                    freed_total += nbytes
+                    counts.append(n)
+                    if loss_reason is not None:
+                        self._count_loss(loss_reason, n, nbytes)
+                    else:
+                        delivered += n
+                if delivered:
+                    self.db.execute(
+                        "INSERT INTO meta(key, value) VALUES ('delivered', ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+                        (delivered,),
+                    )
+                    self._set_meta("last_receipt_ms", now_ms())
         finally:
             self.db.execute(f"PRAGMA synchronous={self.settings.synchronous}")
         self._bytes -= freed_total
