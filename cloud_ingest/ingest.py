@@ -44,6 +44,7 @@ from nats.js.kv import KeyValue
 from cloud_ingest import metrics
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.nats_client import connect_nats
+from cloud_ingest.rescued import sort_rescued, subset
 from cloud_ingest.streams import clip_header, ensure_streams, publish_dead_letter
 from edge_tier import topics
 from edge_tier.http import OpsServer
@@ -61,6 +62,7 @@ from edge_tier.wire import (
     WireError,
     decode_frame,
     decode_status,
+    encode_frame,
     encode_receipt,
     peek_header,
 )
@@ -70,7 +72,7 @@ log = logging.getLogger(__name__)
 GAP_WAITS, GAP_WAIT_S = 4, 0.025  # look again for a missing predecessor, for up to ~75 ms
 WRONG_LAST_SEQUENCE = 10071  # JetStream API error code for Nats-Expected-Last-Subject-Sequence
 RESULTS_RELAY = "et-results-mqtt"  # the durable consumer ingest processes share to relay results
-H_FIRST, H_LAST, H_PREV, H_RECORDS = "Et-First-Seq", "Et-Last-Seq", "Et-Prev-Seq", "Et-Records"
+H_FIRST, H_LAST, H_PREV, H_RECORDS = topics.H_FIRST, topics.H_LAST, topics.H_PREV, topics.H_RECORDS
 
 
 @dataclass(slots=True)
@@ -276,6 +278,9 @@ class Ingest:
                 device,
             )
             return
+        if frame.rescued:
+            await self.commit_rescued(frame, peek_header(msg.payload).compression)
+            return
         await self.commit(frame, msg.payload)
 
     async def commit(self, frame: Frame, payload: bytes) -> None:
@@ -353,6 +358,79 @@ class Ingest:
             return
         raise nats.errors.Error(f"upload {frame.upload_id}: the device's chain kept moving under us")
 
+    async def commit_rescued(self, frame: Frame, compression: str | None) -> None:
+        """Records rescued from a set-aside queue file (``cloud_ingest/rescued.py``): those the
+        stream does not hold are stored once, on the device's ``.rescued`` subject, under the
+        frame's upload id; those it cannot vouch for go to ET_DEADLETTER, counted in the
+        receipt (``set_aside``); the chain and its mark are not touched."""
+        assert self.js is not None
+        key = (frame.tenant, frame.device)
+        for _ in range(5):
+            ledger = await self.ledger(*key)
+            sorted_ = await sort_rescued(self.js, frame, ledger.last_seq)
+            set_aside = int(sorted_.unknown.sum())
+            if set_aside:
+                await self._set_aside(frame, subset(frame, sorted_.unknown), compression)
+            status, stream_seq = ReceiptStatus.DUPLICATE, None
+            if sorted_.new.any():
+                part = subset(frame, sorted_.new)
+                headers = {
+                    # never the id of a chain frame with the same seq range
+                    "Nats-Msg-Id": f"rescued.{frame.upload_id}",
+                    "Nats-Expected-Last-Subject-Sequence": str(sorted_.rescued_last),
+                    H_FIRST: str(part.first_seq),
+                    H_LAST: str(part.last_seq),
+                    H_PREV: "0",
+                    H_RECORDS: str(part.n),
+                }
+                payload = encode_frame(part, compress=compression)
+                try:
+                    ack = await self.js.publish(
+                        topics.features_subject(*key, rescued=True),
+                        payload,
+                        headers=headers,
+                        timeout=self.cfg.ingest.publish_timeout_s,
+                    )
+                except nats.js.errors.APIError as e:
+                    if e.err_code == WRONG_LAST_SEQUENCE:
+                        continue  # another ingest stored rescued records of this device: sort again
+                    raise
+                stream_seq = ack.seq
+                if not ack.duplicate:
+                    status = ReceiptStatus.COMMITTED
+                    metrics.RECORDS.inc(part.n)
+            metrics.FRAMES.labels("rescued" if status is ReceiptStatus.COMMITTED else "duplicate").inc()
+            log.info(
+                "rescued upload %s: %d records stored, %d already held, %d set aside",
+                frame.upload_id,
+                int(sorted_.new.sum()) if status is ReceiptStatus.COMMITTED else 0,
+                int(sorted_.held.sum()),
+                set_aside,
+                extra=context(frame.upload_id),
+            )
+            self.receipt(frame, status, stream_seq=stream_seq, set_aside=set_aside or None)
+            return
+        raise nats.errors.Error(f"rescued upload {frame.upload_id}: the device's rescues kept changing")
+
+    async def _set_aside(self, frame: Frame, part: Frame, compression: str | None) -> None:
+        assert self.js is not None and self.nc is not None
+        reason = (
+            f"{part.n} rescued records ({part.first_seq}-{part.last_seq}) lie below the oldest message "
+            f"{topics.FEATURES_STREAM} keeps of this device: it cannot tell whether they were stored"
+        )
+        log.warning("upload %s: %s; kept in %s", frame.upload_id, reason, topics.DEADLETTER_STREAM,
+                    extra=context(frame.upload_id))  # fmt: skip
+        metrics.DEADLETTERED.inc()
+        headers = {
+            "Et-Reason": clip_header(reason, 2000),
+            "Et-Source": "ingest",
+            "Et-Upload-Id": frame.upload_id,
+            "Nats-Msg-Id": f"dlq.rescued.{frame.upload_id}",
+        }
+        subject = topics.dlq_subject("ingest", frame.tenant, frame.device)
+        payload = encode_frame(part, compress=compression)
+        await publish_dead_letter(self.nc, self.js, subject, payload, headers)
+
     async def ledger(self, tenant: str, device: str) -> Ledger:
         key = (tenant, device)
         led = self.ledgers.get(key)
@@ -387,8 +465,11 @@ class Ingest:
         stream_seq: int | None = None,
         expected_prev: int | None = None,
         reason: str | None = None,
+        set_aside: int | None = None,
     ) -> None:
         r = Receipt(
+            v=3 if set_aside else 2,
+            set_aside=set_aside,
             upload_id=frame.upload_id,
             status=status,
             first_seq=frame.first_seq,

@@ -211,7 +211,12 @@ class Worker:
             max_deliver=-1,  # the worker dead-letters after max_deliveries failures itself
             max_ack_pending=max(1000, 4 * w.prefetch),
             description=f"tier-two workers, tenant {tenant}",
+            durable_name=self._consumer(tenant),
+            filter_subject=topics.tenant_features(tenant),
         )
+        # Create it, or bring one made by an older version up to this config (its filter
+        # took no rescued records); a running consumer keeps its place either way.
+        await self.js.add_consumer(topics.FEATURES_STREAM, config)
         return await self.js.pull_subscribe(
             topics.tenant_features(tenant),
             durable=self._consumer(tenant),
@@ -269,7 +274,7 @@ class Worker:
             frame = decode_frame(msg.data, limits=self.cfg.ingest.limits)
         except WireError as e:
             raise Poison(f"undecodable frame: {e}") from None
-        if msg.subject != topics.features_subject(frame.tenant, frame.device):
+        if msg.subject != topics.features_subject(frame.tenant, frame.device, rescued=frame.rescued):
             raise Poison(f"frame of {frame.tenant}/{frame.device} on subject {msg.subject}")
         if frame.dim != self.model.dim:
             raise Poison(f"wrong shape: {frame.dim} features per record, the model takes {self.model.dim}")
@@ -462,8 +467,8 @@ class Worker:
             }
             if upload_id:
                 headers["Et-Upload-Id"] = upload_id
-            parts = msg.subject.split(".")
-            device = parts[3] if len(parts) == 4 else None
+            parsed = topics.parse_features_subject(msg.subject)
+            device = parsed[1] if parsed else None
             subject = topics.dlq_subject("worker", tenant, device)
             await publish_dead_letter(self.nc, self.js, subject, msg.data, headers)
             await msg.term()

@@ -67,9 +67,53 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"last receipt  {_age(st.last_receipt_ms)}")
     if st.corrupt_resets:
         print(f"corrupt resets {st.corrupt_resets} (old files kept beside the queue)")
+    if st.rescued_records:
+        print(f"rescued       {st.rescued_records} records waiting to be delivered")
     control = _control_summary(cfg)
     if control:
         print(control)
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    """Rescue the records of queue files set aside beside the queue (or the files named)."""
+    from pathlib import Path
+
+    from edge_agent.rescue import pending, report_path, rescue_file
+
+    cfg = load_agent_config(args.config)
+    setup_logging(cfg.log_level, cfg.log_format)
+    files = [Path(f) for f in args.files] if args.files else pending(cfg.store.path)
+    if args.files and not args.again:
+        done = [f for f in files if report_path(f).exists()]
+        if done:
+            print(f"edge-agent: already rescued (see {report_path(done[0])}); --again to read it again",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        print(f"edge-agent: no such file: {missing[0]}", file=sys.stderr)
+        return 2
+    if not files:
+        print(f"nothing to recover: no set-aside queue file beside {cfg.store.path}")
+        return 0
+    up = cfg.uplink
+    # Refused (QueueInUse) while the agent runs: it rescues what it sets aside itself.
+    store = Store(cfg.store, frame_max_records=up.frame_max_records, frame_max_bytes=up.frame_max_bytes)
+    reports = []
+    try:
+        for f in files:
+            reports.append(rescue_file(store, f))
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([r.as_dict() for r in reports], indent=2))
+        return 0
+    for r in reports:
+        extra = "; more the damage hides (count unknown)" if r.damage_unmeasured else ""
+        print(f"{r.source}: rescued {r.records} records from {r.chunks} chunks; "
+              f"lost {r.lost_records} records in {r.lost_chunks} unreadable chunks{extra}")  # fmt: skip
+    print("the agent delivers them when it runs (the cloud drops any it already holds)")
     return 0
 
 
@@ -166,6 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--config", "-c")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_status)
+    rec = sub.add_parser(
+        "recover",
+        help="rescue the records of queue files that failed their integrity check (agent stopped)",
+    )
+    rec.add_argument("--config", "-c")
+    rec.add_argument("files", nargs="*", help="set-aside files (default: those not rescued yet)")
+    rec.add_argument("--again", action="store_true", help="read a file that was already rescued again")
+    rec.add_argument("--json", action="store_true", help="machine-readable output")
+    rec.set_defaults(fn=cmd_recover)
     m = sub.add_parser(
         "simulate", help="simulated machines send raw vibration windows to the agent's prefilter"
     )

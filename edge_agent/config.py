@@ -49,6 +49,9 @@ class StoreSettings(BaseModel):
     # eviction, checkpoints and receipts always have room (edge_agent/disk.py).
     # None: a sixteenth of the filesystem, within 1..8 MiB; 0: no reserve.
     reserve_bytes: int | None = Field(None, ge=0)
+    # A queue that fails its integrity check is set aside; rescue what it still holds into
+    # the fresh queue right away (edge_agent/rescue.py). Off: ``edge-agent recover`` later.
+    rescue: bool = True
 
     @field_validator("synchronous")
     @classmethod

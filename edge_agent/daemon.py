@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
+from pathlib import Path
 
 from edge_agent import metrics
 from edge_agent.config import AgentConfig
 from edge_agent.control import Controller, startup_prefilter
 from edge_agent.endpoint import Endpoint
+from edge_agent.errors import StoreError
 from edge_agent.model_store import ModelStore
 from edge_agent.notify import Notifier
 from edge_agent.prefilter import Prefilter
+from edge_agent.rescue import rescue_file
 from edge_agent.store import AsyncQueue, Store
 from edge_agent.uplink import Uplink
 from edge_tier import topics
@@ -32,6 +36,8 @@ class Agent:
             frame_max_records=cfg.uplink.frame_max_records,
             frame_max_bytes=cfg.uplink.frame_max_bytes,
         )
+        if self.store.quarantined is not None and cfg.store.rescue:
+            self._rescue(self.store.quarantined)
         self.queue = AsyncQueue(self.store)
         receipt = topics.mqtt_topic(dev.tenant, dev.device, "receipt")
         self.mqtt = MqttBridge(
@@ -93,6 +99,13 @@ class Agent:
                 await self.queue.close()
             await self.mqtt.stop(final=(self.uplink.status_topic, self.uplink.offline_status(), True))
             log.info("edge agent %s/%s stopped", dev.tenant, dev.device)
+
+    def _rescue(self, source: Path) -> None:
+        try:
+            rescue_file(self.store, source)
+        except (sqlite3.Error, OSError, StoreError) as e:
+            # The file stays set aside: ``edge-agent recover`` can try again.
+            log.error("could not rescue the records of %s (%s); run edge-agent recover", source, e)
 
     def _swap_model(self, pf: Prefilter) -> None:
         self.prefilter = self.endpoint.prefilter = pf

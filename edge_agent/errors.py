@@ -9,6 +9,10 @@ class StoreError(AgentError):
     """The on-device queue cannot do what was asked."""
 
 
+class QueueInUse(StoreError):
+    """Another process has the queue open for writing."""
+
+
 class QueueFull(StoreError):
     """The byte budget is spent and the policy is to block the producer."""
 

@@ -19,6 +19,10 @@ same uploads with the same upload ids; records in a frame are never evicted.
 Records leave the queue only by a cloud receipt (delivered), by the eviction
 policy, or by a rejection; the last two are counted by reason.
 
+A queue that fails its integrity check at open is set aside whole (never deleted) and a
+fresh one starts; what the old file still holds comes back into the ``rescued`` table
+(``rescue.py``) and goes outside the chain. One process writes a queue: ``{queue}.lock``.
+
 ``Store`` is synchronous and owns the connection; ``AsyncQueue`` runs it on one
 thread of its own and batches producers' enqueues into one transaction.
 """
@@ -33,6 +37,7 @@ import logging
 import os
 import sqlite3
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,7 +49,7 @@ import numpy as np
 from edge_agent.config import EvictionPolicy, StoreSettings
 from edge_agent.disk import DiskRoom, filesystem_bytes, is_disk_full
 from edge_agent.errors import DiskFull, QueueFull, RecordTooLarge, StoreError
-from edge_agent.files import write_atomic
+from edge_agent.files import QueueLock, write_atomic
 from edge_tier.wire import RECORD_WIRE_OVERHEAD, Dtype, Frame, WireError, check_kind, frame_overhead
 
 log = logging.getLogger(__name__)
@@ -71,7 +76,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     scores         BLOB    NOT NULL,     -- f32[n]
     times          BLOB    NOT NULL,     -- u64[n], ms since the epoch
     features       BLOB    NOT NULL,     -- n x kind's record bytes
-    meta           TEXT                  -- JSON list of n objects, or NULL
+    meta           TEXT,                 -- JSON list of n objects, or NULL
+    crc            INTEGER               -- CRC-32 of the blobs and meta (row_crc); NULL in old rows
 );
 -- A chunk row keeps a large part of its blobs in its b-tree leaf; this index lets the
 -- frame cutter and the stats read the small columns without touching the blobs.
@@ -101,13 +107,67 @@ CREATE TABLE IF NOT EXISTS evictions (
     records        INTEGER NOT NULL DEFAULT 0,
     bytes          INTEGER NOT NULL DEFAULT 0
 );
+-- Records rescued from a queue file that failed its integrity check (edge_agent/rescue.py),
+-- laid out as chunks; outside the chain, sent in rescued frames, beside the budget.
+CREATE TABLE IF NOT EXISTS rescued (
+    key            INTEGER PRIMARY KEY,  -- seq of its first record
+    last_seq       INTEGER NOT NULL,
+    n              INTEGER NOT NULL,
+    kind           INTEGER NOT NULL REFERENCES kinds(id),
+    created_ms     INTEGER NOT NULL,
+    min_score      REAL    NOT NULL,
+    nbytes         INTEGER NOT NULL,
+    seqs           BLOB    NOT NULL,
+    scores         BLOB    NOT NULL,
+    times          BLOB    NOT NULL,
+    features       BLOB    NOT NULL,
+    meta           TEXT,
+    crc            INTEGER
+);
 CREATE TABLE IF NOT EXISTS meta (
     key            TEXT PRIMARY KEY,
     value          INTEGER
 );
 """
 
-_CHUNK_COLS = "key, last_seq, n, kind, created_ms, min_score, nbytes, seqs, scores, times, features, meta"
+CHUNK_COLUMNS = (
+    "key, last_seq, n, kind, created_ms, min_score, nbytes, seqs, scores, times, features, meta, crc"
+)
+_SET_CHUNK = f"UPDATE chunks SET ({CHUNK_COLUMNS}) = ({','.join('?' * 13)}) WHERE key=?"
+
+
+KINDS_SUFFIX = ".kinds"
+
+
+def kinds_path(queue: Path) -> Path:
+    """Where a queue's kinds are kept beside it (set aside with it, too)."""
+    return queue.with_name(queue.name + KINDS_SUFFIX)
+
+
+def kind_doc(k: RecordKind) -> dict[str, Any]:
+    return {
+        "stream": k.stream,
+        "model": k.model,
+        "model_version": k.model_version,
+        "schema_version": k.schema_version,
+        "dtype": int(k.dtype),
+        "dim": k.dim,
+        "scale": k.scale,
+    }
+
+
+def row_crc(seqs: bytes, scores: bytes, times: bytes, features: bytes, meta: str | None) -> int:
+    """A chunk row's checksum: SQLite pages have none, and a rescue must tell a damaged
+    value from a good one (``rescue.py``)."""
+    crc = 0
+    for part in (seqs, scores, times, features, (meta or "").encode()):
+        crc = zlib.crc32(part, crc)
+    return crc
+
+
+def _insert(table: str, conflict: str = "") -> str:
+    """An INSERT of one chunk row (``Store._chunk_row``) into ``chunks`` or ``rescued``."""
+    return f"INSERT {conflict} INTO {table}({CHUNK_COLUMNS}) VALUES ({','.join('?' * 13)})"
 
 
 def sqlite3_errorcode(e: sqlite3.Error) -> int:
@@ -273,6 +333,7 @@ class FrameRows:
     kind: RecordKind
     records: Columns
     nbytes: int
+    rescued: bool = False  # records of a set-aside queue file: sent outside the chain
 
     @property
     def n(self) -> int:
@@ -296,6 +357,7 @@ class FrameRows:
             features=np.frombuffer(r.features, dtype=k.dtype.np_dtype).reshape(len(r), k.dim),
             scale=k.scale,
             meta=None if r.meta is None else tuple(r.meta),
+            rescued=self.rescued,
         )
 
     # Per-record views, for diagnostics and tests; the uplink encodes ``records`` directly.
@@ -338,6 +400,8 @@ class QueueStats:
     disk_free_bytes: int | None = None
     disk_reserve_held: bool = False
     frame_max_bytes: int = 0  # frames are cut to this: min(uplink.frame_max_bytes, the cloud's limit)
+    rescued_records: int = 0  # rescued from a set-aside queue file, not yet delivered
+    rescued_bytes: int = 0
 
     @property
     def effective_budget_bytes(self) -> int:
@@ -405,6 +469,7 @@ class Store:
         self.settings = settings
         self.path = Path(settings.path)
         self.floor_path = self.path.with_name(self.path.name + ".seqfloor")
+        self.kinds_path = kinds_path(self.path)
         self.readonly = readonly
         # Frames are cut to these, and chunks never outgrow a frame; the uplink lowers them
         # to what the cloud takes (``set_frame_limits``).
@@ -425,20 +490,28 @@ class Store:
         self._page_size = 65536
         self._soft_cap_pages = MAX_PAGES  # used pages past this are evicted as disk_full
         self.corrupt_reset = False
+        self.quarantined: Path | None = None  # the file this open set aside (edge_agent/rescue.py)
         self.commits = 0  # group commits done (benchmarks and tests read it)
         self._kinds: dict[RecordKind, int] = {}
         self._kinds_by_id: dict[int, RecordKind] = {}
+        self._kinds_saved = -1
         self._ckpt_db: sqlite3.Connection | None = None
         if readonly:
             self._open_readonly()
             return
-        self.disk.ensure_reserve()
-        self.db = self._open_checked()
+        self._lock = QueueLock(self.path)
+        try:
+            self.disk.ensure_reserve()
+            self.db = self._open_checked()
+        except BaseException:
+            self._lock.close()
+            raise
         self._page_size = self.db.execute("PRAGMA page_size").fetchone()[0]
         self._bytes = int(self.db.execute("SELECT total(nbytes) FROM chunks").fetchone()[0])
         self._next_seq = self._meta("next_seq", 1)
         self._floor_written = self._read_floor()
         self._chain_last = self._meta("chain_last", 0)
+        self._rescued_rows = int(self.db.execute("SELECT count(*) FROM rescued").fetchone()[0])
         self._sync_score_index()
 
     # -- opening ----------------------------------------------------------
@@ -533,7 +606,11 @@ class Store:
 
     def _schema_problem(self, db: sqlite3.Connection) -> str | None:
         cols = {r[1] for r in db.execute("PRAGMA table_info(chunks)")}
-        return None if {"seqs", "features", "nbytes"} <= cols else "chunks table has an unknown layout"
+        if not {"seqs", "features", "nbytes"} <= cols:
+            return "chunks table has an unknown layout"
+        if "crc" not in cols:  # a queue of an earlier version: its rows keep crc NULL
+            db.execute("ALTER TABLE chunks ADD COLUMN crc INTEGER")
+        return None
 
     def _quarantine(self, problem: str) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -543,19 +620,37 @@ class Store:
             n += 1
             base = f"{self.path}.corrupt-{stamp}-{n}"
         moved = []
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal", "-shm", KINDS_SUFFIX):
             src = Path(str(self.path) + suffix)
             if src.exists():
                 dst = Path(base + suffix)
                 os.replace(src, dst)
                 moved.append(dst.name)
         self.corrupt_reset = True
+        self.quarantined = Path(base)
         log.error(
             "queue %s failed its integrity check (%s); moved aside as %s and starting a fresh queue",
             self.path,
             problem,
             ", ".join(moved),
         )
+
+    def _save_kinds(self) -> None:
+        """The kinds beside the queue, after a commit that added one: a rescue needs them to
+        read the records of a file whose ``kinds`` page is damaged (``rescue.py``)."""
+        if len(self._kinds_by_id) == self._kinds_saved:
+            return
+        doc = {str(kid): kind_doc(k) for kid, k in sorted(self._kinds_by_id.items())}
+        try:
+            write_atomic(self.kinds_path, json.dumps(doc).encode())
+        except OSError as e:
+            log.warning(
+                "could not write %s (%s); a rescue of this queue would need its kinds table",
+                self.kinds_path,
+                e,
+            )
+            return
+        self._kinds_saved = len(self._kinds_by_id)
 
     def _load_kinds(self) -> None:
         for row in self.db.execute(
@@ -601,6 +696,8 @@ class Store:
             if not self.readonly:
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.db.close()
+        if not self.readonly:
+            self._lock.close()
 
     # -- writing ----------------------------------------------------------
 
@@ -698,6 +795,7 @@ class Store:
                 self._set_meta("next_seq", self._next_seq)
                 self._raise_floor()
                 self.db.execute("COMMIT")
+                self._save_kinds()
                 break
             except (sqlite3.OperationalError, _OverCeiling) as e:
                 # SQLite may roll a transaction back by itself on SQLITE_FULL, so the
@@ -1003,10 +1101,16 @@ class Store:
                 self._bounds(cols, kind, sizes, self.frame_max_records, self.frame_max_bytes)
             )
         ]
-        self.db.executemany(f"INSERT INTO chunks({_CHUNK_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        self.db.executemany(_insert("chunks"), rows)
 
     @staticmethod
     def _chunk_row(kid: int, c: Columns, nbytes: int, key: int | None = None) -> tuple[Any, ...]:
+        seqs, scores, times = (
+            c.seqs.astype(U64).tobytes(),
+            c.scores.astype(F32).tobytes(),
+            c.times.astype(U64).tobytes(),
+        )
+        meta = None if c.meta is None else _json(c.meta)
         return (
             int(c.seqs[0]) if key is None else key,
             int(c.seqs[-1]),
@@ -1015,16 +1119,17 @@ class Store:
             int(c.times.min()),
             float(c.scores.min()),
             nbytes,
-            c.seqs.astype(U64).tobytes(),
-            c.scores.astype(F32).tobytes(),
-            c.times.astype(U64).tobytes(),
+            seqs,
+            scores,
+            times,
             c.features,
-            None if c.meta is None else _json(c.meta),
+            meta,
+            row_crc(seqs, scores, times, c.features, meta),
         )
 
     @staticmethod
     def _columns(row: Sequence[Any]) -> Columns:
-        """A chunk row (``_CHUNK_COLS`` order) back into columns."""
+        """A chunk row (``CHUNK_COLUMNS`` order) back into columns."""
         return Columns(
             np.frombuffer(row[7], dtype=U64),
             np.frombuffer(row[8], dtype=F32),
@@ -1058,9 +1163,7 @@ class Store:
             keep = ~drop
             rest = cols.take(keep, kind.record_bytes)
             new = self._chunk_row(row[3], rest, int(sizes[keep].sum()), key=row[0])
-            self.db.execute(
-                f"UPDATE chunks SET ({_CHUNK_COLS}) = (?,?,?,?,?,?,?,?,?,?,?,?) WHERE key=?", (*new, row[0])
-            )
+            self.db.execute(_SET_CHUNK, (*new, row[0]))
         if count:
             self._count_loss(reason, count, freed)
             self._bytes -= freed
@@ -1069,7 +1172,7 @@ class Store:
 
     def _unframed(self, order: str) -> Iterator[tuple[Any, ...]]:
         yield from self.db.execute(
-            f"SELECT {_CHUNK_COLS} FROM chunks WHERE key > ? ORDER BY {order}", (self._chain_last,)
+            f"SELECT {CHUNK_COLUMNS} FROM chunks WHERE key > ? ORDER BY {order}", (self._chain_last,)
         )
 
     def _pick_oldest(self, excess: int) -> list[tuple[tuple[Any, ...], np.ndarray]]:
@@ -1243,7 +1346,7 @@ class Store:
     def _split_chunk(self, key: int, max_records: int, max_bytes: int) -> None:
         """One chunk row into several that frames of these limits carry whole (keys: the
         first seq of each; seqs of a chunk belong to no other, so the keys are free)."""
-        row = self.db.execute(f"SELECT {_CHUNK_COLS} FROM chunks WHERE key=?", (key,)).fetchone()
+        row = self.db.execute(f"SELECT {CHUNK_COLUMNS} FROM chunks WHERE key=?", (key,)).fetchone()
         kind = self._kinds_by_id[row[3]]
         cols = self._columns(row)
         sizes = cols.sizes(kind.record_bytes)
@@ -1253,10 +1356,8 @@ class Store:
             for lo, hi in itertools.pairwise(bounds)
         ]
         first = (key, *pieces[0][1:])
-        self.db.execute(
-            f"UPDATE chunks SET ({_CHUNK_COLS}) = (?,?,?,?,?,?,?,?,?,?,?,?) WHERE key=?", (*first, key)
-        )
-        self.db.executemany(f"INSERT INTO chunks({_CHUNK_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", pieces[1:])
+        self.db.execute(_SET_CHUNK, (*first, key))
+        self.db.executemany(_insert("chunks"), pieces[1:])
         log.info("queue: split a chunk of %d records into %d to fit frames of %d bytes", len(cols),
                  len(pieces), max_bytes)  # fmt: skip
 
@@ -1266,7 +1367,7 @@ class Store:
         rows_out = []
         for lo, hi, n, total in cuts:
             rows = self.db.execute(
-                f"SELECT {_CHUNK_COLS} FROM chunks WHERE key BETWEEN ? AND ? ORDER BY key", (lo, hi)
+                f"SELECT {CHUNK_COLUMNS} FROM chunks WHERE key BETWEEN ? AND ? ORDER BY key", (lo, hi)
             ).fetchall()
             frame = self._frame(prev, rows)
             frames.append(frame)
@@ -1297,7 +1398,7 @@ class Store:
             "SELECT first_seq, last_seq, prev_seq, chunk_lo FROM frames ORDER BY first_seq"
         ).fetchall():
             rows = self.db.execute(
-                f"SELECT {_CHUNK_COLS} FROM chunks WHERE key BETWEEN ? AND ? ORDER BY key", (lo, last)
+                f"SELECT {CHUNK_COLUMNS} FROM chunks WHERE key BETWEEN ? AND ? ORDER BY key", (lo, last)
             ).fetchall()
             if rows:
                 frames.append(self._frame(prev, rows))
@@ -1372,11 +1473,131 @@ class Store:
         self._bytes -= freed_total
         return counts
 
+    # -- rescued records (edge_agent/rescue.py) --------------------------------
+
+    def add_rescued(self, groups: Sequence[tuple[RecordKind, Columns]], lost: int, lost_bytes: int) -> int:
+        """Queue records read back from a set-aside file, with their own seqs, and count what
+        could not be read (``lost``) as lost, reason ``corrupt``; one transaction. A group
+        already here (the same file rescued again) is left as it is. Returns records added."""
+
+        def add() -> int:
+            added = 0
+            with self._txn():
+                for kind, cols in groups:
+                    kid = self._kind_id(kind)
+                    nbytes = int(cols.sizes(kind.record_bytes).sum())
+                    cur = self.db.execute(
+                        _insert("rescued", "OR IGNORE"),
+                        self._chunk_row(kid, cols, nbytes),
+                    )
+                    added += len(cols) if cur.rowcount else 0
+                if lost:
+                    self._count_loss("corrupt", lost, lost_bytes)
+            return added
+
+        snapshot = self._snapshot()
+        try:
+            added = self._roomy(add)
+        except BaseException:
+            self._rollback(snapshot)
+            raise
+        self._save_kinds()
+        self._rescued_rows = int(self.db.execute("SELECT count(*) FROM rescued").fetchone()[0])
+        return added
+
+    @property
+    def has_rescued(self) -> bool:
+        return self._rescued_rows > 0
+
+    def next_rescued(self, max_records: int, max_bytes: int) -> FrameRows | None:
+        """The oldest rescued records of one kind that fit a frame (not persisted: the same
+        rows and limits always give the same frame, and the cloud tells repeats by seq)."""
+        parts: list[Columns] = []
+        kid: int | None = None
+        n = size = 0
+        for row in self.db.execute(f"SELECT {CHUNK_COLUMNS} FROM rescued ORDER BY key"):
+            if kid is not None and row[3] != kid:
+                break
+            kid = row[3]
+            kind = self._kinds_by_id[kid]
+            cols = self._columns(row)
+            sizes = cols.sizes(kind.record_bytes) - WIRE_SAVING
+            room = max_bytes - kind.frame_overhead - size
+            take = min(len(cols), max_records - n, int(np.searchsorted(np.cumsum(sizes), room, side="right")))
+            if take <= 0:
+                if not parts:  # one record always goes; the cloud says if it is too large
+                    parts.append(cols.slice(0, 1, kind.record_bytes))
+                break
+            parts.append(cols.slice(0, take, kind.record_bytes))
+            n += take
+            size += int(sizes[:take].sum())
+            if take < len(cols) or n >= max_records:
+                break
+        if kid is None:
+            return None
+        recs = Columns.concat(parts)
+        kind = self._kinds_by_id[kid]
+        return FrameRows(
+            first_seq=int(recs.seqs[0]),
+            last_seq=int(recs.seqs[-1]),
+            prev_seq=0,
+            kind=kind,
+            records=recs,
+            nbytes=int(recs.sizes(kind.record_bytes).sum()),
+            rescued=True,
+        )
+
+    def finish_rescued(self, first_seq: int, last_seq: int, loss_reason: str | None, lost: int = 0) -> int:
+        """Remove rescued records in ``first_seq..last_seq``: delivered, or with a reason
+        counted as lost; of delivered ones, ``lost`` were set aside by the cloud (counted as
+        ``unverifiable``). Returns records removed."""
+
+        def finish() -> int:
+            removed = 0
+            with self._txn():
+                rows = self.db.execute(
+                    f"SELECT {CHUNK_COLUMNS} FROM rescued WHERE key <= ? AND last_seq >= ? ORDER BY key",
+                    (last_seq, first_seq),
+                ).fetchall()
+                nbytes = 0
+                for row in rows:
+                    kind = self._kinds_by_id[row[3]]
+                    cols = self._columns(row)
+                    gone = (cols.seqs >= first_seq) & (cols.seqs <= last_seq)
+                    removed += int(gone.sum())
+                    sizes = cols.sizes(kind.record_bytes)
+                    nbytes += int(sizes[gone].sum())
+                    self.db.execute("DELETE FROM rescued WHERE key=?", (row[0],))
+                    if not gone.all():
+                        rest = cols.take(~gone, kind.record_bytes)
+                        self.db.execute(
+                            _insert("rescued"),
+                            self._chunk_row(row[3], rest, int(sizes[~gone].sum())),
+                        )
+                per = nbytes // removed if removed else 0
+                if loss_reason is not None:
+                    self._count_loss(loss_reason, removed, nbytes)
+                else:
+                    if lost:
+                        self._count_loss("unverifiable", lost, lost * per)
+                    if removed - lost:
+                        self.db.execute(
+                            "INSERT INTO meta(key, value) VALUES ('delivered', ?) "
+                            "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+                            (removed - lost,),
+                        )
+                        self._set_meta("last_receipt_ms", now_ms())
+            return removed
+
+        removed = self._roomy(finish)
+        self._rescued_rows = int(self.db.execute("SELECT count(*) FROM rescued").fetchone()[0])
+        return removed
+
     # -- reading ----------------------------------------------------------
 
     def records(self) -> Iterator[tuple[int, int, RecordKind, float, bytes, dict[str, Any] | None]]:
         """Every queued record, in seq order: (seq, created_ms, kind, score, features, meta)."""
-        for row in self.db.execute(f"SELECT {_CHUNK_COLS} FROM chunks ORDER BY key").fetchall():
+        for row in self.db.execute(f"SELECT {CHUNK_COLUMNS} FROM chunks ORDER BY key").fetchall():
             kind = self._kinds_by_id[row[3]]
             cols = self._columns(row)
             rb = kind.record_bytes
@@ -1398,6 +1619,10 @@ class Store:
         ev = db.execute("SELECT reason, records, bytes FROM evictions").fetchall()
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         frames = db.execute("SELECT count(*) FROM frames").fetchone()[0]
+        try:
+            rescued_n, rescued_bytes = db.execute("SELECT total(n), total(nbytes) FROM rescued").fetchone()
+        except sqlite3.OperationalError:  # a file of an older version, opened read-only
+            rescued_n = rescued_bytes = 0
         return QueueStats(
             records=int(count),
             bytes=int(nbytes),
@@ -1411,6 +1636,8 @@ class Store:
             corrupt_resets=int(meta.get("corrupt_resets") or 0),
             next_seq=int(meta.get("next_seq") or 0),
             frame_max_bytes=self.frame_max_bytes,
+            rescued_records=int(rescued_n),
+            rescued_bytes=int(rescued_bytes),
             **self._disk_stats(int(nbytes)),
         )
 

@@ -22,6 +22,9 @@ below it is counted as lost, reason ``too_large``.
 
 A full disk (``edge_agent/disk.py``) never ends these loops: a store call that fails
 for space is logged and tried again.
+
+Rescued records (``edge_agent/rescue.py``) go beside the chain, one rescued frame in
+flight at a time, re-sent like any frame; the cloud answers for each record by seq.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ class Uplink:
         self.receipt_topic = topics.mqtt_topic(self.tenant, self.device, "receipt")
         self.status_topic = topics.mqtt_topic(self.tenant, self.device, "status")
         self.in_flight: dict[int, InFlight] = {}
+        self.rescue: InFlight | None = None  # the rescued frame in flight, outside the chain
         self._wake = asyncio.Event()
         self._session = 0
         self.model_version: str | None = None
@@ -196,7 +200,7 @@ class Uplink:
     async def _send_round(self) -> None:
         if self.mqtt.connections != self._session:
             self._session = self.mqtt.connections
-            for f in self.in_flight.values():
+            for f in self._sending():
                 f.sent_at = None
                 f.hold = False
             await self.publish_status()
@@ -215,6 +219,11 @@ class Uplink:
                     await self._fit(new)  # an encoding larger than its estimate (zlib on noise)
                     # oldest first: a frame held by the rate cap must not be overtaken
                     self._send_due()
+        if self.rescue is None and self.store.has_rescued:
+            rescued: FrameRows | None = await self.queue.call(self.store.next_rescued, *self.frame_limits)
+            if rescued is not None:
+                self.rescue = await self._prepare(rescued)
+                self._send_due()
         self._expire()
 
     async def _receipt_loop(self) -> None:
@@ -263,7 +272,12 @@ class Uplink:
                 frame.n,
                 extra=context(uid),
             )
-            await self.queue.call(self.store.finish_frame, frame.first_seq, frame.last_seq, "unencodable")
+            if frame.rescued:
+                await self.queue.call(
+                    self.store.finish_rescued, frame.first_seq, frame.last_seq, "unencodable"
+                )
+            else:
+                await self.queue.call(self.store.finish_frame, frame.first_seq, frame.last_seq, "unencodable")
             return None
         return InFlight(frame, payload, uid)
 
@@ -290,8 +304,12 @@ class Uplink:
             metrics.FRAMES_RESENT.inc()
             log.info("re-sent upload %s (send %d)", f.upload_id, f.sends, extra=context(f.upload_id))
 
+    def _sending(self) -> list[InFlight]:
+        """Frames in flight: the chain's, oldest first, then the rescued one."""
+        return [*self.in_flight.values(), *([self.rescue] if self.rescue else [])]
+
     def _send_due(self) -> None:
-        for f in self.in_flight.values():
+        for f in self._sending():
             if f.sent_at is None and not f.hold:
                 self._send(f)
 
@@ -305,16 +323,20 @@ class Uplink:
             if expired:
                 f.sent_at = None
                 f.hold = False
+        r = self.rescue
+        if r is not None and r.sent_at is not None and now - r.sent_at > self.cfg.receipt_timeout_s:
+            r.sent_at = None
+            expired = True
         if expired:
             log.warning("no receipt within %.1fs; re-sending", self.cfg.receipt_timeout_s)
             self._send_due()
 
     def _next_deadline(self) -> float:
-        sent = [f.sent_at for f in self.in_flight.values() if f.sent_at is not None]
+        sent = [f.sent_at for f in self._sending() if f.sent_at is not None]
         deadline = self.cfg.receipt_timeout_s
         if sent:
             deadline = min(sent) + self.cfg.receipt_timeout_s - time.monotonic()
-        if not self.paused and any(f.sent_at is None and not f.hold for f in self.in_flight.values()):
+        if not self.paused and any(f.sent_at is None and not f.hold for f in self._sending()):
             deadline = min(deadline, self._rate.wait_s())  # a frame waits for the rate limit
         return max(0.01, deadline)
 
@@ -327,9 +349,13 @@ class Uplink:
         finished: list[tuple[InFlight, str | None]] = []
         gaps: list[tuple[InFlight, Receipt]] = []
         too_large: list[InFlight] = []
+        rescued: list[Receipt] = []
         for r in receipts:
             if r.limits is not None:
                 await self._learn(r.limits)
+            if self.rescue is not None and r.upload_id == self.rescue.upload_id:
+                rescued.append(r)
+                continue
             f = self.in_flight.get(r.first_seq)
             if f is None or f.frame.last_seq != r.last_seq or any(f is g for g, _ in finished):
                 log.debug("receipt for %s matches nothing in flight (already done)", r.upload_id)
@@ -377,7 +403,40 @@ class Uplink:
         for f, r in gaps:
             if self.in_flight.get(f.frame.first_seq) is f:
                 await self._on_gap(f, r)
+        for r in rescued:
+            await self._on_rescued_receipt(r)
         await self.queue.notify_room()
+
+    async def _on_rescued_receipt(self, r: Receipt) -> None:
+        f = self.rescue
+        if f is None or r.upload_id != f.upload_id:
+            return  # a repeat of a receipt already taken
+        why: str | None = None
+        if r.status is ReceiptStatus.TOO_LARGE and f.frame.n > 1:
+            self.rescue = None  # cut again, to the limits this receipt brought
+            self._wake.set()
+            return
+        if r.status is ReceiptStatus.GAP:
+            f.sent_at = None  # not a rescued frame's answer: ask again
+            self._wake.set()
+            return
+        if r.status is ReceiptStatus.TOO_LARGE:
+            why = "too_large"
+        elif r.status is ReceiptStatus.REJECTED:
+            why = "rejected"
+        if why:
+            log.error("rescued upload %s: %s (%s); its %d records are counted as %r", f.upload_id,
+                      r.status, r.reason, f.frame.n, why, extra=context(f.upload_id))  # fmt: skip
+        elif r.set_aside:
+            log.error("rescued upload %s: the cloud set %d records aside (counted as 'unverifiable')",
+                      f.upload_id, r.set_aside, extra=context(f.upload_id))  # fmt: skip
+        n = await self.queue.call(
+            self.store.finish_rescued, f.frame.first_seq, f.frame.last_seq, why, r.set_aside or 0
+        )
+        if why is None:
+            metrics.DELIVERED.inc(n - (r.set_aside or 0))
+        self.rescue = None
+        self._wake.set()
 
     def _done(self, first_seq: int) -> None:
         self.in_flight.pop(first_seq, None)

@@ -53,7 +53,12 @@ def metric(port: int, name: str, host: str = "127.0.0.1") -> float | None:
 def agent_drained(port: int, host: str = "127.0.0.1") -> bool:
     """Nothing queued and nothing in flight: every record was receipted (or counted lost)."""
     st = agent_status(port, host)
-    return st is not None and st["records"] == 0 and st["frames_in_flight"] == 0
+    return (
+        st is not None
+        and st["records"] == 0
+        and st["frames_in_flight"] == 0
+        and not st.get("rescued_records")
+    )
 
 
 class ServiceProcess(BrokerProcess):

@@ -3,6 +3,8 @@
 MQTT:  et/{tenant}/{device}/{up|receipt|status|control|results}
        et/{tenant}/_models/{sha256}/{index}   (retained model chunks, shared by a tenant)
 NATS:  et.features.{tenant}.{device}   (stream ET_FEATURES)
+       et.features.{tenant}.{device}.rescued (the same stream: records rescued from a
+                                         set-aside queue file, outside the device's chain)
        et.results.{tenant}.{device}    (stream ET_RESULTS)
        et.dlq.{source}.{tenant}.{device} (stream ET_DEADLETTER)
 Ids are restricted (see ``wire.validate_id``) so they are safe in both schemes.
@@ -53,21 +55,39 @@ HWM_BUCKET = "et_hwm"
 DEVICES_BUCKET = "et_devices"  # key {tenant}.{device}: the device's last status, as ingest saw it
 
 
-def features_subject(tenant: str, device: str) -> str:
-    return f"{ROOT}.features.{tenant}.{device}"
+RESCUED = "rescued"
+
+
+def features_subject(tenant: str, device: str, *, rescued: bool = False) -> str:
+    """A device's uploads; ``rescued``: its rescued records, kept off the chain's subject so
+    that the last message there is always the chain's last commit (the high-water mark)."""
+    return f"{ROOT}.features.{tenant}.{device}" + (f".{RESCUED}" if rescued else "")
 
 
 FEATURES_SUBJECTS = f"{ROOT}.features.>"
 
 
 def tenant_features(tenant: str) -> str:
-    return f"{ROOT}.features.{tenant}.*"
+    return f"{ROOT}.features.{tenant}.>"
+
+
+def parse_features_subject(subject: str) -> tuple[str, str, bool] | None:
+    """``et.features.T.D[.rescued]`` -> (T, D, rescued); None for anything else."""
+    parts = subject.split(".")
+    if parts[:2] != [ROOT, "features"] or len(parts) not in (4, 5) or not parts[2] or not parts[3]:
+        return None
+    if len(parts) == 5 and parts[4] != RESCUED:
+        return None
+    return parts[2], parts[3], len(parts) == 5
 
 
 def tenant_of_features_subject(subject: str) -> str | None:
-    parts = subject.split(".")
-    return parts[2] if len(parts) == 4 and parts[:2] == [ROOT, "features"] else None
+    parsed = parse_features_subject(subject)
+    return parsed[0] if parsed else None
 
+
+# Headers ingest sets on every ET_FEATURES message (docs/topics.md).
+H_FIRST, H_LAST, H_PREV, H_RECORDS = "Et-First-Seq", "Et-Last-Seq", "Et-Prev-Seq", "Et-Records"
 
 RESULTS_STREAM = "ET_RESULTS"
 RESULTS_SUBJECTS = f"{ROOT}.results.>"

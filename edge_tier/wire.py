@@ -240,7 +240,10 @@ _CODEC_NAME: dict[_Codec, str | None] = {v: k for k, v in _CODEC_BY_NAME.items()
 MAGIC = b"ETWF"
 FORMAT_VERSION = 1
 FLAG_HAS_META = 0x01
-_KNOWN_FLAGS = FLAG_HAS_META
+# Records rescued from a queue file that failed its integrity check: outside the device's
+# chain (prev_seq is 0), de-duplicated by the cloud against what it holds, by seq.
+FLAG_RESCUED = 0x02
+_KNOWN_FLAGS = FLAG_HAS_META | FLAG_RESCUED
 
 # Fixed part of the header; offsets are documented in docs/wire-format.md and must stay
 # in sync with _FIELD_OFFSETS below. magic+version (first 6 bytes) are stable forever.
@@ -335,6 +338,7 @@ class Frame:
     features: np.ndarray  # [n, dim] float32 / float16 / int8
     scale: float = 1.0  # int8 dequantization: real = q * scale; 1.0 for float dtypes
     meta: tuple[dict[str, MetaValue], ...] | None = None  # per-record, len == n when present
+    rescued: bool = False  # FLAG_RESCUED: records of a set-aside queue file, outside the chain
 
     @property
     def first_seq(self) -> int:
@@ -389,6 +393,10 @@ class FrameHeader:
     @property
     def has_meta(self) -> bool:
         return bool(self.flags & FLAG_HAS_META)
+
+    @property
+    def rescued(self) -> bool:
+        return bool(self.flags & FLAG_RESCUED)
 
     @property
     def raw_body_len(self) -> int:
@@ -534,6 +542,7 @@ def _encode(
     meta: Sequence[Mapping[str, MetaValue]] | None,
     compress: str | None,
     level: int,
+    rescued: bool = False,
 ) -> bytes:
     """The single place that writes the frame layout; inputs already have the right dtypes."""
     validate_id("tenant", tenant)
@@ -570,6 +579,8 @@ def _encode(
             raise WireError(f"seqs[{i}] = {int(seqs[i])} not > seqs[{i - 1}]: must strictly increase")
     first, last = int(seqs[0]), int(seqs[-1])
     _check_chain(n, first, last, prev_seq)
+    if rescued and prev_seq:
+        raise WireError(f"prev_seq {prev_seq}: a rescued frame is outside the chain, prev_seq must be 0")
     finite = np.isfinite(scores)
     if not finite.all():
         i = int(np.argmin(finite))
@@ -603,7 +614,7 @@ def _encode(
         MAGIC,
         FORMAT_VERSION,
         header_len,
-        FLAG_HAS_META if meta is not None else 0,
+        (FLAG_HAS_META if meta is not None else 0) | (FLAG_RESCUED if rescued else 0),
         int(codec),
         int(dtype),
         0,
@@ -658,6 +669,7 @@ def encode_frame(frame: Frame, *, compress: str | None = None, level: int = 1) -
         meta=frame.meta,
         compress=compress,
         level=level,
+        rescued=frame.rescued,
     )
 
 
@@ -828,6 +840,8 @@ def _parse_header(mv: memoryview) -> FrameHeader:
     except WireError as exc:
         field = "prev_seq" if prev_seq >= first_seq and first_seq <= last_seq else "last_seq"
         raise _hdr_error(field, str(exc)) from exc
+    if flags & FLAG_RESCUED and prev_seq:
+        raise _hdr_error("prev_seq", f"{prev_seq}: a rescued frame is outside the chain, prev_seq must be 0")
     tenant, device, stream, model, model_version = values
     return FrameHeader(
         version=version,
@@ -1054,6 +1068,7 @@ def decode_frame(data: bytes | bytearray | memoryview, *, limits: FrameLimits = 
         features=features,
         scale=h.scale,
         meta=meta,
+        rescued=h.rescued,
     )
 
 
@@ -1091,7 +1106,7 @@ class Receipt(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    v: Literal[1, 2] = 2  # 2: ``limits`` and the too_large status
+    v: Literal[1, 2, 3] = 2  # 2: ``limits`` and the too_large status; 3: ``set_aside``
     upload_id: str
     status: ReceiptStatus
     first_seq: _U64
@@ -1100,6 +1115,9 @@ class Receipt(BaseModel):
     expected_prev: _U64 | None = None  # GAP: the last seq the cloud has committed for the device
     reason: Annotated[str, Field(max_length=4096)] | None = None  # REJECTED, TOO_LARGE: why
     limits: CloudLimits | None = None  # v2: what the cloud accepts now
+    # v3, rescued frames: records the cloud could not tell whether it already holds (its
+    # history of the device has aged out), kept in ET_DEADLETTER instead of stored.
+    set_aside: Annotated[int, Field(strict=True, ge=1, le=U64_MAX)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Receipt:
@@ -1118,6 +1136,11 @@ class Receipt(BaseModel):
             raise ValueError("a too_large receipt needs limits")
         if self.v == 1 and (self.limits is not None or self.status is ReceiptStatus.TOO_LARGE):
             raise ValueError("limits and too_large are v2")
+        if self.set_aside is not None:
+            if self.v < 3:
+                raise ValueError("set_aside is v3")
+            if self.set_aside > self.last_seq - self.first_seq + 1:
+                raise ValueError(f"set_aside {self.set_aside} is more records than the upload's range holds")
         return self
 
 

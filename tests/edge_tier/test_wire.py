@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import struct
@@ -965,7 +966,10 @@ def test_receipt_json_shape() -> None:
         b"[]",
         b"null",
         b'{"v":1}',
-        b'{"v":3,"upload_id":"t.d.1-2","status":"committed","first_seq":1,"last_seq":2}',
+        b'{"v":4,"upload_id":"t.d.1-2","status":"committed","first_seq":1,"last_seq":2}',
+        b'{"v":2,"upload_id":"t.d.1-2","status":"committed","first_seq":1,"last_seq":2,"set_aside":1}',
+        b'{"v":3,"upload_id":"t.d.1-2","status":"committed","first_seq":1,"last_seq":2,"set_aside":3}',
+        b'{"v":3,"upload_id":"t.d.1-2","status":"committed","first_seq":1,"last_seq":2,"set_aside":0}',
         b'{"upload_id":"t.d.1-2","status":"too_large","first_seq":1,"last_seq":2}',
         b'{"v":1,"upload_id":"t.d.1-2","status":"too_large","first_seq":1,"last_seq":2,'
         b'"limits":{"max_frame_bytes":4096,"max_records":1,"max_dim":1}}',
@@ -987,6 +991,30 @@ def test_receipt_json_shape() -> None:
 def test_receipt_rejects(bad: bytes) -> None:
     with pytest.raises(WireError):
         decode_receipt(bad)
+
+
+def test_receipt_v3_carries_set_aside() -> None:
+    r = decode_receipt(
+        b'{"v":3,"upload_id":"t.d.1-9","status":"duplicate","first_seq":1,"last_seq":9,"set_aside":4}'
+    )
+    assert r.set_aside == 4 and decode_receipt(encode_receipt(r)) == r
+
+
+def test_rescued_frames_round_trip_outside_the_chain() -> None:
+    f = dataclasses.replace(make_frame(prev=0, meta=True), rescued=True)
+    data = encode_frame(f)
+    assert data[8] == 0x03  # has meta | rescued
+    g = decode_frame(data)
+    assert g.rescued and peek_header(data).rescued and g.prev_seq == 0
+    assert not decode_frame(encode_frame(make_frame(prev=0))).rescued
+    with pytest.raises(WireError, match="outside the chain"):
+        encode_frame(dataclasses.replace(f, prev_seq=7))
+    forged = bytearray(encode_frame(make_frame(prev=7)))
+    forged[8] |= 0x02  # a chained frame claiming to be rescued, with a CRC that fits
+    forged[-4:] = struct.pack("<I", zlib.crc32(bytes(forged[:-4])))
+    with pytest.raises(WireError, match="outside the chain") as e:
+        decode_frame(bytes(forged))
+    assert e.value.field == "prev_seq"
 
 
 def test_status_round_trip_and_defaults() -> None:
