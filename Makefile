@@ -31,8 +31,10 @@ deps: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m edge_tier.demo $(ARGS)
 
+# Two workers, one test file each at a time (a file shares its brokers): the suite in about
+# half the time. `.venv/bin/pytest ...` run directly is serial (and shows -s output).
 test: deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 bench: deps
 	$(PY) -m bench.bench_enqueue
