@@ -159,3 +159,15 @@ def make_pipeline(
     yield make
     for p in started:
         p.stop()
+
+
+@pytest.fixture
+def ingest_only(make_pipeline: Callable[..., Pipeline]) -> Callable[..., Pipeline]:
+    """Ingest alone on this test's brokers (a plain MQTT client plays the device)."""
+
+    def make(**ingest: Any) -> Pipeline:
+        p: Pipeline = make_pipeline(ingest=ingest, start=False)
+        p.ingest.start(timeout=20)
+        return p
+
+    return make

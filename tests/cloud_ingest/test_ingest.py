@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import http.client
 import time
-from typing import Any
-
-import pytest
 
 from edge_tier import topics
 from edge_tier.services import IngestProcess
@@ -26,16 +23,6 @@ from tests.support import (
     stream_seqs,
     wait_until,
 )
-
-
-@pytest.fixture
-def ingest_only(make_pipeline):
-    def make(**ingest: Any) -> Pipeline:
-        p: Pipeline = make_pipeline(ingest=ingest, start=False)
-        p.ingest.start(timeout=20)
-        return p
-
-    return make
 
 
 def statuses(client: RawClient) -> list[str]:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import nats
 import numpy as np
-import pytest
 
 from edge_tier import topics
 from edge_tier.wire import Frame, decode_frame, encode_frame
@@ -21,23 +19,12 @@ from tests.support import (
     DEVICE,
     DIM,
     TENANT,
-    Pipeline,
     RawClient,
     frame,
     running_worker,
     stream_messages,
     wait_for_rows,
 )
-
-
-@pytest.fixture
-def ingest_only(make_pipeline):
-    def make(**ingest: Any) -> Pipeline:
-        p: Pipeline = make_pipeline(ingest=ingest, start=False)
-        p.ingest.start(timeout=20)
-        return p
-
-    return make
 
 
 def rescued(seqs: list[int]) -> bytes:
