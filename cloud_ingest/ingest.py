@@ -413,23 +413,13 @@ class Ingest:
         raise nats.errors.Error(f"rescued upload {frame.upload_id}: the device's rescues kept changing")
 
     async def _set_aside(self, frame: Frame, part: Frame, compression: str | None) -> None:
-        assert self.js is not None and self.nc is not None
         reason = (
             f"{part.n} rescued records ({part.first_seq}-{part.last_seq}) lie below the oldest message "
             f"{topics.FEATURES_STREAM} keeps of this device: it cannot tell whether they were stored"
         )
-        log.warning("upload %s: %s; kept in %s", frame.upload_id, reason, topics.DEADLETTER_STREAM,
-                    extra=context(frame.upload_id))  # fmt: skip
-        metrics.DEADLETTERED.inc()
-        headers = {
-            "Et-Reason": clip_header(reason, 2000),
-            "Et-Source": "ingest",
-            "Et-Upload-Id": frame.upload_id,
-            "Nats-Msg-Id": f"dlq.rescued.{frame.upload_id}",
-        }
-        subject = topics.dlq_subject("ingest", frame.tenant, frame.device)
-        payload = encode_frame(part, compress=compression)
-        await publish_dead_letter(self.nc, self.js, subject, payload, headers)
+        up = topics.mqtt_topic(frame.tenant, frame.device, "up")
+        msg = Message(up, encode_frame(part, compress=compression), 1, 0, False)
+        await self.dead_letter(msg, reason, frame.tenant, frame.device, upload_id=frame.upload_id)
 
     async def ledger(self, tenant: str, device: str) -> Ledger:
         key = (tenant, device)

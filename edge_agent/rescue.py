@@ -32,7 +32,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,7 +51,7 @@ from edge_agent.store import (
     kinds_path,
     row_crc,
 )
-from edge_tier.wire import Dtype, WireError
+from edge_tier.wire import WireError
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def _is_kind_row(values: tuple[Value, ...]) -> bool:
 
 def _kind(r: tuple[Value, ...]) -> RecordKind:
     """A ``kinds`` row (id, stream, model, model_version, schema_version, dtype, dim, scale)."""
-    k = RecordKind(str(r[1]), Dtype(r[5]), int(r[6]), str(r[2]), str(r[3]), int(r[4]), float(r[7]))  # type: ignore[arg-type]
+    k = RecordKind.from_row(r)
     k.check()
     return k
 
@@ -252,7 +252,7 @@ def _keys(db: sqlite3.Connection, report: RescueReport, problems: list[str]) -> 
     found: dict[int, int | None] = {}
     for sql in _KEY_SCANS:
         try:
-            for key, n in _rows(db, sql):
+            for key, n in db.execute(sql):
                 if isinstance(key, int):
                     known = n if isinstance(n, int) and n > 0 else None
                     if found.get(key) is None:
@@ -261,15 +261,6 @@ def _keys(db: sqlite3.Connection, report: RescueReport, problems: list[str]) -> 
             report.damage_unmeasured = True
             problems.append(f"scan stopped ({sql.split(' BY ')[1]}...): {e}")
     return found
-
-
-def _rows(db: sqlite3.Connection, sql: str) -> Iterator[tuple[object, object]]:
-    cur = db.execute(sql)
-    while True:
-        row = cur.fetchone()
-        if row is None:
-            return
-        yield row[0], row[1]
 
 
 def _check_row(row: Sequence[object], kinds: dict[int, RecordKind]) -> tuple[RecordKind, Columns]:

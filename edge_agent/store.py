@@ -194,6 +194,11 @@ class RecordKind:
     schema_version: int = 1
     scale: float = 1.0
 
+    @classmethod
+    def from_row(cls, r: Sequence[Any]) -> RecordKind:
+        """A ``kinds`` row: (id, stream, model, model_version, schema_version, dtype, dim, scale)."""
+        return cls(str(r[1]), Dtype(r[5]), int(r[6]), str(r[2]), str(r[3]), int(r[4]), float(r[7]))
+
     @property
     def record_bytes(self) -> int:
         return self.dim * self.dtype.itemsize
@@ -656,7 +661,7 @@ class Store:
         for row in self.db.execute(
             "SELECT id, stream, model, model_version, schema_version, dtype, dim, scale FROM kinds"
         ):
-            k = RecordKind(row[1], Dtype(row[5]), row[6], row[2], row[3], row[4], row[7])
+            k = RecordKind.from_row(row)
             self._kinds[k] = row[0]
             self._kinds_by_id[row[0]] = k
 
@@ -1247,6 +1252,14 @@ class Store:
                 picked.append((row, drop))
         return picked
 
+    def _count_delivered(self, records: int) -> None:
+        self.db.execute(
+            "INSERT INTO meta(key, value) VALUES ('delivered', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+            (records,),
+        )
+        self._set_meta("last_receipt_ms", now_ms())
+
     def _count_loss(self, reason: str, records: int, nbytes: int) -> None:
         self.db.execute(
             "INSERT INTO evictions(reason, records, bytes) VALUES (?, ?, ?) "
@@ -1462,12 +1475,7 @@ class Store:
                     else:
                         delivered += n
                 if delivered:
-                    self.db.execute(
-                        "INSERT INTO meta(key, value) VALUES ('delivered', ?) "
-                        "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
-                        (delivered,),
-                    )
-                    self._set_meta("last_receipt_ms", now_ms())
+                    self._count_delivered(delivered)
         finally:
             self.db.execute(f"PRAGMA synchronous={self.settings.synchronous}")
         self._bytes -= freed_total
@@ -1581,12 +1589,7 @@ class Store:
                     if lost:
                         self._count_loss("unverifiable", lost, lost * per)
                     if removed - lost:
-                        self.db.execute(
-                            "INSERT INTO meta(key, value) VALUES ('delivered', ?) "
-                            "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
-                            (removed - lost,),
-                        )
-                        self._set_meta("last_receipt_ms", now_ms())
+                        self._count_delivered(removed - lost)
             return removed
 
         removed = self._roomy(finish)
