@@ -29,7 +29,7 @@ deps: $(STAMP)
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; fi
 
 demo: $(STAMP)
-	$(PY) -m edge_tier.demo $(ARGS)
+	$(PY) -m edge_tier_harness.demo $(ARGS)
 
 # Two workers, one test file each at a time (a file shares its brokers): the suite in about
 # half the time. `.venv/bin/pytest ...` run directly is serial (and shows -s output).

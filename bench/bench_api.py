@@ -37,10 +37,10 @@ from bench.figures import save_json
 from cloud_ingest.config import StreamSettings
 from cloud_ingest.streams import ensure_streams
 from edge_tier import topics
-from edge_tier.brokers import NatsServer
-from edge_tier.services import ApiProcess
 from edge_tier.tokens import TokenStore
 from edge_tier.wire import decode_results, upload_id
+from edge_tier_harness.brokers import NatsServer
+from edge_tier_harness.services import ApiProcess
 
 TENANT, DEVICE, PER = "bench", "dev-1", 5
 

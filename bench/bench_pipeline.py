@@ -65,8 +65,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.figures import save_json
 from edge_tier import topics
-from edge_tier.brokers import Mosquitto, NatsServer
-from edge_tier.services import AgentProcess, IngestProcess
+from edge_tier_harness.brokers import Mosquitto, NatsServer
+from edge_tier_harness.services import AgentProcess, IngestProcess
 
 DIM = 128
 RECORD_BYTES = DIM * 4

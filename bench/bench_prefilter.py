@@ -27,9 +27,9 @@ import numpy as np
 
 from bench.figures import save_json
 from edge_agent.prefilter import Prefilter
-from models.features import spectrum_features
-from models.generator import generate
-from models.manifest import DEFAULT_MANIFEST, load_model
+from edge_tier.model.features import spectrum_features
+from edge_tier.model.generator import generate
+from edge_tier.model.manifest import DEFAULT_MANIFEST, load_model
 
 BATCHES = (1, 8, 64, 256)
 

@@ -55,10 +55,10 @@ from bench import bench_pipeline, bench_tier2
 from bench.bench_pipeline import CpuMeter
 from bench.figures import save_json
 from edge_tier import topics
-from edge_tier.brokers import BrokerProcess, Mosquitto, NatsServer
-from edge_tier.services import AgentProcess, IngestProcess, WorkerProcess, agent_status
+from edge_tier.model.manifest import DEFAULT_MANIFEST
 from edge_tier.wire import decode_results
-from models.manifest import DEFAULT_MANIFEST
+from edge_tier_harness.brokers import BrokerProcess, Mosquitto, NatsServer
+from edge_tier_harness.services import AgentProcess, IngestProcess, WorkerProcess, agent_status
 
 DIM = 16
 TENANT = "bench"
@@ -139,7 +139,7 @@ def feature_load(batch: int, seed: int) -> Load:
 
 
 def window_load(batch: int, seed: int) -> Load:
-    from models.generator import generate
+    from edge_tier.model.generator import generate
 
     x = generate(8 * batch, seed=seed, fault_fraction=0.1).x.astype("<f4")
     bodies = [x[i * batch : (i + 1) * batch].tobytes() for i in range(8)]

@@ -42,9 +42,9 @@ from cloud_ingest.streams import ensure_streams
 from cloud_ingest.tier2 import Tier2Model
 from cloud_ingest.worker import Worker
 from edge_tier import topics
-from edge_tier.brokers import NatsServer
+from edge_tier.model.manifest import DEFAULT_MANIFEST
 from edge_tier.wire import Dtype, decode_frame, encode_frame_parts, encode_results
-from models.manifest import DEFAULT_MANIFEST
+from edge_tier_harness.brokers import NatsServer
 
 BATCHES = (1, 8, 64, 512)
 

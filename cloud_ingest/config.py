@@ -12,9 +12,9 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from edge_tier.config import ServiceSettings, load_config
+from edge_tier.model.manifest import DEFAULT_MANIFEST
 from edge_tier.mqtt import MqttSettings
 from edge_tier.wire import FrameLimits, validate_id
-from models.manifest import DEFAULT_MANIFEST
 
 DAY = 24 * 3600
 

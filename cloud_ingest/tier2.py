@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cloud_ingest.errors import ModelError
-from models.manifest import ManifestError, load_model
+from edge_tier.model.manifest import ManifestError, load_model
 
 log = logging.getLogger(__name__)
 

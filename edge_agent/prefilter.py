@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import AgentError
+from edge_tier.model.features import spectrum_features
+from edge_tier.model.manifest import ManifestError, load_model
 from edge_tier.wire import Dtype
-from models.features import spectrum_features
-from models.manifest import ManifestError, load_model
 
 log = logging.getLogger(__name__)
 FEATURE_SLICE = 64

@@ -1,6 +1,6 @@
 """``edge-agent simulate``: simulated machines as producers of raw windows, for demos and tests.
 
-Each machine (``models.generator.Machine``, seeded) is mostly healthy and has
+Each machine (``edge_tier.model.generator.Machine``, seeded) is mostly healthy and has
 fault episodes now and then. Its windows go to the agent's ``POST /v1/windows``
 in batches, at a set rate, the way a sensor process on the device would send
 them; the agent's prefilter keeps some, and the summary says how many of the
@@ -20,7 +20,7 @@ import aiohttp
 import numpy as np
 
 from edge_agent.endpoint import WINDOWS_TYPE
-from models.generator import HEALTHY, Machine, SignalSpec
+from edge_tier.model.generator import HEALTHY, Machine, SignalSpec
 
 
 @dataclass

@@ -247,7 +247,7 @@ def model_update(
     tenant: str, manifest_path: str | Path, *, counter: int = 1, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> tuple[ModelUpdate, list[bytes]]:
     """The update for the prefilter named by ``manifest_path``, and its chunks."""
-    from models.manifest import load_model  # the same check both tiers load models with
+    from edge_tier.model.manifest import load_model  # the same check both tiers load models with
 
     m = load_model(manifest_path, "prefilter")
     data = m.data

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from edge_tier.brokers import BrokerError, BrokerProcess, Mosquitto, NatsServer, require_binary
-from edge_tier.services import AgentProcess, IngestProcess
+from edge_tier_harness.brokers import BrokerError, BrokerProcess, Mosquitto, NatsServer, require_binary
+from edge_tier_harness.services import AgentProcess, IngestProcess
 from tests.support import Pipeline, Producer, SmallFilesystem, agent_config, ingest_config
 
 B = TypeVar("B", bound=BrokerProcess)

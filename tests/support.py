@@ -26,10 +26,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.streams import read_all
 from cloud_ingest.worker import Worker
-from edge_tier import services, topics
-from edge_tier.brokers import Mosquitto, NatsServer
-from edge_tier.services import AgentProcess, IngestProcess
+from edge_tier import topics
 from edge_tier.wire import Dtype, ResultBatch, decode_frame, decode_results, encode_frame_parts
+from edge_tier_harness import services
+from edge_tier_harness.brokers import Mosquitto, NatsServer
+from edge_tier_harness.services import AgentProcess, IngestProcess
 
 TENANT, DEVICE = "acme", "press-7"
 DIM = 16
@@ -39,7 +40,7 @@ def copy_models(dst: Path, *files: str) -> Path:
     """The manifest and ``files`` from models/ copied into ``dst``; the copied manifest's path."""
     import shutil
 
-    from models.manifest import DEFAULT_MANIFEST
+    from edge_tier.model.manifest import DEFAULT_MANIFEST
 
     for name in ("manifest.json", *files):
         shutil.copy(DEFAULT_MANIFEST.parent / name, dst / name)
@@ -47,8 +48,8 @@ def copy_models(dst: Path, *files: str) -> Path:
 
 
 def random_prefilter(seed: int = 0) -> tuple[Any, np.ndarray]:
-    """Prefilter weights (models.tflite_writer.PrefilterWeights) of random values, and inputs."""
-    from models.tflite_writer import Dense, PrefilterWeights
+    """Prefilter weights (models.build.tflite_writer.PrefilterWeights) of random values, and inputs."""
+    from models.build.tflite_writer import Dense, PrefilterWeights
 
     rng = np.random.default_rng(seed)
     x = rng.normal(0, 0.5, (2000, 256)).astype(np.float32)
@@ -76,8 +77,8 @@ def new_prefilter(dst: Path, version: str, *, seed: int = 0, data: bytes | None 
     as the file, loadable or not) and ``version``; its manifest's path."""
     import hashlib
 
-    from models.manifest import DEFAULT_MANIFEST
-    from models.tflite_writer import write_prefilter
+    from edge_tier.model.manifest import DEFAULT_MANIFEST
+    from models.build.tflite_writer import write_prefilter
 
     dst.mkdir(parents=True, exist_ok=True)
     if data is None:

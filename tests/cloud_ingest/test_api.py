@@ -25,10 +25,10 @@ from schemathesis.engine import events
 
 pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
-from edge_tier.brokers import NatsServer
-from edge_tier.services import ApiProcess, WorkerProcess
 from edge_tier.tokens import TokenStore
 from edge_tier.wire import UPLOAD_ID_PATTERN, WireError, parse_upload_id, upload_id
+from edge_tier_harness.brokers import NatsServer
+from edge_tier_harness.services import ApiProcess, WorkerProcess
 from tests.support import frame, publish_features, wait_for_rows, wait_until, worker_config
 
 DIM = 16

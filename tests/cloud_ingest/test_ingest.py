@@ -10,7 +10,7 @@ import http.client
 import time
 
 from edge_tier import topics
-from edge_tier.services import IngestProcess
+from edge_tier_harness.services import IngestProcess
 from tests.support import (
     DEVICE,
     TENANT,
@@ -169,7 +169,7 @@ def test_two_ingest_processes_share_the_load_exactly_once(make_pipeline, tmp_pat
 
 
 def test_frames_over_the_nats_max_payload_are_too_large_not_retried_forever(mosquitto, tmp_path) -> None:
-    from edge_tier.brokers import NatsServer
+    from edge_tier_harness.brokers import NatsServer
 
     small = NatsServer(tmp_path / "nats-small", max_payload=64 * 1024)
     small.start()

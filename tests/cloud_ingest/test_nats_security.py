@@ -26,10 +26,10 @@ import tomli_w
 from cloud_ingest.config import IngestConfig, load_ingest_config
 from cloud_ingest.nats_client import NatsConnectError, connect_nats
 from edge_tier import topics
-from edge_tier.brokers import Mosquitto, NatsServer
 from edge_tier.config import ConfigError
-from edge_tier.services import ApiProcess, IngestProcess, WorkerProcess
 from edge_tier.tokens import TokenStore
+from edge_tier_harness.brokers import Mosquitto, NatsServer
+from edge_tier_harness.services import ApiProcess, IngestProcess, WorkerProcess
 from tests.support import DEVICE, TENANT, RawClient, frame, ingest_config, wait_until, worker_config
 from tests.tls import TlsFiles, make_tls
 

@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
 from cloud_ingest.errors import ModelError  # noqa: E402
 from cloud_ingest.tier2 import Tier2Model  # noqa: E402
-from models.manifest import DEFAULT_MANIFEST  # noqa: E402
+from edge_tier.model.manifest import DEFAULT_MANIFEST  # noqa: E402
 from tests.support import copy_models, flip_byte  # noqa: E402
 
 

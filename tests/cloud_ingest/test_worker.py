@@ -23,10 +23,10 @@ from cloud_ingest.config import IngestConfig
 from cloud_ingest.tier2 import Tier2Model
 from cloud_ingest.worker import Outcome, Work, Worker
 from edge_tier import topics
-from edge_tier.brokers import NatsServer
-from edge_tier.services import WorkerProcess
+from edge_tier.model.manifest import DEFAULT_MANIFEST
 from edge_tier.wire import ResultBatch, decode_frame, decode_results
-from models.manifest import DEFAULT_MANIFEST
+from edge_tier_harness.brokers import NatsServer
+from edge_tier_harness.services import WorkerProcess
 from tests.support import (
     frame,
     message_count,

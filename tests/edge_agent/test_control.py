@@ -21,8 +21,8 @@ from edge_agent.control import Controller, startup_prefilter
 from edge_agent.model_store import ModelStore
 from edge_tier import topics
 from edge_tier.control import ControlDoc, encode_control, model_update, sign_control
+from edge_tier.model.manifest import DEFAULT_MANIFEST
 from edge_tier.mqtt import Message, MqttBridge
-from models.manifest import DEFAULT_MANIFEST
 from tests.support import new_prefilter
 
 KEY = ed25519.Ed25519PrivateKey.generate()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import load_agent_config
-from provisioning.fleet import Fleet
+from edge_provision.fleet import Fleet
 from tests.conftest import need_binary
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from edge_agent.model_store import MODEL_FILE, ModelStore
 from edge_tier.control import ModelRefused, model_update
-from models.manifest import load_model
+from edge_tier.model.manifest import load_model
 from tests.support import new_prefilter
 
 

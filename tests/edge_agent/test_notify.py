@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from edge_agent.notify import Notifier
-from edge_tier.brokers import Mosquitto
-from edge_tier.services import AgentProcess
+from edge_tier_harness.brokers import Mosquitto
+from edge_tier_harness.services import AgentProcess
 from tests.support import agent_config
 
 

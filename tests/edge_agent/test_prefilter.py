@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-litert")
 
 from edge_agent.prefilter import ModelError, Prefilter
-from models.generator import HEALTHY, generate
+from edge_tier.model.generator import HEALTHY, generate
 from tests.support import copy_models, flip_byte
 
 MODELS = Path(__file__).resolve().parents[2] / "models"

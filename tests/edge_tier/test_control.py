@@ -26,8 +26,8 @@ from edge_tier.control import (
     sign_control,
     verify_control,
 )
+from edge_tier.model.manifest import DEFAULT_MANIFEST
 from edge_tier.wire import WireError
-from models.manifest import DEFAULT_MANIFEST
 
 KEY = ed25519.Ed25519PrivateKey.generate()
 NOW = 1_764_612_000_000
@@ -174,7 +174,7 @@ def _sig(text: str) -> str:
 
 
 def test_a_model_too_big_or_a_missing_manifest_is_refused_with_the_file(tmp_path: Path) -> None:
-    from models.manifest import ManifestError
+    from edge_tier.model.manifest import ManifestError
 
     with pytest.raises(ManifestError, match="manifest not found"):
         model_update("acme", tmp_path / "nope.json")

@@ -30,7 +30,7 @@ def test_context_takes_odd_and_part_ids_without_failing(uid: str) -> None:
 
 
 def test_a_service_started_with_log_format_json_logs_json(tmp_path, nats_server) -> None:  # type: ignore[no-untyped-def]
-    from edge_tier.services import WorkerProcess
+    from edge_tier_harness.services import WorkerProcess
 
     cfg = {"log_format": "json", "nats": {"servers": [nats_server.url]}}
     w = WorkerProcess(tmp_path / "w", cfg, name="w")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_tier.brokers import Mosquitto, NatsServer
 from edge_tier.mqtt import NO_CONNACK_HINT_AFTER, V5_HINT, MqttBridge, MqttSettings
+from edge_tier_harness.brokers import Mosquitto, NatsServer
 from tests.conftest import need_binary
 
 LOGGER = "edge_tier.mqtt"

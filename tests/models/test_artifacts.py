@@ -12,8 +12,8 @@ import pytest
 litert = pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-litert")
 ort = pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
-from models.features import BINS, spectrum_features  # noqa: E402
-from models.generator import CLASSES, HEALTHY, generate  # noqa: E402
+from edge_tier.model.features import BINS, spectrum_features  # noqa: E402
+from edge_tier.model.generator import CLASSES, HEALTHY, generate  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 MANIFEST = json.loads((MODELS / "manifest.json").read_text())

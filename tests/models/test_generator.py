@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from models.generator import BPFI, BPFO, CLASSES, HEALTHY, Machine, SignalSpec, generate
+from edge_tier.model.generator import BPFI, BPFO, CLASSES, HEALTHY, Machine, SignalSpec, generate
 
 SPEC = SignalSpec()
 

@@ -7,7 +7,7 @@ import pytest
 
 litert = pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-litert")
 
-from models.tflite_writer import write_prefilter  # noqa: E402
+from models.build.tflite_writer import write_prefilter  # noqa: E402
 from tests.support import random_prefilter  # noqa: E402
 
 

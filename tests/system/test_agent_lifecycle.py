@@ -10,8 +10,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_tier import topics
-from edge_tier.brokers import NatsServer
-from edge_tier.services import AgentProcess, IngestProcess
+from edge_tier_harness.brokers import NatsServer
+from edge_tier_harness.services import AgentProcess, IngestProcess
 from tests.support import (
     DEVICE,
     TENANT,
@@ -123,7 +123,7 @@ def test_embedded_mode_mqtt311_on_nats_own_listener(nats_mqtt_server: NatsServer
 
 def test_agent_over_mutual_tls(tmp_path) -> None:
     """The agent's TLS options against mosquitto requiring a client certificate."""
-    from edge_tier.brokers import Mosquitto, free_port
+    from edge_tier_harness.brokers import Mosquitto, free_port
     from tests.tls import make_tls
 
     tls = make_tls(tmp_path / "tls", client_cn=DEVICE)

@@ -22,6 +22,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-litert")
 
+from edge_provision.control import ControlPlane, publish_retained
+from edge_provision.fleet import Fleet, FleetError
 from edge_tier import topics
 from edge_tier.control import (
     ControlDoc,
@@ -32,12 +34,10 @@ from edge_tier.control import (
     model_update,
     sign_control,
 )
+from edge_tier.model.generator import generate
+from edge_tier.model.manifest import DEFAULT_MANIFEST
 from edge_tier.mqtt import MqttSettings
-from edge_tier.services import agent_status, metric
-from models.generator import generate
-from models.manifest import DEFAULT_MANIFEST
-from provisioning.control import ControlPlane, publish_retained
-from provisioning.fleet import Fleet, FleetError
+from edge_tier_harness.services import agent_status, metric
 from tests.support import (
     DEVICE,
     TENANT,

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from edge_agent.config import UplinkSettings
-from edge_tier.brokers import Mosquitto, NatsServer
-from edge_tier.services import AgentProcess, IngestProcess
+from edge_tier_harness.brokers import Mosquitto, NatsServer
+from edge_tier_harness.services import AgentProcess, IngestProcess
 from tests.conftest import need_binary
 from tests.support import (
     agent_config,

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
-from edge_tier.services import ApiProcess, WorkerProcess
 from edge_tier.tokens import TokenStore
+from edge_tier_harness.services import ApiProcess, WorkerProcess
 from tests.cloud_ingest.test_api import api_config
 from tests.support import Pipeline, wait_until
 

@@ -12,7 +12,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-litert")
 
-from models.generator import HEALTHY, generate
+from edge_tier.model.generator import HEALTHY, generate
 from tests.support import Pipeline, assert_exactly_once, post_windows, stream_messages, stream_seqs
 
 MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.json"

@@ -17,9 +17,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-litert")
 pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
-from edge_tier.services import ApiProcess, WorkerProcess
+from edge_tier.model.manifest import DEFAULT_MANIFEST
 from edge_tier.tokens import TokenStore
-from models.manifest import DEFAULT_MANIFEST
+from edge_tier_harness.services import ApiProcess, WorkerProcess
 from tests.cloud_ingest.test_api import Api, api_config
 from tests.support import DEVICE, TENANT, Pipeline, results, wait_until
 

@@ -13,9 +13,9 @@ import pytest
 
 pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
-from edge_tier.brokers import Mosquitto, NatsCluster
-from edge_tier.services import AgentProcess, IngestProcess, WorkerProcess, agent_drained, metric
 from edge_tier.wire import ResultBatch, decode_results
+from edge_tier_harness.brokers import Mosquitto, NatsCluster
+from edge_tier_harness.services import AgentProcess, IngestProcess, WorkerProcess, agent_drained, metric
 from tests.conftest import need_binary
 from tests.support import (
     TENANT,

@@ -16,7 +16,7 @@ from typing import Any
 
 from edge_agent.config import StoreSettings
 from edge_agent.store import Store
-from edge_tier.brokers import BrokerProcess
+from edge_tier_harness.brokers import BrokerProcess
 from tests.support import (
     Pipeline,
     agent_status,

@@ -14,9 +14,9 @@ import pytest
 pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-litert")
 pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
-from edge_tier.services import WorkerProcess
+from edge_tier.model.manifest import DEFAULT_MANIFEST
 from edge_tier.wire import Dtype, decode_frame
-from models.manifest import DEFAULT_MANIFEST
+from edge_tier_harness.services import WorkerProcess
 from tests.support import (
     TENANT,
     Pipeline,

@@ -15,7 +15,7 @@ from typing import Any
 
 import tomli_w
 
-from edge_tier.brokers import BrokerProcess
+from edge_tier_harness.brokers import BrokerProcess
 
 
 def agent_status(port: int, host: str = "127.0.0.1") -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 BINS = 256
-FS = 5120.0  # the sample rate the features assume (models.generator.SignalSpec)
+FS = 5120.0  # the sample rate the features assume (edge_tier.model.generator.SignalSpec)
 ENVELOPE_FROM_HZ = 900.0
 
 

@@ -1,4 +1,4 @@
-"""The model manifest (``models/manifest.json``): what each model file is, checked before use.
+"""The model manifest (``manifest.json``, beside the models it names): each model file, checked.
 
 Both tiers load their model through :func:`load_model`, which reads the
 manifest, finds the entry (``prefilter`` or ``tier2``), and returns the file's
@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MANIFEST = Path(__file__).resolve().parent / "manifest.json"
+# The shipped models: the repository's models/, installed as this data package (pyproject.toml).
+DEFAULT_MANIFEST = Path(str(files("edge_tier.model.shipped") / "manifest.json"))
 
 
 class ManifestError(ValueError):

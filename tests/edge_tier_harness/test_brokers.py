@@ -13,7 +13,7 @@ import nats
 import paho.mqtt.client as mqtt
 import pytest
 
-from edge_tier.brokers import BrokerError, Mosquitto, NatsServer, require_binary
+from edge_tier_harness.brokers import BrokerError, Mosquitto, NatsServer, require_binary
 from tests.conftest import need_binary
 
 TIMEOUT = 5.0

@@ -458,7 +458,7 @@ class Mosquitto(BrokerProcess):
         extra = self.extra_config
         hoisted = _HOISTED_OPTIONS.findall(extra)
         extra = _HOISTED_OPTIONS.sub("", extra)
-        lines = ["# written by edge_tier.brokers.Mosquitto; rewritten at every start", *hoisted]
+        lines = ["# written by edge_tier_harness.brokers.Mosquitto; rewritten at every start", *hoisted]
         if os.geteuid() == 0:
             # As root mosquitto switches to the `mosquitto` user, which cannot write here.
             lines.append(f"user {pwd.getpwuid(os.geteuid()).pw_name}")
@@ -593,7 +593,7 @@ class NatsServer(BrokerProcess):
     def _write_config(self) -> None:
         q = json.dumps  # a JSON string is a valid quoted string in the NATS config format
         lines = [
-            "# written by edge_tier.brokers.NatsServer; rewritten at every start",
+            "# written by edge_tier_harness.brokers.NatsServer; rewritten at every start",
             f"host: {q(self.host)}",
             f"port: {self.port}",
             f"http: {q(f'{self.host}:{self.monitor_port}')}",

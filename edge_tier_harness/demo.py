@@ -40,11 +40,18 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from cloud_ingest.streams import read_all
 from edge_agent.simulate import Tally, machine_windows, run_machine
 from edge_tier import topics
-from edge_tier.brokers import BrokerProcess, NatsServer
-from edge_tier.services import AgentProcess, ApiProcess, IngestProcess, WorkerProcess, agent_status, metric
+from edge_tier.model.manifest import DEFAULT_MANIFEST
 from edge_tier.tokens import TokenStore
 from edge_tier.wire import decode_results
-from models.manifest import DEFAULT_MANIFEST
+from edge_tier_harness.brokers import BrokerProcess, NatsServer
+from edge_tier_harness.services import (
+    AgentProcess,
+    ApiProcess,
+    IngestProcess,
+    WorkerProcess,
+    agent_status,
+    metric,
+)
 
 TENANT = "demo"
 

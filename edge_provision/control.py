@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_provision.fleet import Fleet, FleetError
 from edge_tier import topics
 from edge_tier.control import (
     DEFAULT_CHUNK_BYTES,
@@ -35,7 +36,6 @@ from edge_tier.control import (
     sign_control,
 )
 from edge_tier.mqtt import MqttBridge, MqttSettings
-from provisioning.fleet import Fleet, FleetError
 
 log = logging.getLogger(__name__)
 

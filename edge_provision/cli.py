@@ -1,4 +1,4 @@
-"""``edge-provision``: the fleet's identities and credentials (``provisioning/fleet.py``).
+"""``edge-provision``: the fleet's identities and credentials (``edge_provision/fleet.py``).
 
 ``init DIR`` makes a fleet directory (CA, signing key, registry, the ingest and provision
 MQTT users); ``device add|list|revoke`` issues and withdraws device bundles; ``user add``
@@ -16,10 +16,10 @@ import os
 import sys
 from pathlib import Path
 
+from edge_provision.control import ControlPlane, Published
+from edge_provision.fleet import PROVISION_USER, ROLES, Fleet, FleetError
 from edge_tier.mqtt import MqttSettings
 from edge_tier.tokens import TokenError, TokenStore
-from provisioning.control import ControlPlane, Published
-from provisioning.fleet import PROVISION_USER, ROLES, Fleet, FleetError
 
 REGISTRY = "registry.db"
 

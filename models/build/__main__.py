@@ -1,7 +1,7 @@
 """Rebuild both models from scratch: ``python -m models.build`` (needs the ``train`` extra).
 
-1. Seeded windows from ``models.generator`` (train / validation / held-out test).
-2. The prefilter, a 256->32->16->1 MLP over ``models.features`` spectra, trained to
+1. Seeded windows from ``edge_tier.model.generator`` (train / validation / held-out test).
+2. The prefilter, a 256->32->16->1 MLP over ``edge_tier.model.features`` spectra, trained to
    score faults (with an auxiliary fault-class head, not shipped, so that its
    16-d embedding carries what tier two needs); written as a full-int8 ``.tflite``.
 3. Its threshold: the highest that keeps >= ``--keep-faults`` of validation faults,
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from models.features import BINS, spectrum_features
-from models.generator import CLASSES, HEALTHY, SignalSpec, generate
-from models.tflite_writer import Dense, PrefilterWeights, write_prefilter
+from edge_tier.model.features import BINS, spectrum_features
+from edge_tier.model.generator import CLASSES, HEALTHY, SignalSpec, generate
+from models.build.tflite_writer import Dense, PrefilterWeights, write_prefilter
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # models/
 VERSION = "1.0.0"
 
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "signal": {
             "fs": spec.fs,
             "window": spec.window,
-            "features": f"models.features.spectrum_features: {BINS} values (shaft-order lines, "
+            "features": f"edge_tier.model.features.spectrum_features: {BINS} values (shaft-order lines, "
             "wide bands, envelope spectrum)",
         },
         "prefilter": {

@@ -51,8 +51,8 @@ def _reap(workdir: Path) -> None:
 
 def test_the_demo_with_chaos_ends_with_nothing_lost_and_nothing_doubled(tmp_path: Path) -> None:
     need_binary("nats-server")
-    cmd = [sys.executable, "-m", "edge_tier.demo", "--devices", "2", "--seconds", "12", "--chaos", "--json",
-           "--workdir", str(tmp_path / "demo")]  # fmt: skip
+    cmd = [sys.executable, "-m", "edge_tier_harness.demo", "--devices", "2", "--seconds", "12",
+           "--chaos", "--json", "--workdir", str(tmp_path / "demo")]  # fmt: skip
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     finally:
@@ -76,7 +76,7 @@ def test_the_demo_with_chaos_ends_with_nothing_lost_and_nothing_doubled(tmp_path
 def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path, sig: signal.Signals) -> None:
     need_binary("nats-server")
     work = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "edge_tier.demo", "--devices", "2", "--seconds", "60",
+    cmd = [sys.executable, "-m", "edge_tier_harness.demo", "--devices", "2", "--seconds", "60",
            "--workdir", str(work)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -183,7 +183,7 @@ def test_serve_every_printed_command_works_as_printed(tmp_path: Path) -> None:
     _need_tool("curl", "curl")
     _need_tool("mosquitto_sub", "mosquitto-clients")
     work, env = tmp_path / "demo", _newcomers_env()
-    cmd = [sys.executable, "-m", "edge_tier.demo", "--devices", "2", "--seconds", "4", "--serve",
+    cmd = [sys.executable, "-m", "edge_tier_harness.demo", "--devices", "2", "--seconds", "4", "--serve",
            "--workdir", str(work)]  # fmt: skip
     demo = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

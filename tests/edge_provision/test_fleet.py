@@ -25,8 +25,8 @@ from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import load_agent_config
-from edge_tier.brokers import free_port
-from provisioning.fleet import Fleet, FleetError
+from edge_provision.fleet import Fleet, FleetError
+from edge_tier_harness.brokers import free_port
 from tests.conftest import in_ci, need_binary
 
 
@@ -68,7 +68,7 @@ def test_device_ids_that_would_break_topics_are_refused(tmp_path: Path, bad: str
 
 def test_the_cli_round_trip(tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "provisioning.cli", "--fleet", str(tmp_path / "f"), *args]
+        cmd = [sys.executable, "-m", "edge_provision.cli", "--fleet", str(tmp_path / "f"), *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=tmp_path)
 
     assert run("init", str(tmp_path / "f")).returncode == 0
@@ -291,7 +291,7 @@ def test_model_push_and_control_set_reach_the_devices_named_and_no_one_else(
 ) -> None:
 
     from edge_tier.control import decode_control
-    from models.manifest import DEFAULT_MANIFEST
+    from edge_tier.model.manifest import DEFAULT_MANIFEST
 
     _, broker, pw = fleet_broker
     a = Client(broker, user="acme/a", password=pw["acme/a"])
@@ -303,7 +303,7 @@ def test_model_push_and_control_set_reach_the_devices_named_and_no_one_else(
     app.sub("et/acme/_models/+/+")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "provisioning.cli", "--fleet", str(tmp_path / "fleet"), *args,
+        cmd = [sys.executable, "-m", "edge_provision.cli", "--fleet", str(tmp_path / "fleet"), *args,
                "--port", str(broker.port)]  # fmt: skip
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
@@ -472,7 +472,7 @@ def test_only_the_provisioning_identity_writes_control_documents_and_model_chunk
 
 
 def _provision(tmp_path: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "provisioning.cli", "--fleet", str(tmp_path / "fleet"), *args]
+    cmd = [sys.executable, "-m", "edge_provision.cli", "--fleet", str(tmp_path / "fleet"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=cwd or tmp_path)
 
 
@@ -615,8 +615,8 @@ def test_model_push_is_silent_on_stderr_after_success_and_a_lost_broker_still_wa
     import asyncio
     import logging
 
+    from edge_tier.model.manifest import DEFAULT_MANIFEST
     from edge_tier.mqtt import MqttBridge, MqttSettings
-    from models.manifest import DEFAULT_MANIFEST
 
     _, broker, pw = fleet_broker
     r = _provision(tmp_path, "model", "push", "acme", "a", str(DEFAULT_MANIFEST), "--port", str(broker.port))
