@@ -1,7 +1,9 @@
 """The cloud services' errors: each says what went wrong and where."""
 
+from edge_tier.errors import EdgeTierError
 
-class IngestError(Exception):
+
+class IngestError(EdgeTierError):
     """Base for everything the cloud side raises on purpose."""
 
 
@@ -9,5 +11,5 @@ class StreamSetupError(IngestError):
     """A JetStream stream or bucket could not be created or brought up to date."""
 
 
-class ModelError(IngestError):
+class Tier2ModelError(IngestError):
     """The tier-two model or its runtime cannot be used; the message names the file and the reason."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud_ingest.errors import ModelError
+from cloud_ingest.errors import Tier2ModelError
 from edge_tier.model.manifest import ManifestError, load_model
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def _onnxruntime():  # type: ignore[no-untyped-def]
     try:
         import onnxruntime
     except ImportError:
-        raise ModelError(
+        raise Tier2ModelError(
             "onnxruntime is not installed: pip install 'edge-tier[worker]' (CPU) or "
             "'edge-tier[worker-gpu]' (onnxruntime-gpu, CUDA)"
         ) from None
@@ -65,9 +65,9 @@ class Tier2Model:
                 [str(answer["label"]["name"]), str(answer["confidence"]["name"])] if answer else None
             )
         except ManifestError as e:
-            raise ModelError(str(e)) from None
+            raise Tier2ModelError(str(e)) from None
         except (KeyError, TypeError) as e:
-            raise ModelError(f"{manifest}: tier2 entry lacks {e} (input/output names)") from None
+            raise Tier2ModelError(f"{manifest}: tier2 entry lacks {e} (input/output names)") from None
         available = ort.get_available_providers()
         chosen = [p for p in providers if p in available]
         for p in providers:
@@ -79,7 +79,7 @@ class Tier2Model:
                     ": install the worker-gpu extra (onnxruntime-gpu)" if p in GPU_PROVIDERS else "",
                 )
         if not chosen:
-            raise ModelError(f"none of the providers {list(providers)} is available (have {available})")
+            raise Tier2ModelError(f"none of the providers {list(providers)} is available (have {available})")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -91,7 +91,7 @@ class Tier2Model:
         try:
             self.session = ort.InferenceSession(model.data, sess_options=opts, providers=chosen)
         except Exception as e:  # onnxruntime raises its own classes (Fail, InvalidGraph, ...)
-            raise ModelError(f"{self.path}: onnxruntime cannot load it ({e})") from None
+            raise Tier2ModelError(f"{self.path}: onnxruntime cannot load it ({e})") from None
         # A provider that fails to initialise (say, no CUDA driver) is dropped silently by
         # onnxruntime: report what the session really runs on.
         self.providers = self.session.get_providers()
@@ -100,14 +100,16 @@ class Tier2Model:
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
         if self._in not in inputs or not {self._out, *(self._answer or [])} <= set(outputs):
-            raise ModelError(
+            raise Tier2ModelError(
                 f"{self.path}: has inputs {sorted(inputs)} and outputs {sorted(outputs)}, the manifest "
                 f"names {self._in!r} and {[self._out, *(self._answer or [])]}"
             )
         self.dim = int(inputs[self._in].shape[-1])
         classes = outputs[self._out].shape[-1]
         if isinstance(classes, int) and classes != len(self.labels):
-            raise ModelError(f"{self.path}: {classes} classes, but {len(self.labels)} labels in the manifest")
+            raise Tier2ModelError(
+                f"{self.path}: {classes} classes, but {len(self.labels)} labels in the manifest"
+            )
         self.max_batch = max_batch
         if warmup:
             t0 = time.perf_counter()

@@ -31,7 +31,7 @@ from edge_agent import metrics
 from edge_agent.config import AgentConfig
 from edge_agent.files import write_atomic
 from edge_agent.model_store import ModelStore
-from edge_agent.prefilter import ModelError, Prefilter
+from edge_agent.prefilter import Prefilter, PrefilterError
 from edge_tier import topics
 from edge_tier.control import (
     CLOCK_SKEW_MS,
@@ -67,9 +67,9 @@ def load_prefilter(cfg: AgentConfig, manifest: Path, threshold: float | None = N
     try:
         kept = pf.keep(np.zeros((2, pf.window), np.float32))
         if kept.embeddings.shape[1] != pf.embedding_dim:
-            raise ModelError(f"{pf.model_path}: embeddings of {kept.embeddings.shape[1]} values")
+            raise PrefilterError(f"{pf.model_path}: embeddings of {kept.embeddings.shape[1]} values")
     except (ValueError, RuntimeError) as e:
-        raise ModelError(f"{pf.model_path}: loads, but fails on a dummy batch ({e})") from None
+        raise PrefilterError(f"{pf.model_path}: loads, but fails on a dummy batch ({e})") from None
     return pf
 
 
@@ -79,7 +79,7 @@ def startup_prefilter(cfg: AgentConfig, store: ModelStore) -> tuple[Prefilter | 
     for sha, manifest in store.candidates():
         try:
             return load_prefilter(cfg, manifest, _saved_threshold(cfg)), sha
-        except ModelError as e:
+        except PrefilterError as e:
             log.error("installed model %s does not load (%s); rolling back to the one before it", sha[:12], e)
             store.demote(sha)
     if cfg.prefilter.manifest is None:
@@ -103,7 +103,7 @@ def _saved_doc(cfg: AgentConfig) -> Applied | None:
             raise ControlRefused("no [control] signing_key is configured")
         signed = decode_control(data)
         return verify_control(load_verify_key(cfg.control.signing_key), signed, *_me(cfg)), signed
-    except WireError as e:
+    except (WireError, ControlRefused) as e:
         log.error("%s: not applied (%s); running as the config file says", path, e)
         return None
 
@@ -238,7 +238,10 @@ class Controller:
             doc = verify_control(self.key, signed, self.tenant, self.device)
             if not check_fresh(doc, signed, self.applied, now_ms):
                 return  # the applied document again (a reconnect)
-        except WireError as e:  # malformed, unsigned, forged, for another device, a replay, expired
+        except (
+            WireError,
+            ControlRefused,
+        ) as e:  # malformed, unsigned, forged, for another device, a replay, expired
             self.error = f"control document refused: {e}"[:1024]
             metrics.CONTROL_REFUSED.inc()
             log.error("%s/%s: %s; running as last told", self.tenant, self.device, self.error)

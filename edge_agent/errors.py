@@ -1,7 +1,9 @@
 """The agent's errors: each says what went wrong and where."""
 
+from edge_tier.errors import EdgeTierError
 
-class AgentError(Exception):
+
+class AgentError(EdgeTierError):
     """Base for everything the agent raises on purpose."""
 
 

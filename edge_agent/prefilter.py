@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 FEATURE_SLICE = 64
 
 
-class ModelError(AgentError):
+class PrefilterError(AgentError):
     """A model or its manifest cannot be used; the message names the file and the reason."""
 
 
@@ -40,11 +40,11 @@ def _interpreter_class() -> Any:
     try:
         from tflite_runtime.interpreter import Interpreter  # type: ignore[import-not-found]
     except ImportError:
-        raise ModelError(
+        raise PrefilterError(
             "no TFLite runtime: pip install ai-edge-litert (or tflite-runtime, which needs numpy < 2)"
         ) from None
     if int(np.__version__.split(".")[0]) >= 2:
-        raise ModelError(
+        raise PrefilterError(
             f"tflite-runtime is installed but cannot run with numpy {np.__version__} (it was built for "
             "numpy 1.x): install ai-edge-litert instead, or pin numpy<2"
         )
@@ -80,12 +80,12 @@ class Prefilter:
             # int8 upload: embedding = int8 value x scale (symmetric, from the training set's range)
             self.embedding_scale = float(model.entry.get("embedding_scale", 0.0))
         except ManifestError as e:
-            raise ModelError(str(e)) from None
+            raise PrefilterError(str(e)) from None
         except (KeyError, TypeError, ValueError) as e:
-            raise ModelError(f"{self.manifest_path}: not a usable model manifest ({e!r})") from None
+            raise PrefilterError(f"{self.manifest_path}: not a usable model manifest ({e!r})") from None
         data = model.data
         if upload_dtype is Dtype.INT8 and not self.embedding_scale > 0:
-            raise ModelError(
+            raise PrefilterError(
                 f"{self.manifest_path}: prefilter.embedding_scale is missing, so embeddings cannot be "
                 'uploaded as int8 (set [prefilter] upload_dtype = "float32" or rebuild the models)'
             )
@@ -93,14 +93,16 @@ class Prefilter:
         try:
             self._it = _interpreter_class()(model_content=data, num_threads=threads)
             self._it.allocate_tensors()
-        except ModelError:
+        except PrefilterError:
             raise
         except (ValueError, RuntimeError) as e:
-            raise ModelError(f"{self.model_path}: not a loadable TFLite model ({e})") from None
+            raise PrefilterError(f"{self.model_path}: not a loadable TFLite model ({e})") from None
         self._input = self._it.get_input_details()[0]
         outs = {o["name"]: o for o in self._it.get_output_details()}
         if "score" not in outs or "embedding" not in outs:
-            raise ModelError(f"{self.model_path}: outputs {sorted(outs)}, expected 'score' and 'embedding'")
+            raise PrefilterError(
+                f"{self.model_path}: outputs {sorted(outs)}, expected 'score' and 'embedding'"
+            )
         self._score, self._embedding = outs["score"], outs["embedding"]
         self.features = int(self._input["shape"][-1])
         self.embedding_dim = int(self._embedding["shape"][-1])
@@ -120,7 +122,7 @@ class Prefilter:
             else np.concatenate([spectrum_features(w[i : i + step]) for i in range(0, len(w), step)])
         )
         if x.shape[1] != self.features:
-            raise ModelError(f"{self.model_path}: takes {self.features} features, got {x.shape[1]}")
+            raise PrefilterError(f"{self.model_path}: takes {self.features} features, got {x.shape[1]}")
         if len(x) != self._batch:
             self._it.resize_tensor_input(self._input["index"], [len(x), self.features])
             self._it.allocate_tensors()

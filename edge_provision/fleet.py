@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 from edge_tier import topics
+from edge_tier.errors import EdgeTierError
 from edge_tier.tokens import SCHEMA as TOKENS_SCHEMA
 from edge_tier.wire import validate_id
 
@@ -73,7 +74,7 @@ CREATE TABLE IF NOT EXISTS users (
 """
 
 
-class FleetError(Exception):
+class FleetError(EdgeTierError):
     """The fleet directory cannot do what was asked; the message says what and where."""
 
 

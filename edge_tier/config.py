@@ -14,9 +14,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-
-class ConfigError(Exception):
-    """A config file that cannot be used; the message names the file and the field."""
+from edge_tier.errors import ConfigError
 
 
 class ServiceSettings(BaseSettings):

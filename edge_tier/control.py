@@ -36,7 +36,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edge_tier.wire import WireError, _decode_json_model, validate_id
+from edge_tier.errors import ControlRefused, ModelRefused, WireError
+from edge_tier.wire import _decode_json_model, validate_id
 
 MAX_MODEL_BYTES = 16 * 1024 * 1024
 MAX_CHUNK_BYTES = 1024 * 1024
@@ -48,15 +49,6 @@ DEFAULT_VALID_MS = 30 * 24 * 3600 * 1000  # edge-provision's default lifetime of
 
 _Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 _Ms = Annotated[int, Field(ge=0, le=2**63 - 1)]
-
-
-class ControlRefused(WireError):
-    """A control document that must not be applied: unsigned, signed by another key, for
-    another device, a replay, expired; str() says which."""
-
-
-class ModelRefused(ControlRefused):
-    """A model update that must not be installed: a downgrade, a bad chunk, a bad key file."""
 
 
 class ControlConfig(BaseModel):

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_tier.errors import TokenError
 from edge_tier.wire import validate_id
 
 _TOKEN_RE = re.compile(r"et_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
@@ -32,10 +33,6 @@ CREATE TABLE IF NOT EXISTS api_tokens (
     revoked_ms INTEGER
 );
 """
-
-
-class TokenError(ValueError):
-    """A token store cannot be used, or a token id is unknown."""
 
 
 @dataclass(frozen=True)

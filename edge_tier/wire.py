@@ -29,6 +29,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edge_tier.errors import ChecksumMismatch, FrameTooLarge, UnsupportedVersion, WireError
+
 __all__ = [
     "FORMAT_VERSION",
     "HEADER_FIXED_SIZE",
@@ -69,36 +71,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------
-
-
-class WireError(ValueError):
-    """A frame or message that cannot be accepted; str() says what and where (field name,
-    byte offset). ``field`` and ``offset`` are also attributes (None where not applicable)."""
-
-    def __init__(self, message: str, *, field: str | None = None, offset: int | None = None):
-        where = ""
-        if field is not None and offset is not None:
-            where = f"{field} at offset {offset}: "
-        elif field is not None:
-            where = f"{field}: "
-        elif offset is not None:
-            where = f"at offset {offset}: "
-        # args holds the full text so the error pickles and logs as one string.
-        super().__init__(where + message)
-        self.field = field
-        self.offset = offset
-
-
-class FrameTooLarge(WireError):
-    """The frame (or a declared size inside it) exceeds the receiver's FrameLimits."""
-
-
-class ChecksumMismatch(WireError):
-    """The CRC32 trailer does not match: the frame was damaged in transit or storage."""
-
-
-class UnsupportedVersion(WireError):
-    """The frame's format version is not one this decoder knows."""
 
 
 # --------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Self
 
+from edge_tier.errors import EdgeTierError
+
 __all__ = [
     "BrokerError",
     "BrokerProcess",
@@ -67,7 +69,7 @@ _EXTRA_BIN_DIRS = (
 )
 
 
-class BrokerError(RuntimeError):
+class BrokerError(EdgeTierError, RuntimeError):
     """A broker could not be found, started or stopped.
 
     The message names the broker and its port and ends with the tail of its log.

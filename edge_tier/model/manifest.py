@@ -16,12 +16,10 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from edge_tier.errors import ManifestError
+
 # The shipped models: the repository's models/, installed as this data package (pyproject.toml).
 DEFAULT_MANIFEST = Path(str(files("edge_tier.model.shipped") / "manifest.json"))
-
-
-class ManifestError(ValueError):
-    """A manifest or the model it names cannot be used; the message names the file and the reason."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import pytest
 
 ort = pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
-from cloud_ingest.errors import ModelError  # noqa: E402
+from cloud_ingest.errors import Tier2ModelError  # noqa: E402
 from cloud_ingest.tier2 import Tier2Model  # noqa: E402
 from edge_tier.model.manifest import DEFAULT_MANIFEST  # noqa: E402
 from tests.support import copy_models, flip_byte  # noqa: E402
@@ -32,7 +32,7 @@ def test_missing_gpu_provider_falls_back_to_cpu_with_a_warning(caplog: pytest.Lo
     assert m.providers[0] == "CPUExecutionProvider" and not m.on_gpu and not m.io_binding
     assert "CUDAExecutionProvider is not in this onnxruntime build" in caplog.text
     assert "worker-gpu" in caplog.text
-    with pytest.raises(ModelError, match="none of the providers"):
+    with pytest.raises(Tier2ModelError, match="none of the providers"):
         Tier2Model(DEFAULT_MANIFEST, providers=["CUDAExecutionProvider"])
 
 
@@ -54,7 +54,7 @@ def test_a_tampered_or_missing_model_is_refused_and_the_worker_does_not_start(tm
     manifest = copy_models(tmp_path, "tier2.onnx")
     model = tmp_path / "tier2.onnx"
     flip_byte(model, 200)
-    with pytest.raises(ModelError, match=r"tier2\.onnx: sha256 .* does not match"):
+    with pytest.raises(Tier2ModelError, match=r"tier2\.onnx: sha256 .* does not match"):
         Tier2Model(manifest)
     cfg = tmp_path / "ingest.toml"
     cfg.write_text(f'[nats]\nservers = ["nats://127.0.0.1:1"]\n[worker]\nmanifest = "{manifest}"\n')
@@ -67,7 +67,7 @@ def test_a_tampered_or_missing_model_is_refused_and_the_worker_does_not_start(tm
     assert r.returncode == 2
     assert "tier2.onnx: sha256" in r.stderr and "refusing to load it" in r.stderr
     model.unlink()
-    with pytest.raises(ModelError, match=r"tier2\.onnx: cannot read the tier2 model"):
+    with pytest.raises(Tier2ModelError, match=r"tier2\.onnx: cannot read the tier2 model"):
         Tier2Model(manifest)
 
 
@@ -76,5 +76,5 @@ def test_a_manifest_naming_the_wrong_tensors_is_refused(tmp_path: Path) -> None:
     doc = json.loads(manifest.read_text())
     doc["tier2"]["input"]["name"] = "x"
     manifest.write_text(json.dumps(doc))
-    with pytest.raises(ModelError, match="the manifest names 'x'"):
+    with pytest.raises(Tier2ModelError, match="the manifest names 'x'"):
         Tier2Model(manifest)

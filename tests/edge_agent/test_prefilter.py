@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-litert")
 
-from edge_agent.prefilter import ModelError, Prefilter
+from edge_agent.prefilter import Prefilter, PrefilterError
 from edge_tier.model.generator import HEALTHY, generate
 from tests.support import copy_models, flip_byte
 
@@ -37,19 +37,19 @@ def test_keeps_faults_and_drops_healthy_in_batches_of_any_size() -> None:
 def test_a_tampered_model_is_refused_with_its_path(tmp_path: Path) -> None:
     manifest = copy_models(tmp_path, "prefilter.tflite")
     flip_byte(tmp_path / "prefilter.tflite", 100)
-    with pytest.raises(ModelError, match=r"prefilter\.tflite: sha256 .* does not match"):
+    with pytest.raises(PrefilterError, match=r"prefilter\.tflite: sha256 .* does not match"):
         Prefilter(manifest)
 
 
 def test_missing_model_and_bad_manifest_say_which_file(tmp_path: Path) -> None:
     manifest = copy_models(tmp_path, "prefilter.tflite")
     (tmp_path / "prefilter.tflite").unlink()
-    with pytest.raises(ModelError, match=r"prefilter\.tflite: cannot read"):
+    with pytest.raises(PrefilterError, match=r"prefilter\.tflite: cannot read"):
         Prefilter(manifest)
     manifest.write_text("{not json")
-    with pytest.raises(ModelError, match=r"manifest\.json: not a usable model manifest"):
+    with pytest.raises(PrefilterError, match=r"manifest\.json: not a usable model manifest"):
         Prefilter(manifest)
-    with pytest.raises(ModelError, match="manifest not found"):
+    with pytest.raises(PrefilterError, match="manifest not found"):
         Prefilter(tmp_path / "nope.json")
 
 
@@ -62,7 +62,7 @@ def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
 
     m["prefilter"]["sha256"] = hashlib.sha256(junk).hexdigest()
     manifest.write_text(json.dumps(m))
-    with pytest.raises(ModelError, match="not a loadable TFLite model"):
+    with pytest.raises(PrefilterError, match="not a loadable TFLite model"):
         Prefilter(manifest)
 
 
@@ -88,7 +88,7 @@ def test_without_litert_the_fallback_says_what_to_install(monkeypatch: pytest.Mo
 
     monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # import fails
     monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", None)
-    with pytest.raises(ModelError, match="no TFLite runtime: pip install ai-edge-litert"):
+    with pytest.raises(PrefilterError, match="no TFLite runtime: pip install ai-edge-litert"):
         prefilter._interpreter_class()
     # tflite-runtime present: used on numpy 1.x, refused with the reason on numpy 2
     fake = types.ModuleType("tflite_runtime.interpreter")
@@ -97,7 +97,9 @@ def test_without_litert_the_fallback_says_what_to_install(monkeypatch: pytest.Mo
     monkeypatch.setattr(np, "__version__", "1.26.4")
     assert prefilter._interpreter_class() is object
     monkeypatch.setattr(np, "__version__", "2.1.0")
-    with pytest.raises(ModelError, match=r"tflite-runtime is installed but cannot run with numpy 2\.1\.0"):
+    with pytest.raises(
+        PrefilterError, match=r"tflite-runtime is installed but cannot run with numpy 2\.1\.0"
+    ):
         prefilter._interpreter_class()
 
 
@@ -122,6 +124,6 @@ def test_int8_upload_round_trips_within_half_a_step_and_needs_a_scale(tmp_path: 
     doc = json.loads(manifest.read_text())
     del doc["prefilter"]["embedding_scale"]
     manifest.write_text(json.dumps(doc))
-    with pytest.raises(ModelError, match="embedding_scale is missing"):
+    with pytest.raises(PrefilterError, match="embedding_scale is missing"):
         Prefilter(manifest, upload_dtype=Dtype.INT8)
     assert Prefilter(manifest).upload_dtype is Dtype.FLOAT32
