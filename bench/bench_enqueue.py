@@ -27,12 +27,11 @@ import asyncio
 import contextlib
 import os
 import platform
-import shutil
 import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from bench.figures import save_json
 from edge_agent.config import EvictionPolicy, StoreSettings
 from edge_agent.store import AsyncQueue, NewRecord, RecordKind, Store
 from edge_tier.wire import Dtype
+from edge_tier_harness.testkit import temp_dir
 
 DIM = 128
 SYNC_BATCH = 1000
@@ -94,16 +94,6 @@ class Workload:
 # -- helpers -------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def temp_dir(base: Path | None, name: str, keep: bool) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix=f"bench-enqueue-{name}-", dir=base))
-    try:
-        yield path
-    finally:
-        if not keep:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def sync_mode(db: sqlite3.Connection) -> str:
     return SYNC_NAMES.get(int(db.execute("PRAGMA synchronous").fetchone()[0]), "?")
 
@@ -138,7 +128,7 @@ def store_settings(path: Path, commit_window_ms: float) -> StoreSettings:
 
 def bench_naive(work: Workload, n: int, base: Path | None, keep: bool) -> Result:
     """One transaction per record: plain sqlite3, WAL, synchronous=FULL, same columns as ours."""
-    with temp_dir(base, "naive", keep) as d:
+    with temp_dir(base, "bench-enqueue-naive", keep) as d:
         db = sqlite3.connect(d / "naive.db")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
@@ -170,7 +160,7 @@ def bench_persist_queue(work: Workload, n: int, base: Path | None, keep: bool) -
         import persistqueue  # type: ignore[import-untyped]
     except ImportError as e:
         return Skipped(name, f"persist-queue not importable ({e}); pip install persist-queue")
-    with temp_dir(base, "pq", keep) as d:
+    with temp_dir(base, "bench-enqueue-pq", keep) as d:
         # multithreading=False: one producer thread, one connection; auto_commit=True
         # is the default and the only mode the ack queue supports.
         q = persistqueue.SQLiteAckQueue(str(d / "q"), multithreading=False, auto_commit=True)
@@ -192,7 +182,7 @@ def bench_persist_queue(work: Workload, n: int, base: Path | None, keep: bool) -
 
 def bench_ours_sync(work: Workload, n: int, base: Path | None, keep: bool) -> Result:
     """``Store.append_many`` with one 1000-record batch per transaction, one producer."""
-    with temp_dir(base, "sync", keep) as d:
+    with temp_dir(base, "bench-enqueue-sync", keep) as d:
         store = Store(store_settings(d, 0))
         recs = work.records
         t0 = time.perf_counter()
@@ -244,7 +234,7 @@ def bench_ours_async(
     commit_window_ms: float,
 ) -> Result:
     """``AsyncQueue``: ``producers`` tasks, each awaiting durable ``enqueue`` of ``batch`` records."""
-    with temp_dir(base, f"async{batch}", keep) as d:
+    with temp_dir(base, f"bench-enqueue-async{batch}", keep) as d:
         store = Store(store_settings(d, commit_window_ms))
         secs, lat = asyncio.run(_run_async(store, n, work.records, producers, batch))
         mode = sync_mode(store.db)

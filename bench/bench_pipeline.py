@@ -41,18 +41,15 @@ import contextlib
 import http.client
 import itertools
 import json
-import multiprocessing
-import multiprocessing.synchronize
 import os
 import platform
-import shutil
 import signal
 import sqlite3
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,20 +57,21 @@ from typing import Any
 import nats
 import numpy as np
 import paho.mqtt.client as paho
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bench import naive_pipeline
 from bench.figures import save_json
 from edge_tier import topics
+from edge_tier_harness import testkit
 from edge_tier_harness.brokers import Mosquitto, NatsServer
-from edge_tier_harness.services import AgentProcess, IngestProcess
+from edge_tier_harness.services import AgentProcess, IngestProcess, agent_drained, agent_status
+from edge_tier_harness.testkit import CpuMeter, percentiles_ms, temp_dir, wait_until
 
 DIM = 128
 RECORD_BYTES = DIM * 4
 TENANT, DEVICE, STREAM = "bench", "dev-1", "bench"
-NAIVE_STREAM, NAIVE_SUBJECT = "NAIVE_FEATURES", "naive.features.dev-1"
 BODY_POOL = 8  # distinct request bodies the posters cycle through (content does not matter)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROC_NAMES = ("agent", "ingest", "mosquitto", "nats-server", "bench")
 
 
@@ -103,52 +101,6 @@ class Result:
 # -- helpers -------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """utime + stime of ``pid`` (all its threads) in seconds; 0 if it is gone."""
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return 0.0
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
-
-
-class CpuMeter:
-    """CPU seconds each named process spent between ``start()`` and ``stop()``."""
-
-    def __init__(self, pids: dict[str, int | None]) -> None:
-        self.pids = pids
-        self._t0: dict[str, float] = {}
-        self.used: dict[str, float] = {}
-
-    def start(self) -> None:
-        self._t0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
-
-    def stop(self) -> dict[str, float]:
-        self.used = {k: cpu_seconds(p) - self._t0[k] for k, p in self.pids.items()}
-        return self.used
-
-
-def percentiles_ms(values: np.ndarray) -> dict[str, float]:
-    if values.size == 0:
-        return {}
-    p50, p99 = np.percentile(values, [50, 99])
-    return {"p50": float(p50) * 1000, "p99": float(p99) * 1000, "max": float(values.max()) * 1000}
-
-
-@contextlib.contextmanager
-def temp_dir(base: Path | None, name: str, keep: bool) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix=f"bench-pipeline-{name}-", dir=base))
-    try:
-        yield path
-    finally:
-        if not keep:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def start_brokers(
     stack: contextlib.ExitStack, d: Path, args: argparse.Namespace
 ) -> tuple[Mosquitto, NatsServer]:
@@ -163,14 +115,6 @@ def start_brokers(
     stack.callback(nsrv.stop)
     nsrv.start()
     return mosq, nsrv
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.005) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 class ReceiptWatcher:
@@ -226,36 +170,31 @@ def parse_our_receipt(payload: bytes) -> tuple[int, int] | None:
 
 
 def agent_config(d: Path, mqtt_port: int, args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "log_level": "INFO",  # the readiness line is logged at INFO
-        "device": {"tenant": TENANT, "device": DEVICE},
-        "mqtt": {"port": mqtt_port, "backoff_min_s": 0.05, "backoff_max_s": 0.5},
-        "store": {
-            "path": str(d / "queue.db"),
+    return testkit.agent_config(
+        d,
+        mqtt_port,
+        tenant=TENANT,
+        device=DEVICE,
+        store={
             "budget_bytes": args.budget_mb * 1024 * 1024,
             "policy": args.policy,
             "synchronous": args.synchronous,
             "commit_window_ms": args.commit_window_ms,
             "commit_max_records": args.commit_max_records,
         },
-        "uplink": {
+        uplink={
             "frame_max_records": args.frame_records,
             "frame_max_bytes": args.frame_bytes,
             "window": args.window,
             "receipt_timeout_s": 30.0,
             "status_interval_s": 10.0,
         },
-        "endpoint": {"max_body_bytes": 64 * 1024 * 1024},
-    }
+        endpoint={"max_body_bytes": 64 * 1024 * 1024},
+    )
 
 
 def ingest_config(mqtt_port: int, nats_url: str) -> dict[str, Any]:
-    return {
-        "log_level": "INFO",
-        "mqtt": {"port": mqtt_port, "backoff_min_s": 0.05, "backoff_max_s": 0.5},
-        "nats": {"servers": [nats_url]},
-        "ingest": {"publish_timeout_s": 10.0},
-    }
+    return testkit.ingest_config(mqtt_port, nats_url, ingest={"publish_timeout_s": 10.0})
 
 
 def make_bodies(batch: int, seed: int = 7) -> list[bytes]:
@@ -322,21 +261,6 @@ class Poster(threading.Thread):
             self.stop.set()
         finally:
             conn.close()
-
-
-def agent_status(port: int) -> dict[str, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", "/v1/status")
-        resp = conn.getresponse()
-        return dict(json.loads(resp.read()))
-    finally:
-        conn.close()
-
-
-def drained(port: int) -> bool:
-    st = agent_status(port)
-    return bool(st["records"] == 0 and st["frames_in_flight"] == 0)
 
 
 def run_posters(posters: list[Poster], stop: threading.Event) -> None:
@@ -415,7 +339,7 @@ def run_ours(args: argparse.Namespace, *, records: int, rate: float | None, labe
     posts_total = max(1, records // batch)
     records = posts_total * batch
     bodies = make_bodies(batch)
-    with temp_dir(args.dir, "ours", args.keep) as d, contextlib.ExitStack() as stack:
+    with temp_dir(args.dir, "bench-pipeline-ours", args.keep) as d, contextlib.ExitStack() as stack:
         mosq, nsrv = start_brokers(stack, d, args)
         ingest = IngestProcess(d / "ingest", ingest_config(mosq.port, nsrv.url), name="ingest")
         stack.callback(ingest.stop, 15.0)
@@ -431,7 +355,7 @@ def run_ours(args: argparse.Namespace, *, records: int, rate: float | None, labe
         warm = Poster(agent.port, bodies, 1, stop)
         run_posters([warm], stop)
         watcher.wait_records(batch, 30)
-        wait_for(lambda: drained(agent.port), 30, "the warm-up to drain", 0.02)
+        wait_until(lambda: agent_drained(agent.port), 30, "the warm-up to drain", 0.02)
         warm_frames = len(watcher.ranges)
 
         meter = CpuMeter(
@@ -463,7 +387,9 @@ def run_ours(args: argparse.Namespace, *, records: int, rate: float | None, labe
         run_posters(posters, stop)
         t_posted = time.monotonic()
         watcher.wait_records(batch + records, args.drain_timeout_s)
-        wait_for(lambda: drained(agent.port), args.drain_timeout_s, "the agent's queue to drain")
+        wait_until(
+            lambda: agent_drained(agent.port), args.drain_timeout_s, "the agent's queue to drain", 0.005
+        )
         t_end = time.monotonic()
         cpu = meter.stop()
         if rate:
@@ -476,7 +402,7 @@ def run_ours(args: argparse.Namespace, *, records: int, rate: float | None, labe
         lat_ret, _ = record_latencies(posts, watcher)
         post_s = np.array([p.returned - p.started for p in posts])
         st = agent_status(agent.port)
-        assert not st["evictions"], f"ours: the queue evicted records: {st['evictions']}"
+        assert st is not None and not st["evictions"], f"ours: the queue evicted records: {st['evictions']}"
     return Result(
         contender=label,
         records=records,
@@ -496,154 +422,19 @@ def run_ours(args: argparse.Namespace, *, records: int, rate: float | None, labe
 # -- naive ---------------------------------------------------------------------
 
 
-def naive_ingest_main(mqtt_port: int, nats_url: str, ready: multiprocessing.synchronize.Event) -> None:
-    """Child process: per message, one awaited JetStream publish, then one receipt."""
-    asyncio.run(_naive_ingest(mqtt_port, nats_url, ready))
-
-
-async def _naive_ingest(mqtt_port: int, nats_url: str, ready: multiprocessing.synchronize.Event) -> None:
-    parent = os.getppid()
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    await js.add_stream(
-        StreamConfig(
-            name=NAIVE_STREAM,
-            subjects=["naive.features.>"],
-            storage=StorageType.FILE,
-            duplicate_window=7200.0,
-        )
-    )
-    subscribed = threading.Event()
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="naive-ingest")
-
-    def on_message(c: paho.Client, u: Any, m: paho.MQTTMessage) -> None:
-        loop.call_soon_threadsafe(inbox.put_nowait, (m.topic, bytes(m.payload)))
-
-    client.on_message = on_message
-    client.on_subscribe = lambda *a: subscribed.set()
-    client.connect("127.0.0.1", mqtt_port)
-    client.subscribe("naive/+/up", 1)
-    client.loop_start()
-    await asyncio.to_thread(subscribed.wait, 10)
-    ready.set()
-    try:
-        while True:
-            try:
-                topic, payload = await asyncio.wait_for(inbox.get(), 1.0)
-            except TimeoutError:
-                if os.getppid() != parent:
-                    return  # the benchmark died: do not outlive it
-                continue
-            seq = int.from_bytes(payload[:8], "little")
-            device = topic.split("/")[1]
-            await js.publish(NAIVE_SUBJECT, payload, headers={"Nats-Msg-Id": f"{device}.{seq}"})
-            receipt = json.dumps({"seq": seq, "status": "committed"}).encode()
-            client.publish(f"naive/{device}/receipt", receipt, qos=1)
-    finally:
-        client.loop_stop()
-        client.disconnect()
-        await nc.close()
-
-
-async def _stream_count(url: str, stream: str) -> int:
-    nc = await nats.connect(url)
-    try:
-        return int((await nc.jetstream().stream_info(stream)).state.messages)
-    finally:
-        await nc.close()
-
-
 def run_naive(args: argparse.Namespace) -> Result:
     n = args.naive_records
-    rng = np.random.default_rng(11)
-    feats = rng.standard_normal((n, DIM), dtype=np.float32)
-    blobs = [feats[i].astype("<f4").tobytes() for i in range(n)]
-    with temp_dir(args.dir, "naive", args.keep) as d, contextlib.ExitStack() as stack:
+    with temp_dir(args.dir, "bench-pipeline-naive", args.keep) as d, contextlib.ExitStack() as stack:
         mosq, nsrv = start_brokers(stack, d, args)
-        ctx = multiprocessing.get_context("spawn")
-        ready = ctx.Event()
-        child = ctx.Process(
-            target=naive_ingest_main, args=(mosq.port, nsrv.url, ready), name="naive-ingest", daemon=True
-        )
-        child.start()
-
-        def _stop_child() -> None:
-            if child.is_alive():
-                child.terminate()
-                child.join(5)
-            if child.is_alive():
-                child.kill()
-                child.join()
-
-        stack.callback(_stop_child)
-        if not ready.wait(30):
-            raise RuntimeError("the naive ingest did not become ready")
-
-        db = sqlite3.connect(d / "naive.db", isolation_level=None, check_same_thread=False)
-        stack.callback(db.close)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("CREATE TABLE q (seq INTEGER PRIMARY KEY, created_ms INTEGER, features BLOB)")
-        lock = threading.Lock()  # one connection, used by the producer and the receipt thread
-        done = threading.Event()
-        left = [n]
-
-        def on_receipt(client: Any, userdata: Any, msg: Any) -> None:
-            seq = int(json.loads(msg.payload)["seq"])
-            with lock:
-                db.execute("DELETE FROM q WHERE seq = ?", (seq,))  # autocommit: one commit
-                left[0] -= 1
-                if left[0] == 0:
-                    done.set()
-
-        subscribed = threading.Event()
-        dev = paho.Client(CallbackAPIVersion.VERSION2, client_id="naive-device")
-        dev.on_message = on_receipt
-        dev.on_subscribe = lambda *a: subscribed.set()
-        dev.connect("127.0.0.1", mosq.port)
-        dev.subscribe(f"naive/{DEVICE}/receipt", 1)
-        dev.loop_start()
-
-        def _stop_dev() -> None:
-            dev.loop_stop()
-            dev.disconnect()
-
-        stack.callback(_stop_dev)
-        if not subscribed.wait(10):
-            raise TimeoutError("naive device: no SUBACK")
-        up = f"naive/{DEVICE}/up"
-
-        meter = CpuMeter(
-            {"agent": os.getpid(), "ingest": child.pid, "mosquitto": mosq.pid, "nats-server": nsrv.pid}
-        )
-        meter.start()
-        t0 = time.monotonic()
-        for i in range(n):
-            seq = i + 1
-            with lock:
-                db.execute("INSERT INTO q VALUES (?, ?, ?)", (seq, time.time_ns() // 1_000_000, blobs[i]))
-            dev.publish(up, seq.to_bytes(8, "little") + blobs[i], qos=1)
-        t_posted = time.monotonic()
-        deadline = time.monotonic() + args.drain_timeout_s
-        while not done.wait(0.2):
-            if time.monotonic() > deadline or not child.is_alive():
-                raise TimeoutError(f"naive: {left[0]} of {n} records without a receipt")
-        t_end = time.monotonic()
-        cpu = meter.stop()
-        with lock:
-            rows = db.execute("SELECT count(*) FROM q").fetchone()[0]
-        stored = asyncio.run(_stream_count(nsrv.url, NAIVE_STREAM))
-    assert rows == 0 and stored == n, f"naive: {rows} rows left, {stored} messages stored, {n} enqueued"
+        run = naive_pipeline.run(d, mosq, nsrv, n, DIM, args.drain_timeout_s)
     return Result(
         contender="naive (per-record commit, message, publish, receipt)",
         records=n,
-        seconds=t_end - t0,
-        cpu_s=cpu,
+        seconds=run.seconds,
+        cpu_s=run.cpu_s,
         frames=n,
-        verified=f"ok: {stored} messages in {NAIVE_STREAM} = enqueued",
-        note=f"enqueue+publish loop took {t_posted - t0:.2f}s; device runs in the bench process",
+        verified=f"ok: {run.stored} messages in {naive_pipeline.STREAM} = enqueued",
+        note=f"enqueue+publish loop took {run.posted_s:.2f}s; device runs in the bench process",
     )
 
 

@@ -52,13 +52,13 @@ import numpy as np
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bench import bench_pipeline, bench_tier2
-from bench.bench_pipeline import CpuMeter
 from bench.figures import save_json
 from edge_tier import topics
 from edge_tier.model.manifest import DEFAULT_MANIFEST
 from edge_tier.wire import decode_results
 from edge_tier_harness.brokers import BrokerProcess, Mosquitto, NatsServer
 from edge_tier_harness.services import AgentProcess, IngestProcess, WorkerProcess, agent_status
+from edge_tier_harness.testkit import CpuMeter, wait_until
 
 DIM = 16
 TENANT = "bench"
@@ -317,7 +317,7 @@ def run_level(
     if lat.size:
         lv.p50_ms, lv.p99_ms = (float(x) for x in np.percentile(lat, [50, 99]))
     for a in stack.agents:  # the next level starts from empty queues
-        bench_pipeline.wait_for(lambda a=a: (agent_status(a.port) or {}).get("records") == 0, 60, "drain")
+        wait_until(lambda a=a: (agent_status(a.port) or {}).get("records") == 0, 60, "drain")
     return lv
 
 

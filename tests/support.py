@@ -1,5 +1,7 @@
 """Helpers for pipeline tests: agent and ingest as real child processes, producers, readers.
 
+The configs and waits the benchmarks share are in ``edge_tier_harness.testkit`` (re-exported).
+
 The brokers come from ``tests/conftest.py``; here are the services on top of
 them, a producer that records which seqs the agent acknowledged, and readers
 that return every seq JetStream holds (with repeats, so duplicates show).
@@ -13,7 +15,7 @@ import http.client
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,10 @@ from edge_tier.wire import Dtype, ResultBatch, decode_frame, decode_results, enc
 from edge_tier_harness import services
 from edge_tier_harness.brokers import Mosquitto, NatsServer
 from edge_tier_harness.services import AgentProcess, IngestProcess
+from edge_tier_harness.testkit import DEVICE, TENANT, wait_until
+from edge_tier_harness.testkit import agent_config as agent_config
+from edge_tier_harness.testkit import ingest_config as ingest_config
 
-TENANT, DEVICE = "acme", "press-7"
 DIM = 16
 
 
@@ -115,46 +119,6 @@ def flip_byte(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def agent_config(workdir: Path, mqtt_port: int, **sections: dict[str, Any]) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "log_level": "INFO",
-        "device": {"tenant": TENANT, "device": DEVICE},
-        "mqtt": {"port": mqtt_port, "backoff_min_s": 0.05, "backoff_max_s": 0.5},
-        "store": {"path": str(workdir / "queue.db"), "budget_bytes": 16 * 1024 * 1024},
-        "uplink": {
-            "frame_max_records": 100,
-            "frame_max_bytes": 256 * 1024,
-            "window": 4,
-            "receipt_timeout_s": 2.0,
-            "status_interval_s": 0.5,
-        },
-    }
-    for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
-    return cfg
-
-
-def ingest_config(mqtt_port: int, nats_url: str, **sections: dict[str, Any]) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "log_level": "INFO",
-        "mqtt": {"port": mqtt_port, "backoff_min_s": 0.05, "backoff_max_s": 0.5},
-        "nats": {"servers": [nats_url]},
-        "ingest": {"publish_timeout_s": 2.0},
-    }
-    for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
-    return cfg
 
 
 @dataclass
