@@ -44,9 +44,13 @@ bench: deps
 	$(PY) -m bench.bench_api
 	$(PY) -m bench.bench_system --write
 
+# Style and complexity (ruff), formatting, types (mypy with the pydantic plugin) and the floors
+# (import-linter's contracts in pyproject.toml; docs/architecture.md draws them).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -154,6 +154,7 @@ class Endpoint:
 
     async def post_records(self, request: web.Request) -> web.Response:
         durable = request.query.get("durable", "1") not in ("0", "false", "no")
+        records: RecordBatch | list[NewRecord]
         if request.content_type == BINARY_TYPE:
             kind, records = self._parse_binary(request.query, await request.read())
         elif request.content_type == "application/json":

@@ -38,7 +38,7 @@ def _interpreter_class() -> Any:
     except ImportError:
         pass
     try:
-        from tflite_runtime.interpreter import Interpreter  # type: ignore[import-not-found]
+        from tflite_runtime.interpreter import Interpreter
     except ImportError:
         raise PrefilterError(
             "no TFLite runtime: pip install ai-edge-litert (or tflite-runtime, which needs numpy < 2)"

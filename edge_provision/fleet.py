@@ -339,7 +339,8 @@ class Fleet:
 
     def _row(self, tenant: str, device: str) -> tuple[str, int | None] | None:
         q = "SELECT serial, revoked_ms FROM devices WHERE tenant = ? AND device = ?"
-        return self.db.execute(q, (tenant, device)).fetchone()  # type: ignore[no-any-return]
+        row: tuple[str, int | None] | None = self.db.execute(q, (tenant, device)).fetchone()
+        return row
 
     def _write_bundle(
         self, tenant: str, device: str, bundle: Path, broker_host: str, port: int, tls_port: int
