@@ -132,38 +132,11 @@ Groups = list[tuple[RecordKind, Columns]]
 
 def _read(source: Path, copy: Path, report: RescueReport, problems: list[str]) -> tuple[Groups, int]:
     """Rows from every intact leaf page; counts of lost rows from the index (SQL)."""
-    kinds: dict[int, RecordKind] = {}
-    indexed: dict[int, int | None] = {}
-    try:
-        db = sqlite3.connect(copy, isolation_level=None)
-        try:
-            # The WAL's pages into the file, so the page scan reads the newest of each.
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            kinds = _kinds(db, problems)
-            indexed = _keys(db, report, problems)
-        finally:
-            db.close()
-    except sqlite3.DatabaseError as e:
-        problems.append(f"cannot read it as a database: {e}")
-        report.damage_unmeasured = True
+    kinds, indexed = _read_index(copy, report, problems)
     for kid, k in _saved_kinds(source, problems).items():
         kinds.setdefault(kid, k)
+    candidates = _scan_pages(copy, kinds, report, problems)
     found: dict[int, tuple[RecordKind, Columns]] = {}
-    candidates: list[tuple[int, tuple[Value, ...]]] = []
-    scan = Scan()
-    try:
-        for rowid, values in table_rows(copy, scan):
-            if _is_kind_row(values) and rowid not in kinds:
-                with contextlib.suppress(ValueError, TypeError, WireError):
-                    kinds[rowid] = _kind((rowid, *values[1:]))
-            elif len(values) in (12, 13) and values[0] is None:  # a chunk row (13: with its crc)
-                candidates.append((rowid, values))
-    except (OSError, ValueError) as e:
-        problems.append(f"page scan: {e}")
-        report.damage_unmeasured = True
-    if scan.bad_cells:
-        problems.append(f"{scan.bad_cells} cells on leaf pages could not be read")
-        report.damage_unmeasured = True
     for rowid, values in candidates:
         try:
             found.setdefault(rowid, _check_row((rowid, *values[1:]), kinds))
@@ -184,6 +157,46 @@ def _read(source: Path, copy: Path, report: RescueReport, problems: list[str]) -
     report.chunks = len(groups)
     report.records = sum(len(c) for _, c in groups)
     return groups, lost_bytes
+
+
+def _read_index(
+    copy: Path, report: RescueReport, problems: list[str]
+) -> tuple[dict[int, RecordKind], dict[int, int | None]]:
+    """The kinds and the chunk keys (with their record counts) as SQL still reads them."""
+    try:
+        db = sqlite3.connect(copy, isolation_level=None)
+        try:
+            # The WAL's pages into the file, so the page scan reads the newest of each.
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            return _kinds(db, problems), _keys(db, report, problems)
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        problems.append(f"cannot read it as a database: {e}")
+        report.damage_unmeasured = True
+        return {}, {}
+
+
+def _scan_pages(
+    copy: Path, kinds: dict[int, RecordKind], report: RescueReport, problems: list[str]
+) -> list[tuple[int, tuple[Value, ...]]]:
+    """The chunk rows of every intact leaf page (kinds rows found on the way go to ``kinds``)."""
+    candidates: list[tuple[int, tuple[Value, ...]]] = []
+    scan = Scan()
+    try:
+        for rowid, values in table_rows(copy, scan):
+            if _is_kind_row(values) and rowid not in kinds:
+                with contextlib.suppress(ValueError, TypeError, WireError):
+                    kinds[rowid] = _kind((rowid, *values[1:]))
+            elif len(values) in (12, 13) and values[0] is None:  # a chunk row (13: with its crc)
+                candidates.append((rowid, values))
+    except (OSError, ValueError) as e:
+        problems.append(f"page scan: {e}")
+        report.damage_unmeasured = True
+    if scan.bad_cells:
+        problems.append(f"{scan.bad_cells} cells on leaf pages could not be read")
+        report.damage_unmeasured = True
+    return candidates
 
 
 def _saved_kinds(source: Path, problems: list[str]) -> dict[int, RecordKind]:

@@ -70,39 +70,40 @@ def _record(payload: bytes) -> tuple[Value, ...]:
     values: list[Value] = []
     pos = header_len
     for t in types:
-        if t == 0:
-            values.append(None)
-        elif t in _INT_SIZES:
-            n = _INT_SIZES[t]
-            if pos + n > len(payload):
-                raise _Bad("integer past the record")
-            values.append(int.from_bytes(payload[pos : pos + n], "big", signed=True))
-            pos += n
-        elif t == 7:
-            if pos + 8 > len(payload):
-                raise _Bad("real past the record")
-            values.append(struct.unpack_from(">d", payload, pos)[0])
-            pos += 8
-        elif t in (8, 9):
-            values.append(t - 8)
-        elif t >= 12:
-            n = (t - 12) // 2
-            if pos + n > len(payload):
-                raise _Bad("blob or text past the record")
-            raw = payload[pos : pos + n]
-            if t % 2:
-                try:
-                    values.append(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    raise _Bad("text is not UTF-8") from None
-            else:
-                values.append(raw)
-            pos += n
-        else:
-            raise _Bad(f"serial type {t}")
+        value, pos = _value(t, payload, pos)
+        values.append(value)
     if pos != len(payload):
         raise _Bad("record shorter than its payload")
     return tuple(values)
+
+
+def _value(t: int, payload: bytes, pos: int) -> tuple[Value, int]:
+    """The value of serial type ``t`` at ``pos`` of a record's body, and the offset after it."""
+    if t == 0:
+        return None, pos
+    if t in _INT_SIZES:
+        n = _INT_SIZES[t]
+        if pos + n > len(payload):
+            raise _Bad("integer past the record")
+        return int.from_bytes(payload[pos : pos + n], "big", signed=True), pos + n
+    if t == 7:
+        if pos + 8 > len(payload):
+            raise _Bad("real past the record")
+        return struct.unpack_from(">d", payload, pos)[0], pos + 8
+    if t in (8, 9):
+        return t - 8, pos
+    if t < 12:
+        raise _Bad(f"serial type {t}")
+    n = (t - 12) // 2
+    if pos + n > len(payload):
+        raise _Bad("blob or text past the record")
+    raw = payload[pos : pos + n]
+    if t % 2 == 0:
+        return raw, pos + n
+    try:
+        return raw.decode("utf-8"), pos + n
+    except UnicodeDecodeError:
+        raise _Bad("text is not UTF-8") from None
 
 
 class _File:

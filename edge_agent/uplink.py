@@ -34,7 +34,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edge_agent import metrics
 from edge_agent.config import AgentConfig
@@ -70,6 +70,44 @@ class InFlight:
     first_sent_at: float | None = None
     hold: bool = False  # the cloud said GAP: wait for an older frame's receipt
     sends: int = 0
+
+
+@dataclass
+class _SortedReceipts:
+    """One batch of receipts by what each asks of the uplink: frames finished (with the
+    reason they count as lost, None if delivered), frames to cut smaller, gaps, rescues."""
+
+    finished: list[tuple[InFlight, str | None]] = field(default_factory=list)
+    gaps: list[tuple[InFlight, Receipt]] = field(default_factory=list)
+    too_large: list[InFlight] = field(default_factory=list)
+    rescued: list[Receipt] = field(default_factory=list)
+
+    def add(self, f: InFlight, r: Receipt) -> None:
+        if r.status is ReceiptStatus.TOO_LARGE:
+            if f.frame.n > 1:
+                self.too_large.append(f)
+                return
+            log.error(
+                "cloud takes no frame of upload %s's one record (%s); it is dropped and counted as "
+                "'too_large'",
+                r.upload_id,
+                r.reason,
+                extra=context(r.upload_id),
+            )
+            self.finished.append((f, "too_large"))
+        elif r.status in (ReceiptStatus.COMMITTED, ReceiptStatus.DUPLICATE):
+            self.finished.append((f, None))
+        elif r.status is ReceiptStatus.REJECTED:
+            log.error(
+                "cloud rejected upload %s (%s); its %d records are dropped and counted as 'rejected'",
+                r.upload_id,
+                r.reason,
+                f.frame.n,
+                extra=context(r.upload_id),
+            )
+            self.finished.append((f, "rejected"))
+        elif r.status is ReceiptStatus.GAP:
+            self.gaps.append((f, r))
 
 
 class Uplink:
@@ -346,66 +384,43 @@ class Uplink:
         await self.handle_receipts([r])
 
     async def handle_receipts(self, receipts: list[Receipt]) -> None:
-        finished: list[tuple[InFlight, str | None]] = []
-        gaps: list[tuple[InFlight, Receipt]] = []
-        too_large: list[InFlight] = []
-        rescued: list[Receipt] = []
+        sorted_ = _SortedReceipts()
         for r in receipts:
             if r.limits is not None:
                 await self._learn(r.limits)
             if self.rescue is not None and r.upload_id == self.rescue.upload_id:
-                rescued.append(r)
+                sorted_.rescued.append(r)
                 continue
             f = self.in_flight.get(r.first_seq)
-            if f is None or f.frame.last_seq != r.last_seq or any(f is g for g, _ in finished):
+            if f is None or f.frame.last_seq != r.last_seq or any(f is g for g, _ in sorted_.finished):
                 log.debug("receipt for %s matches nothing in flight (already done)", r.upload_id)
                 continue
-            if r.status is ReceiptStatus.TOO_LARGE:
-                if f.frame.n > 1:
-                    too_large.append(f)
-                    continue
-                log.error(
-                    "cloud takes no frame of upload %s's one record (%s); it is dropped and counted as "
-                    "'too_large'",
-                    r.upload_id,
-                    r.reason,
-                    extra=context(r.upload_id),
-                )
-                finished.append((f, "too_large"))
-            elif r.status in (ReceiptStatus.COMMITTED, ReceiptStatus.DUPLICATE):
-                finished.append((f, None))
-            elif r.status is ReceiptStatus.REJECTED:
-                log.error(
-                    "cloud rejected upload %s (%s); its %d records are dropped and counted as 'rejected'",
-                    r.upload_id,
-                    r.reason,
-                    f.frame.n,
-                    extra=context(r.upload_id),
-                )
-                finished.append((f, "rejected"))
-            elif r.status is ReceiptStatus.GAP:
-                gaps.append((f, r))
-        if finished:
-            counts = await self.queue.call(
-                self.store.finish_frames, [(f.frame.first_seq, f.frame.last_seq, why) for f, why in finished]
-            )
-            now = time.monotonic()
-            for (f, why), n in zip(finished, counts, strict=True):
-                self._done(f.frame.first_seq)
-                if why is None:
-                    metrics.DELIVERED.inc(n)
-                    if f.first_sent_at is not None:
-                        metrics.RECEIPT_LATENCY.observe(now - f.first_sent_at)
-        for f in too_large:
+            sorted_.add(f, r)
+        if sorted_.finished:
+            await self._finish(sorted_.finished)
+        for f in sorted_.too_large:
             if self.in_flight.get(f.frame.first_seq) is f:
                 await self._fit(f, refused=True)
         # GAPs after the finished frames are gone: what is oldest now decides re-chaining.
-        for f, r in gaps:
+        for f, r in sorted_.gaps:
             if self.in_flight.get(f.frame.first_seq) is f:
                 await self._on_gap(f, r)
-        for r in rescued:
+        for r in sorted_.rescued:
             await self._on_rescued_receipt(r)
         await self.queue.notify_room()
+
+    async def _finish(self, finished: list[tuple[InFlight, str | None]]) -> None:
+        """Delete (or count as lost, with the reason) the frames their receipts finished."""
+        counts = await self.queue.call(
+            self.store.finish_frames, [(f.frame.first_seq, f.frame.last_seq, why) for f, why in finished]
+        )
+        now = time.monotonic()
+        for (f, why), n in zip(finished, counts, strict=True):
+            self._done(f.frame.first_seq)
+            if why is None:
+                metrics.DELIVERED.inc(n)
+                if f.first_sent_at is not None:
+                    metrics.RECEIPT_LATENCY.observe(now - f.first_sent_at)
 
     async def _on_rescued_receipt(self, r: Receipt) -> None:
         f = self.rescue
