@@ -219,7 +219,7 @@ async def _run_async(
     committer.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await committer
-    queue._executor.shutdown(wait=True)  # the store is closed by the caller, after its stats
+    await queue.close(close_store=False)  # the caller closes the store, after its stats
     return secs, latencies
 
 

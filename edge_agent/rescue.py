@@ -1,7 +1,7 @@
 """Rescue: what is still readable of a queue file that failed its integrity check.
 
 A queue that fails ``PRAGMA quick_check`` at open is moved aside as
-``queue.db.corrupt-<stamp>`` (with its ``-wal``) and a fresh queue starts (``store.py``).
+``queue.db.corrupt-<stamp>`` (with its ``-wal``) and a fresh queue starts (``edge_agent.store.file``).
 Its records are not given up: the agent rescues them into the fresh queue right after
 (``store.rescue``, on by default), and ``edge-agent recover`` does it for a file set aside
 earlier. Records keep their seqs, their identity for the cloud:
@@ -200,7 +200,7 @@ def _scan_pages(
 
 
 def _saved_kinds(source: Path, problems: list[str]) -> dict[int, RecordKind]:
-    """The kinds the store kept beside the file (``Store._save_kinds``), if it is there."""
+    """The kinds the store kept beside the file (``edge_agent.store.records.KindTable.save``), if it is there."""
     path = kinds_path(source)
     try:
         doc = json.loads(path.read_bytes())

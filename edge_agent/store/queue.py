@@ -170,10 +170,13 @@ class AsyncQueue:
         while self._pending:
             await self._commit_pending()
 
-    async def close(self) -> None:
+    async def close(self, *, close_store: bool = True) -> None:
+        """Commit what is pending and stop the SQLite thread; the store too unless told not to
+        (a caller that reads its stats after)."""
         self._closed = True
         await self.flush()
-        await self.call(self.store.close)
+        if close_store:
+            await self.call(self.store.close)
         self._executor.shutdown(wait=True)
 
 
