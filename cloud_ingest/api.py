@@ -214,7 +214,7 @@ class ResultApi:
         )
 
     async def run(self) -> None:
-        self.nc = await connect_nats(self.cfg, "et-api")
+        self.nc = await connect_nats(self.cfg, topics.service_client_id("api"))
         self.js = self.nc.jetstream(timeout=self.cfg.ingest.publish_timeout_s)
         await ensure_streams(self.js, self.cfg.streams)
         runner = app_runner(self.app)
@@ -278,17 +278,17 @@ class ResultApi:
             h = m.headers or {}
             seq = m.metadata.sequence.stream
             try:
-                tenant, device, _, _ = parse_upload_id(h["Et-Upload-Id"])
+                tenant, device, _, _ = parse_upload_id(h[topics.H_UPLOAD_ID])
                 e = Entry(
                     seq,
                     tenant,
                     device,
-                    h["Et-Upload-Id"],
-                    int(h.get("Et-Part", 0)),
-                    int(h["Et-Records"]),
-                    int(h["Et-First-Seq"]),
-                    int(h["Et-Last-Seq"]),
-                    int(h["Et-Produced-Ms"]),
+                    h[topics.H_UPLOAD_ID],
+                    int(h.get(topics.H_PART, 0)),
+                    int(h[topics.H_RECORDS]),
+                    int(h[topics.H_FIRST]),
+                    int(h[topics.H_LAST]),
+                    int(h[topics.H_PRODUCED_MS]),
                 )
             except (KeyError, ValueError, WireError) as err:
                 log.warning("result message at stream seq %d lacks index headers (%r); skipped", seq, err)
@@ -313,9 +313,8 @@ class ResultApi:
                 continue
             if entry is None or entry.value is None:
                 continue
-            tenant, _, device = entry.key.partition(".")
-            with contextlib.suppress(ValueError):
-                self.devices[(tenant, device)] = json.loads(entry.value)
+            with contextlib.suppress(ValueError):  # a TopicError is a ValueError too
+                self.devices[topics.parse_device_key(entry.key)] = json.loads(entry.value)
 
     async def _read(self, seqs: list[int]) -> list[tuple[int, ResultBatch]]:
         """The result messages at these stream sequences (those retention dropped are skipped)."""

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from edge_tier import topics
 from edge_tier.config import ServiceSettings, load_config
 from edge_tier.model.manifest import DEFAULT_MANIFEST
 from edge_tier.mqtt import MqttSettings
@@ -200,7 +201,7 @@ class IngestSettings(BaseModel):
     model_config = {"extra": "forbid"}
     # MQTT 5 shared subscription group; several ingest processes split the load.
     # None (or an MQTT 3.1.1 broker) subscribes plainly.
-    shared_group: str | None = "et-ingest"
+    shared_group: str | None = topics.INGEST_SHARED_GROUP
     instance: str = "0"
     publish_timeout_s: float = Field(10.0, gt=0)
     hwm_flush_s: float = Field(0.2, gt=0)
@@ -244,7 +245,7 @@ class WorkerSettings(BaseModel):
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
     # Fetched per tenant and held locally at most (messages); bounds what a crash redelivers.
     prefetch: int = Field(64, ge=1, le=10_000)
-    consumer_prefix: str = "et-tier2"
+    consumer_prefix: str = topics.WORKER_CONSUMER_PREFIX
     ack_wait_s: float = Field(30.0, gt=0)
     # A message that fails (undecodable, wrong shape, inference error) is nak'ed with
     # these delays, and dead-lettered when it fails on delivery max_deliveries.

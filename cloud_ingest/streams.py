@@ -116,7 +116,7 @@ async def publish_dead_letter(
     """Store refused input with its reason headers; cut to what the server accepts, saying so."""
     room = nc.max_payload - 4096
     if len(payload) > room:
-        headers = {**headers, "Et-Truncated-From": str(len(payload))}
+        headers = {**headers, topics.H_TRUNCATED_FROM: str(len(payload))}
         payload = payload[:room]
     await js.publish(subject, payload, headers=headers)
 

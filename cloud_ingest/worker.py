@@ -1,6 +1,6 @@
 """Tier-two workers: features from JetStream, one inference call per batch, results written once.
 
-Per tenant, a durable pull consumer on ``et.features.{tenant}.*`` that every
+Per tenant, a durable pull consumer on ``et.features.{tenant}.>`` that every
 worker shares (so several workers split the work). A fetcher per tenant pulls
 messages while the tenant is within its token bucket and its local queue has
 room; a batcher fills one inference call round-robin across tenants, up to
@@ -128,7 +128,7 @@ class Worker:
                 spin=w.spin,
                 max_batch=w.max_batch,
             )
-        self.nc = await connect_nats(self.cfg, f"et-worker-{w.instance}")
+        self.nc = await connect_nats(self.cfg, topics.service_client_id("worker", w.instance))
         self.js = self.nc.jetstream(timeout=self.cfg.ingest.publish_timeout_s)
         await ensure_streams(self.js, self.cfg.streams)
         try:
@@ -409,7 +409,7 @@ class Worker:
         parts = -(-frame.n // step)
         now_ms = int(time.time() * 1000)
         subject = topics.results_subject(frame.tenant, frame.device)
-        out = []
+        out: list[tuple[str, bytes, float | None, str | None, dict[str, str]]] = []
         for a in range(0, frame.n, step):
             part = a // step
             body = encode_results(
@@ -427,23 +427,31 @@ class Worker:
             )
             rows = frame.seqs[a : a + step]
             headers = {
-                "Nats-Msg-Id": frame.upload_id if part == 0 else f"{frame.upload_id}#{part}",
-                "Et-Upload-Id": frame.upload_id,
-                "Et-Part": str(part),
-                "Et-Parts": str(parts),
+                topics.H_MSG_ID: topics.result_msg_id(frame.upload_id, part),
+                topics.H_UPLOAD_ID: frame.upload_id,
+                topics.H_PART: str(part),
+                topics.H_PARTS: str(parts),
                 # what the result API indexes, without parsing the body
-                "Et-Records": str(len(rows)),
-                "Et-First-Seq": str(rows[0]),
-                "Et-Last-Seq": str(rows[-1]),
-                "Et-Produced-Ms": str(now_ms),
+                topics.H_RECORDS: str(len(rows)),
+                topics.H_FIRST: str(rows[0]),
+                topics.H_LAST: str(rows[-1]),
+                topics.H_PRODUCED_MS: str(now_ms),
             }
             out.append((subject, body, None, topics.RESULTS_STREAM, headers))
         return out
 
+    @staticmethod
+    def _device_of(subject: str) -> str | None:
+        """The device of a features subject; None (dead-lettered as ``_``) for anything else."""
+        try:
+            return topics.parse_features_subject(subject)[1]
+        except topics.TopicError:
+            return None
+
     async def _fail(self, msg: Msg, reason: str, upload_id: str | None = None) -> None:
         """Nak with back-off; dead-letter on the last allowed delivery."""
         assert self.js is not None and self.nc is not None
-        tenant = topics.tenant_of_features_subject(msg.subject) or "_"
+        tenant = topics.tenant_of_features_subject(msg.subject) or topics.UNKNOWN
         md = msg.metadata
         n = md.num_delivered or 1
         where = f"{msg.subject} stream seq {md.sequence.stream}, delivery {n}/{self.w.max_deliveries}"
@@ -457,19 +465,17 @@ class Worker:
                 return
             log.error("dead-lettering %s: %s", where, reason, extra=context(upload_id, tenant=tenant))
             headers = {
-                "Et-Reason": clip_header(reason, 2000),
-                "Et-Source": "worker",
-                "Et-Subject": msg.subject,
-                "Et-Stream-Seq": str(md.sequence.stream),
-                "Et-Deliveries": str(n),
+                topics.H_REASON: clip_header(reason, 2000),
+                topics.H_SOURCE: topics.SOURCE_WORKER,
+                topics.H_SUBJECT: msg.subject,
+                topics.H_STREAM_SEQ: str(md.sequence.stream),
+                topics.H_DELIVERIES: str(n),
                 # dead-lettered once, even if this worker dies before the term below
-                "Nats-Msg-Id": f"dlq.worker.{md.sequence.stream}",
+                topics.H_MSG_ID: topics.worker_dlq_msg_id(md.sequence.stream),
             }
             if upload_id:
-                headers["Et-Upload-Id"] = upload_id
-            parsed = topics.parse_features_subject(msg.subject)
-            device = parsed[1] if parsed else None
-            subject = topics.dlq_subject("worker", tenant, device)
+                headers[topics.H_UPLOAD_ID] = upload_id
+            subject = topics.dlq_subject(topics.SOURCE_WORKER, tenant, self._device_of(msg.subject))
             await publish_dead_letter(self.nc, self.js, subject, msg.data, headers)
             await msg.term()
             metrics.WORKER_MESSAGES.labels(tenant, "deadletter").inc()

@@ -111,8 +111,8 @@ def start_stack(work: Path, devices: int) -> Stack:
             started.append(a)
             agents.append(a)
     except BaseException:
-        for p in reversed(started):
-            p.stop()
+        for proc in reversed(started):
+            proc.stop()
         raise
     return Stack(work, server, ingest, worker, api, agents, token)
 
@@ -179,7 +179,7 @@ async def watch_results(url: str, counts: Counts) -> None:
             try:
                 sub = await js.pull_subscribe(
                     topics.RESULTS_SUBJECTS,
-                    durable="demo-watch",
+                    durable=topics.DEMO_CONSUMER,
                     stream=topics.RESULTS_STREAM,
                     config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL),
                 )

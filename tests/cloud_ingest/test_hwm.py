@@ -13,8 +13,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 
-from cloud_ingest.config import IngestConfig
-from cloud_ingest.ingest import Ingest
+from cloud_ingest.hwm import HighWaterMarks
 
 
 @dataclass
@@ -57,16 +56,16 @@ class ScriptedBucket:
 
 def test_a_failed_flush_keeps_every_unwritten_mark() -> None:
     async def scenario() -> dict[str, int]:
-        ingest = Ingest(IngestConfig())
+        marks = HighWaterMarks(flush_s=0.2)
         bucket = ScriptedBucket(fail_once={"t.a"})
-        ingest.kv = bucket  # type: ignore[assignment]
+        marks.kv = bucket  # type: ignore[assignment]
         for device, last in (("a", 10), ("b", 20), ("c", 30)):
-            ingest._mark_dirty(("t", device), last)
+            marks.mark_dirty(("t", device), last)
         with pytest.raises(nats.errors.TimeoutError):
-            await ingest._flush_hwm()
-        ingest._mark_dirty(("t", "b"), 15)  # a lower mark arriving meanwhile must not win
-        await ingest._flush_hwm()
-        assert ingest._hwm_dirty == {}
+            await marks.flush()
+        marks.mark_dirty(("t", "b"), 15)  # a lower mark arriving meanwhile must not win
+        await marks.flush()
+        assert marks.dirty == {}
         return {k: int(e.value) for k, e in bucket.data.items()}
 
     assert asyncio.run(scenario()) == {"t.a": 10, "t.b": 20, "t.c": 30}
@@ -74,11 +73,26 @@ def test_a_failed_flush_keeps_every_unwritten_mark() -> None:
 
 def test_the_mark_in_the_bucket_never_goes_down() -> None:
     async def scenario() -> int:
-        ingest = Ingest(IngestConfig())
+        marks = HighWaterMarks(flush_s=0.2)
         bucket = ScriptedBucket(fail_once=set())
-        ingest.kv = bucket  # type: ignore[assignment]
-        assert await ingest._raise_hwm("t.a", 50)
-        assert await ingest._raise_hwm("t.a", 40)  # another process's older mark
+        marks.kv = bucket  # type: ignore[assignment]
+        assert await marks.raise_mark("t.a", 50)
+        assert await marks.raise_mark("t.a", 40)  # another process's older mark
         return int(bucket.data["t.a"].value)
 
     assert asyncio.run(scenario()) == 50
+
+
+def test_the_service_is_composed_of_its_parts() -> None:
+    """``Ingest`` keeps its names from before the split, each its part's."""
+    from cloud_ingest.config import IngestConfig
+    from cloud_ingest.ingest import Ingest
+
+    async def scenario() -> None:
+        ingest = Ingest(IngestConfig())
+        assert ingest.ledgers is ingest.marks.ledgers and ingest.kv is None and ingest.devices is None
+        assert ingest.limits is ingest.commits.limits and ingest.cloud_limits is ingest.commits.cloud_limits
+        assert ingest.commits.marks is ingest.marks
+        assert ingest.subscription == "$share/et-ingest/et/+/+/up"
+
+    asyncio.run(scenario())

@@ -113,10 +113,10 @@ def test_bad_frames_go_to_the_dead_letter_stream_and_ingest_keeps_going(ingest_o
     assert "limit" in rs[1]["reason"].lower()
     assert all(r["v"] == 2 and r["limits"]["max_frame_bytes"] == 64 * 1024 for r in rs), rs
     dlq = stream_messages(p.nats.url, topics.DEADLETTER_STREAM)
-    reasons = [m.headers["Et-Reason"] for m in dlq]
+    reasons = [m.headers[topics.H_REASON] for m in dlq]
     assert len(dlq) == 3, reasons  # an oversize frame is not bad data: the device cuts it again
     assert any("someone-else" in r for r in reasons), "topic/frame mismatch must be dead-lettered"
-    assert all(m.headers["Et-Topic"] == topics.mqtt_topic(TENANT, DEVICE, "up") for m in dlq)
+    assert all(m.headers[topics.H_TOPIC] == topics.mqtt_topic(TENANT, DEVICE, "up") for m in dlq)
     assert dlq[0].data.startswith(b"\x00garbage"), "the raw bytes are kept for inspection"
     assert stream_seqs(p.nats.url) == list(range(1, 11))
     assert p.ingest.running

@@ -93,7 +93,7 @@ def test_rescued_records_are_stored_once_and_only_those_the_stream_lacks(ingest_
     assert by_subject(p.nats.url)[side] == [21, 22, 23, 24, 25, 30, 2000]
     dlq = stream_messages(p.nats.url, topics.DEADLETTER_STREAM)
     assert [list(decode_frame(m.data).seqs) for m in dlq] == [[2, 3, 40]]
-    assert "cannot tell whether they were stored" in dlq[0].headers["Et-Reason"]
+    assert "cannot tell whether they were stored" in dlq[0].headers[topics.H_REASON]
     c.close()
 
     async def answered() -> list[int]:

@@ -119,11 +119,12 @@ def test_poison_messages_are_retried_then_dead_lettered_and_hold_nothing_back(
     assert {b.device for b in got} == {"ok"}
     assert t_good < t_dlq - 0.5, "good messages waited for the poison ones"
     reasons = {m.subject: m.headers for m in dlq}
-    assert set(reasons) == {f"et.dlq.worker.acme.{d}" for d in ("narrow", "nan", "junk")}
-    assert "wrong shape: 8 features" in reasons["et.dlq.worker.acme.narrow"]["Et-Reason"]
-    assert "non-finite" in reasons["et.dlq.worker.acme.nan"]["Et-Reason"]
-    assert "undecodable" in reasons["et.dlq.worker.acme.junk"]["Et-Reason"]
-    assert all(h["Et-Deliveries"] == "3" and h["Et-Source"] == "worker" for h in reasons.values())
+    reason = {topics.parse_dlq_subject(s)[2]: h[topics.H_REASON] for s, h in reasons.items()}
+    assert set(reasons) == {topics.dlq_subject("worker", "acme", d) for d in ("narrow", "nan", "junk")}
+    assert "wrong shape: 8 features" in reason["narrow"]
+    assert "non-finite" in reason["nan"]
+    assert "undecodable" in reason["junk"]
+    assert all(h[topics.H_DELIVERIES] == "3" and h[topics.H_SOURCE] == "worker" for h in reasons.values())
     assert next(m.data for m in dlq if m.subject.endswith(".junk")) == b"not a frame at all"
 
 
@@ -262,7 +263,7 @@ def test_a_result_written_just_before_a_crash_is_not_written_again(nats_server: 
         await nc.jetstream().publish(
             topics.results_subject("acme", "c"),
             ResultBatch(**doc).model_dump_json().encode(),
-            headers={"Nats-Msg-Id": first.upload_id},
+            headers={topics.H_MSG_ID: first.upload_id},
         )
         await nc.close()
         async with running_worker(nats_server.url):
