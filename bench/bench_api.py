@@ -54,8 +54,9 @@ def result_message(first: int, produced_ms: int) -> tuple[bytes, dict[str, str]]
         "labels": ["imbalance"] * PER, "confidences": [0.91] * PER,
     }  # fmt: skip
     headers = {
-        "Nats-Msg-Id": uid, "Et-Upload-Id": uid, "Et-Part": "0", "Et-Parts": "1", "Et-Records": str(PER),
-        "Et-First-Seq": str(first), "Et-Last-Seq": str(first + PER - 1), "Et-Produced-Ms": str(produced_ms),
+        topics.H_MSG_ID: topics.result_msg_id(uid, 0), topics.H_UPLOAD_ID: uid, topics.H_PART: "0",
+        topics.H_PARTS: "1", topics.H_RECORDS: str(PER), topics.H_FIRST: str(first),
+        topics.H_LAST: str(first + PER - 1), topics.H_PRODUCED_MS: str(produced_ms),
     }  # fmt: skip
     return json.dumps(doc).encode(), headers
 

@@ -297,7 +297,7 @@ async def _stream_ranges(url: str, stream: str) -> list[tuple[int, int, int]]:
         while len(out) < total:
             for m in await sub.fetch(min(512, total - len(out)), timeout=10):
                 h = m.headers or {}
-                out.append((int(h["Et-First-Seq"]), int(h["Et-Last-Seq"]), int(h["Et-Records"])))
+                out.append((int(h[topics.H_FIRST]), int(h[topics.H_LAST]), int(h[topics.H_RECORDS])))
         await sub.unsubscribe()
         return out
     finally:

@@ -113,7 +113,7 @@ async def fill(url: str, frames: list[bytes]) -> None:
         await asyncio.gather(
             *(
                 js.publish(
-                    topics.features_subject(f.tenant, f.device), data, headers={"Nats-Msg-Id": f.upload_id}
+                    topics.features_subject(f.tenant, f.device), data, headers={topics.H_MSG_ID: f.upload_id}
                 )
                 for f, data in zip(chunk, frames[i : i + 500], strict=True)
             )
@@ -143,7 +143,7 @@ async def naive_worker(url: str, uploads: int, tenants: int, providers: list[str
                 model_version=model.version, worker="naive", produced_ms=0,
             )  # fmt: skip
             await js.publish(
-                topics.results_subject(f.tenant, f.device), body, headers={"Nats-Msg-Id": f.upload_id}
+                topics.results_subject(f.tenant, f.device), body, headers={topics.H_MSG_ID: f.upload_id}
             )
             await msg.ack_sync()
             done += 1

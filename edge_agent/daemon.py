@@ -42,7 +42,7 @@ class Agent:
         receipt = topics.mqtt_topic(dev.tenant, dev.device, "receipt")
         self.mqtt = MqttBridge(
             cfg.mqtt,
-            client_id=cfg.mqtt.client_id or f"et-{dev.tenant}-{dev.device}",
+            client_id=cfg.mqtt.client_id or topics.agent_client_id(dev.tenant, dev.device),
             subscriptions=[(receipt, 1)],
             clean=False,  # receipts sent while we are away wait at the broker
             name=f"agent-mqtt[{dev.tenant}/{dev.device}]",

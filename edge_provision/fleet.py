@@ -42,6 +42,10 @@ from edge_tier.tokens import SCHEMA as TOKENS_SCHEMA
 from edge_tier.wire import validate_id
 
 log = logging.getLogger(__name__)
+# What each role may publish and read of the device topics (the mosquitto ACL and the NATS config)
+DEVICE_PUBLISHES: tuple[topics.Channel, ...] = ("up", "status")
+DEVICE_READS: tuple[topics.Channel, ...] = ("receipt", "control")
+APP_READS: tuple[topics.Channel, ...] = ("results", "status")
 REGISTRY = "registry.db"
 INGEST_USER = "et-ingest"
 PROVISION_USER = "et-provision"  # edge-provision's own MQTT identity: control documents, model chunks
@@ -444,10 +448,9 @@ class Fleet:
         _write_private(out / "passwd", ("\n".join(lines) + "\n").encode(), owner)
         acl = [
             "# written by edge-provision broker-config; devices are {tenant}/{device} (%u)",
-            "pattern write et/%u/up",
-            "pattern write et/%u/status",
-            "pattern read et/%u/receipt",
-            "pattern read et/%u/control",
+            # %u is the username, {tenant}/{device}: two levels of topics.mqtt_topic
+            *(f"pattern write {topics.ROOT}/%u/{c}" for c in DEVICE_PUBLISHES),
+            *(f"pattern read {topics.ROOT}/%u/{c}" for c in DEVICE_READS),
         ]
         # model chunks are shared by a tenant's devices: %u (tenant/device) cannot name that
         for tenant, device in self.db.execute(
@@ -480,8 +483,7 @@ class Fleet:
             acl += [
                 "",
                 f"user {name}",
-                f"topic read et/{tenant}/+/results",
-                f"topic read et/{tenant}/+/status",
+                *(f"topic read {topics.mqtt_filter(c, tenant)}" for c in APP_READS),
             ]
         (out / "acl").write_text("\n".join(acl) + "\n")
         cert, key, _ = self.issue("mqtt-broker", server_names=[host, "localhost", "127.0.0.1"])
@@ -536,7 +538,8 @@ use_username_as_clientid true
                 perms = f", permissions: {{publish: {{deny: {q(deny)}}}}}"
             return f"    {{user: {q(name)}, password: {q(h)}{perms}}}"
 
-        control, all_chunks = "et.*.*.control", f"et.*.{topics.MODELS}.*.*"
+        control = topics.mqtt_as_nats(topics.mqtt_filter("control"))
+        all_chunks = topics.mqtt_as_nats(topics.model_chunks_filter("+"))
         # NATS keeps MQTT retained messages in the stream $MQTT_rmsgs (subjects $MQTT.rmsgs.>):
         # a user who could write there or change that stream could plant a control document
         mqtt_store = ["$MQTT.>", "$JS.API.STREAM.*.$MQTT_rmsgs", "$JS.API.STREAM.*.*.$MQTT_rmsgs"]
@@ -549,17 +552,24 @@ use_username_as_clientid true
             if h is None:
                 skipped.append(f"{tenant}/{device}")
                 continue
-            me = f"et.{tenant}.{device}"
-            models = f"et.{tenant}.{topics.MODELS}"
-            users.append(user(f"{tenant}/{device}", h, [f"{me}.up", f"{me}.status"],
-                              [f"{me}.receipt", f"{me}.control", f"{models}.*.*"]))  # fmt: skip
+            pub = [topics.mqtt_as_nats(topics.mqtt_topic(tenant, device, c)) for c in DEVICE_PUBLISHES]
+            sub = [topics.mqtt_as_nats(topics.mqtt_topic(tenant, device, c)) for c in DEVICE_READS]
+            users.append(
+                user(
+                    f"{tenant}/{device}",
+                    h,
+                    pub,
+                    [*sub, topics.mqtt_as_nats(topics.model_chunks_filter(tenant))],
+                )
+            )
         for name, role, tenant, h in self.db.execute(
             "SELECT name, role, tenant, nats_hash FROM users ORDER BY name"
         ):
             if h is None:
                 skipped.append(name)
             elif role == "app":
-                users.append(user(name, h, [], [f"et.{tenant}.*.results", f"et.{tenant}.*.status"]))
+                reads = [topics.mqtt_as_nats(topics.mqtt_filter(c, tenant)) for c in APP_READS]
+                users.append(user(name, h, [], reads))
             elif role == "provision":
                 users.append(user(name, h, [control, all_chunks], []))
             else:  # ingest and workers: JetStream and every topic, but not what provision writes

@@ -110,6 +110,12 @@ def model_chunks_filter(tenant: str) -> str:
     return f"{ROOT}/{tenant}/{MODELS}/+/+"
 
 
+def mqtt_as_nats(topic_filter: str) -> str:
+    """The subject (or filter) nats-server's MQTT listener uses for an MQTT topic (or filter):
+    levels joined by ``.``, ``+`` as ``*``, ``#`` as ``>``. Its permissions are on these."""
+    return ".".join({"+": "*", "#": ">"}.get(level, level) for level in topic_filter.split("/"))
+
+
 DEVICE_TOPIC = Pattern("topic", "/", mqtt_topic, "tenant", "device", "channel", choices={"channel": CHANNELS})
 MODEL_CHUNK_TOPIC = Pattern(
     "topic", "/", model_chunk_topic, "tenant", "sha256", "index", shapes={"index": "0|[1-9][0-9]*"}

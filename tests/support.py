@@ -245,7 +245,7 @@ async def publish_features(url: str, frames: list[bytes]) -> None:
             js.publish(
                 topics.features_subject(f.tenant, f.device),
                 data,
-                headers={"Nats-Msg-Id": f.upload_id},
+                headers={topics.H_MSG_ID: f.upload_id},
             )
             for data, f in ((d, decode_frame(d)) for d in frames)
         ]

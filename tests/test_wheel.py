@@ -29,7 +29,9 @@ def _tree_packages() -> set[str]:
             rel = init.parent.relative_to(ROOT).as_posix()
             if "__pycache__" in rel or any(rel.startswith(n) for n in NOT_SHIPPED):
                 continue
-            found.add(rel.replace("models", "edge_tier/model/shipped", 1) if rel.startswith("models") else rel)
+            found.add(
+                rel.replace("models", "edge_tier/model/shipped", 1) if rel.startswith("models") else rel
+            )
     return {p.replace("/", ".") for p in found}
 
 
@@ -41,7 +43,18 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     # No build isolation: the test environment's setuptools builds it, nothing is downloaded.
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), "."],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            ".",
+        ],
         cwd=src / "tree",
         check=True,
         capture_output=True,

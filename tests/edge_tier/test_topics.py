@@ -321,3 +321,10 @@ def test_the_old_names_still_answer() -> None:
         topics.ingest_dlq_msg_id("t", b"p").startswith("dlq.")
         and len(topics.ingest_dlq_msg_id("t", b"")) == 68
     )
+
+
+def test_mqtt_names_map_to_the_subjects_nats_servers_mqtt_listener_uses() -> None:
+    assert topics.mqtt_as_nats(topics.mqtt_topic("acme", "press-7", "up")) == "et.acme.press-7.up"
+    assert topics.mqtt_as_nats(topics.mqtt_filter("results", "acme")) == "et.acme.*.results"
+    assert topics.mqtt_as_nats(topics.model_chunks_filter("+")) == "et.*._models.*.*"
+    assert topics.mqtt_as_nats("et/#") == "et.>"

@@ -12,6 +12,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-litert")
 
+from edge_tier import topics
 from edge_tier.model.generator import HEALTHY, generate
 from tests.support import Pipeline, assert_exactly_once, post_windows, stream_messages, stream_seqs
 
@@ -54,4 +55,4 @@ def test_raw_windows_never_reach_disk_or_wire(make_pipeline, tmp_path: Path) -> 
             assert needle not in f.read_bytes(), f"raw samples written to {f.name}"
     with lock:
         assert wire and all(needle not in payload for payload in wire), "raw samples went over MQTT"
-    assert all(needle not in (m.data or b"") for m in stream_messages(p.nats.url, "ET_FEATURES"))
+    assert all(needle not in (m.data or b"") for m in stream_messages(p.nats.url, topics.FEATURES_STREAM))

@@ -17,6 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-litert")
 pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
+from edge_tier import topics
 from edge_tier.model.manifest import DEFAULT_MANIFEST
 from edge_tier.tokens import TokenStore
 from edge_tier_harness.services import ApiProcess, WorkerProcess
@@ -40,7 +41,7 @@ def test_devices_results_and_mqtt_topics_agree(make_pipeline, tmp_path: Path) ->
     app = paho.Client(CallbackAPIVersion.VERSION2, client_id="an-app")
     app.on_message = lambda c, u, m: (lock.acquire(), on_mqtt.append(json.loads(m.payload)), lock.release())
     app.connect("127.0.0.1", p.mosquitto.port)
-    app.subscribe(f"et/{TENANT}/+/results", 1)
+    app.subscribe(topics.mqtt_filter("results", TENANT), 1)
     app.loop_start()
     try:
         cmd = [sys.executable, "-m", "edge_agent.cli", "simulate", "--url", p.agent.endpoint, "--json"]

@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
+from edge_tier import topics
 from edge_tier.wire import ResultBatch, decode_results
 from edge_tier_harness.brokers import Mosquitto, NatsCluster
 from edge_tier_harness.services import AgentProcess, IngestProcess, WorkerProcess, agent_drained, metric
@@ -83,7 +84,9 @@ def test_every_result_exactly_once_when_a_nats_node_dies_mid_run(
         for p in (*ingests, *workers, *agents):
             p.start(timeout=30)
             procs.append(p)
-        app = Subscriber(mosquitto.port, f"et/{TENANT}/+/results", "an-app")  # relayed at least once
+        app = Subscriber(
+            mosquitto.port, topics.mqtt_filter("results", TENANT), "an-app"
+        )  # relayed at least once
         producers = [Producer(a.port) for a in agents]
         threads = [
             threading.Thread(target=pr.run, args=(60, 20), kwargs={"pause": 0.05, "seed_base": 1000 * i})

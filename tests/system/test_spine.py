@@ -16,6 +16,7 @@ from typing import Any
 
 from edge_agent.config import StoreSettings
 from edge_agent.store import Store
+from edge_tier import topics
 from edge_tier_harness.brokers import BrokerProcess
 from tests.support import (
     Pipeline,
@@ -201,7 +202,7 @@ def test_frames_over_the_cloud_limit_are_cut_again_and_delivered(make_pipeline) 
     assert st["frame_max_bytes"] == 4096
     assert_exactly_once(stream_seqs(p.nats.url), set(p.producer.acked))
     assert len(p.producer.acked) == 200
-    assert stream_messages(p.nats.url, "ET_DEADLETTER") == []
+    assert stream_messages(p.nats.url, topics.DEADLETTER_STREAM) == []
     assert "cut again" in p.agent.log_path.read_text()
 
 
@@ -240,5 +241,5 @@ def test_rejected_frames_are_counted_and_the_chain_recovers(make_pipeline) -> No
     st = agent_status(p.agent.port)
     assert st is not None and st["evictions"] == {"rejected": len(rejected)}
     assert_exactly_once(stream_seqs(p.nats.url), set(p.producer.acked))
-    dlq = stream_messages(p.nats.url, "ET_DEADLETTER")
-    assert len(dlq) == 2 and all("dim" in m.headers["Et-Reason"] for m in dlq)
+    dlq = stream_messages(p.nats.url, topics.DEADLETTER_STREAM)
+    assert len(dlq) == 2 and all("dim" in m.headers[topics.H_REASON] for m in dlq)

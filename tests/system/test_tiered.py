@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-litert")
 pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
+from edge_tier import topics
 from edge_tier.model.manifest import DEFAULT_MANIFEST
 from edge_tier.wire import Dtype, decode_frame
 from edge_tier_harness.services import WorkerProcess
@@ -54,7 +55,7 @@ def test_simulated_machines_get_each_answer_once_across_a_worker_kill(make_pipel
         sim.join(60)
         tally = json.loads(out["stdout"])
         p.wait_drained()
-        features = [decode_frame(m.data) for m in stream_messages(p.nats.url, "ET_FEATURES")]
+        features = [decode_frame(m.data) for m in stream_messages(p.nats.url, topics.FEATURES_STREAM)]
         kept = {(TENANT, f.device, int(s)) for f in features for s in f.seqs}
         wait_until(
             lambda: len(result_keys(results(p.nats.url))) >= len(kept), 60, "every kept record's result"
