@@ -141,9 +141,10 @@ async def connect_nats(cfg: IngestConfig, name: str) -> NatsClient:
             name=name,
             user=n.user,
             password=n.password,
-            connect_timeout=n.connect_timeout_s,
+            # nats-py annotates these two as int; it uses them as seconds, fractions included
+            connect_timeout=n.connect_timeout_s,  # type: ignore[arg-type]
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]
             allow_reconnect=True,
             error_cb=error_cb,
             **options,

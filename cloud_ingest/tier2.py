@@ -126,13 +126,13 @@ class Tier2Model:
 
     def _run(self, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         if not self.io_binding:
-            return self.session.run(outputs, {self._in: x})  # type: ignore[no-any-return]
+            return self.session.run(outputs, {self._in: x})
         binding = self.session.io_binding()
         binding.bind_cpu_input(self._in, x)
         for name in outputs:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()  # type: ignore[no-any-return]
+        return binding.copy_outputs_to_cpu()
 
     def _batched(self, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         if x.dtype != np.float32 or not x.flags.c_contiguous:
