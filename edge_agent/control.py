@@ -1,4 +1,4 @@
-"""The agent's end of the control channel (the format is ``edge_tier/control.py``).
+"""The agent's end of the control channel (the format is ``edge_tier.control``).
 
 The retained document on ``et/{tenant}/{device}/control`` is applied as it arrives and
 again at every start (the last one applied is kept on disk, so a device that boots
@@ -38,7 +38,9 @@ from edge_tier.control import (
     ControlConfig,
     ControlDoc,
     ControlRefused,
+    ControlState,
     ModelRefused,
+    ModelState,
     ModelUpdate,
     SignedControl,
     check_fresh,
@@ -50,7 +52,7 @@ from edge_tier.control import (
 )
 from edge_tier.mqtt import MqttBridge
 from edge_tier.tasks import running
-from edge_tier.wire import ControlState, Dtype, ModelState, WireError
+from edge_tier.wire import Dtype, WireError
 
 log = logging.getLogger(__name__)
 

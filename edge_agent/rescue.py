@@ -200,7 +200,7 @@ def _scan_pages(
 
 
 def _saved_kinds(source: Path, problems: list[str]) -> dict[int, RecordKind]:
-    """The kinds the store kept beside the file (``edge_agent.store.records.KindTable.save``), if it is there."""
+    """The kinds the store kept beside the file (``store.records.KindTable.save``), if it is there."""
     path = kinds_path(source)
     try:
         doc = json.loads(path.read_bytes())

@@ -41,13 +41,13 @@ from edge_agent.config import AgentConfig
 from edge_agent.errors import StoreError
 from edge_agent.store import AsyncQueue, FrameRows
 from edge_tier import topics
+from edge_tier.control import ControlState
 from edge_tier.logs import context
 from edge_tier.mqtt import Message, MqttBridge
 from edge_tier.ratelimit import TokenBucket
 from edge_tier.tasks import running
 from edge_tier.wire import (
     CloudLimits,
-    ControlState,
     DeviceStatus,
     Receipt,
     ReceiptStatus,

@@ -1,4 +1,4 @@
-"""Telling devices what to do: config changes and model updates, signed (``edge_tier/control.py``).
+"""Telling devices what to do: config changes and model updates, signed (``edge_tier.control``).
 
 The desired state of each device is kept in the registry (table ``control``: the last
 document issued to it) and published as one retained document per device, signed whole

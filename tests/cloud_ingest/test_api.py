@@ -173,7 +173,7 @@ def test_an_empty_cursor_is_the_first_page(api: Api) -> None:
 
 
 def test_upload_ids_are_checked_by_the_documents_pattern(api: Api) -> None:
-    """The served pattern is wire.py's; an id of that shape naming no possible upload (first > last)
+    """The served pattern is edge_tier.wire's; an id of that shape naming no possible upload (first > last)
     is not found, a malformed one a 400."""
     doc = api.get("/openapi.json", tenant=None)[2]
     [param] = doc["paths"]["/v1/uploads/{upload_id}"]["get"]["parameters"]
