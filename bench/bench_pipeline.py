@@ -173,8 +173,7 @@ def agent_config(d: Path, mqtt_port: int, args: argparse.Namespace) -> dict[str,
     return testkit.agent_config(
         d,
         mqtt_port,
-        tenant=TENANT,
-        device=DEVICE,
+        device={"tenant": TENANT, "device": DEVICE},
         store={
             "budget_bytes": args.budget_mb * 1024 * 1024,
             "policy": args.policy,

@@ -28,13 +28,12 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 
 from cloud_ingest import metrics
-from cloud_ingest.commit import GAP_WAIT_S, GAP_WAITS, WRONG_LAST_SEQUENCE, CommitProtocol
+from cloud_ingest.commit import CommitProtocol
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.device_status import StatusRecorder
-from cloud_ingest.hwm import HighWaterMarks, Ledger
+from cloud_ingest.hwm import HighWaterMarks
 from cloud_ingest.nats_client import connect_nats
 from cloud_ingest.relay import ResultsRelay
 from cloud_ingest.streams import ensure_streams
@@ -42,22 +41,10 @@ from edge_tier import topics
 from edge_tier.http import OpsServer
 from edge_tier.mqtt import Message, MqttBridge
 from edge_tier.tasks import running
-from edge_tier.wire import CloudLimits, Frame, FrameLimits, ReceiptStatus
 
-__all__ = [
-    "GAP_WAITS",
-    "GAP_WAIT_S",
-    "RESULTS_RELAY",
-    "WRONG_LAST_SEQUENCE",
-    "Ingest",
-    "Ledger",
-]
+__all__ = ["Ingest"]
 
 log = logging.getLogger(__name__)
-
-# Old names, kept importable from here; the vocabulary's own is in edge_tier.topics.
-RESULTS_RELAY = topics.RESULTS_RELAY_CONSUMER
-H_FIRST, H_LAST, H_PREV, H_RECORDS = topics.H_FIRST, topics.H_LAST, topics.H_PREV, topics.H_RECORDS
 
 
 @dataclass(slots=True)
@@ -98,28 +85,6 @@ class Ingest:
         self._tg: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()
         self.jetstream_ok = True
-
-    # -- the parts' state, under its names from before the split ------------
-
-    @property
-    def limits(self) -> FrameLimits:
-        return self.commits.limits
-
-    @property
-    def cloud_limits(self) -> CloudLimits:
-        return self.commits.cloud_limits
-
-    @property
-    def ledgers(self) -> dict[tuple[str, str], Ledger]:
-        return self.marks.ledgers
-
-    @property
-    def kv(self) -> KeyValue | None:
-        return self.marks.kv
-
-    @property
-    def devices(self) -> KeyValue | None:
-        return self.statuses.devices
 
     # -- lifecycle --------------------------------------------------------
 
@@ -240,41 +205,3 @@ class Ingest:
             await self.statuses.record(msg, tenant, device)
             return
         await self.commits.upload(msg, tenant, device)
-
-    # -- the parts' methods, under their names from before the split ----------
-
-    async def commit(self, frame: Frame, payload: bytes) -> None:
-        await self.commits.commit(frame, payload)
-
-    async def commit_rescued(self, frame: Frame, compression: str | None) -> None:
-        await self.commits.commit_rescued(frame, compression)
-
-    async def ledger(self, tenant: str, device: str) -> Ledger:
-        return await self.marks.ledger(tenant, device)
-
-    def receipt(
-        self,
-        frame: Frame,
-        status: ReceiptStatus,
-        *,
-        stream_seq: int | None = None,
-        expected_prev: int | None = None,
-        reason: str | None = None,
-        set_aside: int | None = None,
-    ) -> None:
-        self.commits.receipt(
-            frame,
-            status,
-            stream_seq=stream_seq,
-            expected_prev=expected_prev,
-            reason=reason,
-            set_aside=set_aside,
-        )
-
-    async def dead_letter(
-        self, msg: Message, reason: str, tenant: str | None, device: str | None, upload_id: str | None = None
-    ) -> None:
-        await self.commits.dead_letter(msg, reason, tenant, device, upload_id)
-
-    async def record_status(self, msg: Message, tenant: str, device: str) -> None:
-        await self.statuses.record(msg, tenant, device)

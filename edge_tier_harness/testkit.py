@@ -41,13 +41,11 @@ def _merged(cfg: dict[str, Any], sections: dict[str, dict[str, Any]]) -> dict[st
     return cfg
 
 
-def agent_config(
-    workdir: Path, mqtt_port: int, *, tenant: str = TENANT, device: str = DEVICE, **sections: dict[str, Any]
-) -> dict[str, Any]:
+def agent_config(workdir: Path, mqtt_port: int, **sections: dict[str, Any]) -> dict[str, Any]:
     """An agent's config as a dict (the TOML's tables): queue in ``workdir``, broker on loopback."""
     cfg: dict[str, Any] = {
         "log_level": "INFO",  # the readiness line is logged at INFO
-        "device": {"tenant": tenant, "device": device},
+        "device": {"tenant": TENANT, "device": DEVICE},
         "mqtt": {"port": mqtt_port, "backoff_min_s": 0.05, "backoff_max_s": 0.5},
         "store": {"path": str(workdir / "queue.db"), "budget_bytes": 16 * 1024 * 1024},
         "uplink": {

@@ -23,28 +23,6 @@ from edge_tier.errors import ControlRefused, ModelRefused, WireError
 from edge_tier.wire.ids import validate_id
 from edge_tier.wire.jsonmodel import decode_json_model
 
-__all__ = [
-    "CLOCK_SKEW_MS",
-    "DEFAULT_CHUNK_BYTES",
-    "DEFAULT_VALID_MS",
-    "MAX_CHUNK_BYTES",
-    "MAX_CONTROL_BYTES",
-    "MAX_MODEL_BYTES",
-    "ControlConfig",
-    "ControlDoc",
-    "ModelUpdate",
-    "SignedControl",
-    "check_fresh",
-    "check_model",
-    "decode_control",
-    "encode_control",
-    "load_signing_key",
-    "load_verify_key",
-    "model_update",
-    "sign_control",
-    "verify_control",
-]
-
 MAX_MODEL_BYTES = 16 * 1024 * 1024
 MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_CHUNK_BYTES = 64 * 1024

@@ -84,14 +84,12 @@ def test_the_mark_in_the_bucket_never_goes_down() -> None:
 
 
 def test_the_service_is_composed_of_its_parts() -> None:
-    """``Ingest`` keeps its names from before the split, each its part's."""
+    """``Ingest`` composes its parts: the commit protocol shares the service's marks."""
     from cloud_ingest.config import IngestConfig
     from cloud_ingest.ingest import Ingest
 
     async def scenario() -> None:
         ingest = Ingest(IngestConfig())
-        assert ingest.ledgers is ingest.marks.ledgers and ingest.kv is None and ingest.devices is None
-        assert ingest.limits is ingest.commits.limits and ingest.cloud_limits is ingest.commits.cloud_limits
         assert ingest.commits.marks is ingest.marks
         assert ingest.subscription == "$share/et-ingest/et/+/+/up"
 
