@@ -7,11 +7,13 @@ import json
 import sys
 import time
 
+from edge_agent import model_tool
 from edge_agent.config import AgentConfig, load_agent_config
 from edge_agent.errors import AgentError
 from edge_agent.store import Store
 from edge_tier.cli import run_service
 from edge_tier.config import ConfigError
+from edge_tier.errors import ManifestError
 from edge_tier.logs import setup_logging
 
 
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--bundle", required=True, help="a bundle from edge-provision device add")
     ins.add_argument("--root", default="/", help="install under this root (images, tests)")
     ins.set_defaults(fn=cmd_install)
+    model_tool.add_parser(sub)
     uni = sub.add_parser("uninstall", help="stop and remove the unit and config; keeps the queue")
     uni.add_argument("--root", default="/")
     uni.add_argument("--purge", action="store_true", help="also delete the queue (undelivered records)")
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return int(args.fn(args))
-    except (ConfigError, AgentError) as e:
+    except (ConfigError, AgentError, ManifestError) as e:
         print(f"edge-agent: {e}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,7 @@ from pydantic_settings import SettingsConfigDict
 
 from edge_tier.config import ServiceSettings, load_config
 from edge_tier.mqtt import MqttSettings
-from edge_tier.wire import validate_id
+from edge_tier.wire import Dtype, validate_id
 
 
 class EvictionPolicy(StrEnum):
@@ -85,11 +85,20 @@ class PrefilterSettings(BaseModel):
 
     model_config = {"extra": "forbid"}
     manifest: Path | None = None
-    threshold: float | None = Field(None, ge=0, le=1, description="overrides the manifest's")
+    # overrides the manifest's; in the score's own range (a reconstruction error is not <= 1)
+    threshold: float | None = Field(None, allow_inf_nan=False)
     threads: int = Field(1, ge=1, le=64)
-    # What leaves the device: int8 (x the manifest's embedding_scale) is a quarter of
-    # float32 and scores the same in tier two (models/REPORT.md).
-    upload_dtype: Literal["float32", "float16", "int8"] = "int8"
+    # What leaves the device: int8 (x the manifest's embedding.scale, or an int8 tensor's own)
+    # is a quarter of float32 and scores the same in tier two (models/REPORT.md); "auto" is
+    # int8 where such a scale is known, else float16.
+    upload_dtype: Literal["auto", "float32", "float16", "int8"] = "auto"
+
+    def dtype(self) -> Dtype | None:
+        return None if self.upload_dtype == "auto" else Dtype[self.upload_dtype.upper()]
+
+
+class StreamSettings(PrefilterSettings):
+    """One of the device's streams (``[streams.NAME]``): its own model, or none (features only)."""
 
 
 class EndpointSettings(BaseModel):
@@ -122,7 +131,10 @@ class AgentConfig(ServiceSettings):
     store: StoreSettings = StoreSettings()
     uplink: UplinkSettings = UplinkSettings()
     endpoint: EndpointSettings = EndpointSettings()
+    # the model of every stream [streams] does not name
     prefilter: PrefilterSettings = PrefilterSettings()
+    # streams with their own model (or none): POST /v1/windows?stream=NAME
+    streams: dict[str, StreamSettings] = Field(default_factory=dict)
     control: ControlSettings = ControlSettings()
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"  # json: one object a line, with tenant/device/seq/upload_id
@@ -130,6 +142,13 @@ class AgentConfig(ServiceSettings):
     def control_path(self, name: str) -> Path:
         """``name`` in the control directory (the agent makes it at start)."""
         return (self.control.dir or self.store.path.with_name(self.store.path.stem + ".control")) / name
+
+    @field_validator("streams")
+    @classmethod
+    def _stream_names(cls, v: dict[str, StreamSettings]) -> dict[str, StreamSettings]:
+        for name in v:
+            validate_id("stream", name)
+        return v
 
     @model_validator(mode="after")
     def _budget_holds_window(self) -> AgentConfig:

@@ -23,18 +23,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import numpy as np
 
 from edge_agent import metrics
 from edge_agent.config import AgentConfig
 from edge_agent.files import write_atomic
-from edge_agent.model_store import ModelStore
-from edge_agent.prefilter import Prefilter, PrefilterError
+from edge_agent.prefilter import Prefilter
+from edge_agent.stream_models import StreamModels, load_prefilter, settings
 from edge_tier import topics
 from edge_tier.control import (
     CLOCK_SKEW_MS,
+    DEFAULT_MODEL,
     ControlConfig,
     ControlDoc,
     ControlRefused,
@@ -52,41 +50,9 @@ from edge_tier.control import (
 )
 from edge_tier.mqtt import MqttBridge
 from edge_tier.tasks import running
-from edge_tier.wire import Dtype, WireError
+from edge_tier.wire import WireError
 
 log = logging.getLogger(__name__)
-
-
-def load_prefilter(cfg: AgentConfig, manifest: Path, threshold: float | None = None) -> Prefilter:
-    """A prefilter from ``manifest`` with the agent's settings, tried on a dummy batch."""
-    p = cfg.prefilter
-    pf = Prefilter(
-        manifest,
-        threshold=threshold if threshold is not None else p.threshold,
-        threads=p.threads,
-        upload_dtype=Dtype[p.upload_dtype.upper()],
-    )
-    try:
-        kept = pf.keep(np.zeros((2, pf.window), np.float32))
-        if kept.embeddings.shape[1] != pf.embedding_dim:
-            raise PrefilterError(f"{pf.model_path}: embeddings of {kept.embeddings.shape[1]} values")
-    except (ValueError, RuntimeError) as e:
-        raise PrefilterError(f"{pf.model_path}: loads, but fails on a dummy batch ({e})") from None
-    return pf
-
-
-def startup_prefilter(cfg: AgentConfig, store: ModelStore) -> tuple[Prefilter | None, str | None]:
-    """The model to start with: the installed update, else the one before it, else the
-    configured one (whose failure stops the agent). (prefilter, its update's sha256)."""
-    for sha, manifest in store.candidates():
-        try:
-            return load_prefilter(cfg, manifest, _saved_threshold(cfg)), sha
-        except PrefilterError as e:
-            log.error("installed model %s does not load (%s); rolling back to the one before it", sha[:12], e)
-            store.demote(sha)
-    if cfg.prefilter.manifest is None:
-        return None, None
-    return load_prefilter(cfg, cfg.prefilter.manifest, _saved_threshold(cfg)), None
 
 
 Applied = tuple[ControlDoc, SignedControl]
@@ -114,9 +80,13 @@ def _me(cfg: AgentConfig) -> tuple[str, str]:
     return cfg.device.tenant, cfg.device.device
 
 
-def _saved_threshold(cfg: AgentConfig) -> float | None:
+def saved_thresholds(cfg: AgentConfig) -> dict[str, float | None]:
+    """The thresholds the applied document set, by model key: what the models start with."""
     saved = _saved_doc(cfg)
-    return saved[0].config.threshold if saved is not None else None
+    if saved is None:
+        return {}
+    c = saved[0].config
+    return {DEFAULT_MODEL: c.threshold, **c.thresholds}
 
 
 @dataclass
@@ -132,20 +102,16 @@ class Controller:
         self,
         cfg: AgentConfig,
         mqtt: MqttBridge,
-        store: ModelStore,
+        models: StreamModels,
         *,
-        prefilter: Prefilter | None,
-        active_sha: str | None,
-        swap: Callable[[Prefilter], None],
+        swap: Callable[[str, Prefilter], None],
         limit: Callable[[ControlConfig], None],
         publish_status: Callable[[], object],
     ) -> None:
         self.cfg = cfg
         self.tenant, self.device = cfg.device.tenant, cfg.device.device
         self.mqtt = mqtt
-        self.store = store
-        self.prefilter = prefilter
-        self.active_sha = active_sha
+        self.models = models
         self._swap, self._limit, self._publish_status = swap, limit, publish_status
         self.key = None  # without it, every document is refused
         if cfg.control.signing_key is not None:
@@ -171,9 +137,9 @@ class Controller:
         if saved is not None:
             self._apply_config(*saved)
             if saved[0].model is None:
-                self.model = self._active_state()
-        elif prefilter is not None:
-            self.model = self._active_state()
+                self.model = self._active_state(DEFAULT_MODEL)
+        elif models.default is not None:
+            self.model = self._active_state(DEFAULT_MODEL)
 
     @property
     def doc(self) -> ControlDoc | None:
@@ -188,17 +154,23 @@ class Controller:
             applied_ms=self._applied_ms,
             error=self.error,
             paused=c.paused,
-            threshold=None if self.prefilter is None else self.prefilter.threshold,
+            threshold=None if self.models.default is None else self.models.default.threshold,
+            thresholds={
+                k: pf.threshold
+                for k, pf in self.models.running.items()
+                if pf is not None and k != DEFAULT_MODEL
+            },
             upload_bytes_per_s=c.upload_bytes_per_s,
             model=self.model,
         )
 
-    def _active_state(self, **kw: object) -> ModelState:
-        pf = self.prefilter
+    def _active_state(self, key: str, **kw: object) -> ModelState:
+        pf = self.models.running.get(key)
         return ModelState(
             state="active",
+            stream=key,
             version=None if pf is None else pf.version,
-            sha256=self.active_sha,
+            sha256=self.models.active_sha.get(key),
             **kw,  # type: ignore[arg-type]
         )
 
@@ -279,12 +251,14 @@ class Controller:
         metrics.CONTROL_GENERATION.set(doc.generation)
         metrics.UPLOADS_PAUSED.set(int(c.paused))
         self._limit(c)
-        if self.prefilter is not None:
-            self.prefilter.threshold = self._threshold(self.prefilter, c)
+        for key, pf in self.models.running.items():
+            if pf is not None:
+                pf.threshold = self._threshold(key, pf, c)
 
-    def _threshold(self, pf: Prefilter, c: ControlConfig) -> float:
+    def _threshold(self, key: str, pf: Prefilter, c: ControlConfig) -> float:
         # the cloud's, else the config file's, else the model's own
-        for t in (c.threshold, self.cfg.prefilter.threshold):
+        cloud = c.thresholds.get(key, c.threshold if key == DEFAULT_MODEL else None)
+        for t in (cloud, settings(self.cfg, key).threshold):
             if t is not None:
                 return t
         return pf.model_threshold
@@ -295,15 +269,20 @@ class Controller:
         u = doc.model
         assert u is not None
         try:
+            if u.name not in self.models.stores:
+                raise ModelRefused(f"model update for stream {u.name!r}, which this device does not have "
+                                   f"(its streams: {self.models.keys})")  # fmt: skip
             check_model(u, doc.rollback, self.installed.get(u.name))
         except ModelRefused as e:
             log.error("%s/%s: %s; the running model stays", self.tenant, self.device, e)
-            self.model = self._active_state(error=str(e)).model_copy(update={"state": "refused"})
+            self.model = self._active_state(u.name, error=str(e)[:1024]).model_copy(
+                update={"state": "refused"}
+            )
             self._drop_transfer()
             return
-        if u.sha256 == self.active_sha:
+        if u.sha256 == self.models.active_sha[u.name]:
             self._drop_transfer()
-            self.model = self._active_state()
+            self.model = self._active_state(u.name)
             await self._record_installed(u)  # a rollback to the running model lowers the floor
             return
         if u.sha256 in self.failed:
@@ -312,7 +291,7 @@ class Controller:
             return
         self._drop_transfer()
         try:
-            have = await asyncio.to_thread(self.store.chunks_have, u)
+            have = await asyncio.to_thread(self.models.stores[u.name].chunks_have, u)
         except OSError as e:
             log.warning("%s/%s: cannot read the chunks on disk (%s); fetching all",
                         self.tenant, self.device, e)  # fmt: skip
@@ -337,6 +316,7 @@ class Controller:
         n = len(t.update.chunks)
         self.model = ModelState(
             state="downloading",
+            stream=t.update.name,
             version=t.update.version,
             sha256=t.update.sha256,
             chunks_have=n - len(t.missing),
@@ -370,7 +350,7 @@ class Controller:
         if t is None or index is None or index not in t.missing:
             return False  # a chunk of another update, or one we have: retained messages linger
         try:
-            await asyncio.to_thread(self.store.put_chunk, t.update, index, payload)
+            await asyncio.to_thread(self.models.stores[t.update.name].put_chunk, t.update, index, payload)
         except (ModelRefused, OSError) as e:  # a bad copy, or a full disk: wait for another
             log.error("%s/%s: %s; waiting for a good copy", self.tenant, self.device, e)
             t.bad[index] = str(e)[:1024]
@@ -392,25 +372,27 @@ class Controller:
         u = t.update
         self._drop_transfer()
         c = self.doc.config if self.doc is not None else ControlConfig()
+        store = self.models.stores[u.name]
         try:
-            manifest = await asyncio.to_thread(self.store.install, u)
-            pf = await asyncio.to_thread(load_prefilter, self.cfg, manifest, c.threshold)
-            await asyncio.to_thread(self.store.activate, u.sha256)
+            manifest = await asyncio.to_thread(store.install, u)
+            pf = await asyncio.to_thread(load_prefilter, self.cfg, manifest, None, u.name)
+            await asyncio.to_thread(store.activate, u.sha256)
         except Exception as e:  # whatever a signed but broken model does, the running one stays
             self.failed.add(u.sha256)
             with contextlib.suppress(OSError):
-                await asyncio.to_thread(self.store.demote, u.sha256)
+                await asyncio.to_thread(store.demote, u.sha256)
                 await asyncio.to_thread(_save_failed, self.cfg, self.failed)
             log.error("%s/%s: model %s refused (%s); the running model stays",
                       self.tenant, self.device, u.version, e)  # fmt: skip
-            self.model = ModelState(state="failed", version=u.version, sha256=u.sha256, error=str(e)[:1024])
+            self.model = ModelState(state="failed", stream=u.name, version=u.version, sha256=u.sha256,
+                                    error=str(e)[:1024])  # fmt: skip
             return
-        pf.threshold = self._threshold(pf, c)
-        self.prefilter, self.active_sha = pf, u.sha256
-        self._swap(pf)
-        self.model = self._active_state(chunks_total=len(u.chunks), chunks_fetched=self.fetched)
-        log.info("%s/%s: model %s (counter %d, %s) is running",
-                 self.tenant, self.device, u.version, u.counter, u.sha256[:12])  # fmt: skip
+        pf.threshold = self._threshold(u.name, pf, c)
+        self.models.running[u.name], self.models.active_sha[u.name] = pf, u.sha256
+        self._swap(u.name, pf)
+        self.model = self._active_state(u.name, chunks_total=len(u.chunks), chunks_fetched=self.fetched)
+        log.info("%s/%s: model %s (counter %d, %s) is running for %s",
+                 self.tenant, self.device, u.version, u.counter, u.sha256[:12], u.name)  # fmt: skip
         await self._record_installed(u)
 
     async def _record_installed(self, u: ModelUpdate) -> None:

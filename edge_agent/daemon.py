@@ -10,14 +10,14 @@ from pathlib import Path
 
 from edge_agent import metrics
 from edge_agent.config import AgentConfig
-from edge_agent.control import Controller, startup_prefilter
+from edge_agent.control import Controller, saved_thresholds
 from edge_agent.endpoint import Endpoint
 from edge_agent.errors import StoreError
-from edge_agent.model_store import ModelStore
 from edge_agent.notify import Notifier
 from edge_agent.prefilter import Prefilter
 from edge_agent.rescue import rescue_file
 from edge_agent.store import AsyncQueue, Store
+from edge_agent.stream_models import StreamModels
 from edge_agent.uplink import Uplink
 from edge_tier import topics
 from edge_tier.mqtt import MqttBridge
@@ -50,17 +50,15 @@ class Agent:
         self.uplink = Uplink(cfg, self.queue, self.mqtt)
         # An installed model update wins over the configured model; one that no longer
         # loads is rolled back here, before anything runs.
-        self.models = ModelStore(cfg.control_path("models"))
-        self.prefilter, active_sha = startup_prefilter(cfg, self.models)
-        self._show_model(self.prefilter)
+        self.models = StreamModels(cfg)
+        self.models.start(saved_thresholds(cfg))
+        self._show_models()
         self.mqtt.client.will_set(self.uplink.status_topic, self.uplink.offline_status(), 1, True)
-        self.endpoint = Endpoint(cfg, self.queue, self.prefilter)
+        self.endpoint = Endpoint(cfg, self.queue, self.models)
         self.control = Controller(
             cfg,
             self.mqtt,
             self.models,
-            prefilter=self.prefilter,
-            active_sha=active_sha,
             swap=self._swap_model,
             limit=lambda c: self.uplink.limit(paused=c.paused, bytes_per_s=c.upload_bytes_per_s),
             publish_status=self.uplink.publish_status,
@@ -68,6 +66,7 @@ class Agent:
         self.uplink.control = self.control.state
         self.endpoint.status_fields = lambda: {
             "model_version": self.uplink.model_version,
+            "models": self.models.status(),
             "control": self.control.state().model_dump(exclude_none=True),
         }
         self.endpoint.checks = self.checks
@@ -107,12 +106,13 @@ class Agent:
             # The file stays set aside: ``edge-agent recover`` can try again.
             log.error("could not rescue the records of %s (%s); run edge-agent recover", source, e)
 
-    def _swap_model(self, pf: Prefilter) -> None:
-        self.prefilter = self.endpoint.prefilter = pf
-        self._show_model(pf)
+    def _swap_model(self, key: str, pf: Prefilter) -> None:
+        self._show_models()  # the endpoint looks each stream's model up in self.models per request
 
-    def _show_model(self, pf: Prefilter | None) -> None:
-        self.uplink.model_version = pf.version if pf else None
+    def _show_models(self) -> None:
+        default = self.models.default
+        self.uplink.model_version = default.version if default else None
         metrics.MODEL_INFO.clear()
-        if pf is not None:
-            metrics.MODEL_INFO.labels(pf.version).set(1)
+        for key, pf in self.models.running.items():
+            if pf is not None:
+                metrics.MODEL_INFO.labels(pf.version, key).set(1)

@@ -26,8 +26,9 @@ from aiohttp import web
 from edge_agent import metrics
 from edge_agent.config import AgentConfig
 from edge_agent.errors import BadRecord, DiskFull, QueueFull, RecordTooLarge, StoreError
-from edge_agent.prefilter import Prefilter
+from edge_agent.prefilter import Prefilter, WindowRefused
 from edge_agent.store import AsyncQueue, NewRecord, RecordBatch, RecordKind
+from edge_agent.stream_models import StreamModels
 from edge_tier.http import app_runner, healthz, metrics_page, problem, readiness, serve_tcp
 from edge_tier.wire import Dtype, WireError, check_meta
 
@@ -39,11 +40,17 @@ _DTYPES = {"float32": Dtype.FLOAT32, "float16": Dtype.FLOAT16, "int8": Dtype.INT
 _SCALARS = (str, int, float, bool, type(None))
 
 
+class StreamWithoutModel(BadRecord):
+    """Windows posted to a stream that has no model."""
+
+
 @web.middleware
 async def _answer_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """What a handler refuses becomes a problem+json answer, in one place."""
     try:
         return await handler(request)
+    except StreamWithoutModel as e:
+        return problem(404, "Not Found", str(e))
     except BadRecord as e:
         return problem(400, "Bad Request", str(e))
     except RecordTooLarge as e:
@@ -111,11 +118,11 @@ async def _no_checks() -> dict[str, bool]:
 
 
 class Endpoint:
-    def __init__(self, config: AgentConfig, queue: AsyncQueue, prefilter: Prefilter | None = None) -> None:
+    def __init__(self, config: AgentConfig, queue: AsyncQueue, models: StreamModels | None = None) -> None:
         self.cfg = config.endpoint
         self.queue = queue
-        self.prefilter = prefilter
-        self._model_lock = asyncio.Lock()  # one interpreter: one inference at a time
+        self.models = models
+        self._model_locks: dict[int, asyncio.Lock] = {}  # one interpreter: one inference at a time
         self.status_fields: Callable[[], dict[str, Any]] = dict  # what the agent adds to /v1/status
         self.checks: Callable[[], Awaitable[dict[str, bool]]] = _no_checks  # the agent's, for /readyz
         self.allow = set(self.cfg.metadata_allow)
@@ -181,53 +188,57 @@ class Endpoint:
         )
 
     async def post_windows(self, request: web.Request) -> web.Response:
-        """Raw sensor windows: the prefilter keeps some, and only their embeddings are queued.
+        """Raw sensor windows: the stream's model keeps some, and only their embeddings are queued.
 
-        Body: ``application/x-edge-tier-windows`` (query ``stream``; n x window float32,
-        little-endian) or JSON ``{"stream": ..., "windows": [[...], ...]}``. The raw
-        windows live only in this request's memory.
+        Body: ``application/x-edge-tier-windows`` (query ``stream``; n windows of float32
+        samples, little-endian, row-major in the model's window shape) or JSON
+        ``{"stream": ..., "windows": [...]}`` (n windows, nested or flat). The raw windows
+        live only in this request's memory; a batch the model cannot take is refused whole.
         """
-        pf = self.prefilter
-        if pf is None:
-            return problem(404, "Not Found", "no prefilter is configured ([prefilter] manifest)")
         if request.content_type == WINDOWS_TYPE:
             stream = request.query.get("stream", "")
+            pf = self._model_of(stream)
             raw = await request.read()
             if not raw or len(raw) % (4 * pf.window):
-                raise BadRecord(f"body of {len(raw)} bytes is not n x {pf.window} float32 samples")
-            windows = np.frombuffer(raw, dtype="<f4").reshape(-1, pf.window)
+                raise WindowRefused(
+                    f"stream {stream!r}: body of {len(raw)} bytes is not n windows of "
+                    f"{list(pf.window_shape)} float32 samples ({4 * pf.window} bytes each)"
+                )
+            windows = np.frombuffer(raw, dtype="<f4").reshape(-1, *pf.window_shape)
         elif request.content_type == "application/json":
             body = await _json_body(request)
-            if not isinstance(body, dict) or not isinstance(body.get("windows"), list):
-                raise BadRecord("body must be an object with a 'windows' list")
-            stream = body.get("stream", "")
+            if not isinstance(body, dict) or not isinstance(body.get("windows"), list) or not body["windows"]:
+                raise BadRecord("body must be an object with a non-empty 'windows' list")
+            stream = body.get("stream", request.query.get("stream", ""))
+            if not isinstance(stream, str):
+                raise BadRecord(f"'stream' must be a string, not {stream!r:.40}")
+            pf = self._model_of(stream)
             try:
                 windows = np.asarray(body["windows"], dtype=np.float32)
             except (TypeError, ValueError) as e:
-                raise BadRecord(f"'windows' must be lists of numbers: {e}") from None
-            if windows.ndim != 2 or windows.shape[1] != pf.window or not len(windows):
-                raise BadRecord(f"'windows' must be n lists of {pf.window} samples")
+                raise WindowRefused(f"stream {stream!r}: 'windows' must be n windows of "
+                                    f"{list(pf.window_shape)} numbers ({e})") from None  # fmt: skip
         else:
             return problem(
                 415,
                 "Unsupported Media Type",
                 f"send application/json or {WINDOWS_TYPE}, not {request.content_type}",
             )
+        windows = pf.check_windows(windows)
         if not np.isfinite(windows).all():
-            raise BadRecord("window samples must be finite")
+            raise BadRecord(f"stream {stream!r}: window samples must be finite")
         dtype = pf.upload_dtype
-        scale = pf.embedding_scale if dtype is Dtype.INT8 else 1.0
         kind = _kind(
             {
                 "stream": stream,
-                "model": "prefilter",
+                "model": pf.name,
                 "model_version": pf.version,
                 "dtype": dtype.name.lower(),
-                "scale": scale,
+                "scale": pf.embedding_scale if dtype is Dtype.INT8 else 1.0,
             },
             pf.embedding_dim,
         )
-        async with self._model_lock:
+        async with self._model_locks.setdefault(id(pf), asyncio.Lock()):
             kept = await asyncio.to_thread(pf.keep, windows)
         result = None
         if len(kept.index):
@@ -240,10 +251,25 @@ class Endpoint:
             "kept": len(kept.index),
             "kept_index": kept.index.tolist(),
             "queued_bytes": len(kept.index) * kind.record_bytes,
+            "model": pf.name,
+            "model_version": pf.version,
         }
         if result is not None:
             answer.update(first_seq=result.first_seq, last_seq=result.last_seq, evicted=result.evicted)
         return web.json_response(answer)
+
+    def _model_of(self, stream: str) -> Prefilter:
+        pf = None if self.models is None else self.models.for_stream(stream)
+        if pf is not None:
+            return pf
+        if self.models is not None and stream in self.models.cfg.streams:
+            raise StreamWithoutModel(
+                f"stream {stream!r} has no model ([streams.{stream}] manifest is unset): it takes "
+                "feature vectors at POST /v1/records"
+            )
+        raise StreamWithoutModel(
+            f"no model for stream {stream!r}: configure [prefilter] manifest, or [streams.{stream or 'NAME'}]"
+        )
 
     def _parse_json(self, body: Any) -> tuple[RecordKind, list[NewRecord]]:
         if not isinstance(body, dict) or not isinstance(body.get("records"), list) or not body["records"]:

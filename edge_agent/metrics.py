@@ -31,7 +31,9 @@ CONTROL_REFUSED = Counter(
     "Control documents refused: malformed, unsigned, forged, replayed, expired",
 )
 UPLOADS_PAUSED = Gauge("et_agent_uploads_paused", "1 while the control channel holds uploads")
-MODEL_INFO = Gauge("et_agent_model_info", "The prefilter running (1), by version", ["version"])
+MODEL_INFO = Gauge(
+    "et_agent_model_info", "Each stream model running (1), by version and key", ["version", "stream"]
+)
 
 
 def observe_queue(st: QueueStats) -> None:

@@ -122,7 +122,10 @@ class ModelStore:
         slot = self.root / u.sha256
         slot.mkdir(exist_ok=True)
         write_atomic(slot / MODEL_FILE, data)
-        manifest = {**u.manifest, u.name: {**u.manifest[u.name], "file": MODEL_FILE}}  # no other path
+        manifest = {
+            **u.manifest,
+            "prefilter": {**u.manifest["prefilter"], "file": MODEL_FILE},
+        }  # no other path
         write_atomic(slot / "manifest.json", json.dumps(manifest, indent=2).encode())
         shutil.rmtree(d, ignore_errors=True)
         return slot / "manifest.json"

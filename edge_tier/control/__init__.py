@@ -33,6 +33,7 @@ from __future__ import annotations
 from edge_tier.control.document import (
     CLOCK_SKEW_MS,
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_MODEL,
     DEFAULT_VALID_MS,
     MAX_CHUNK_BYTES,
     MAX_CONTROL_BYTES,
@@ -57,6 +58,7 @@ from edge_tier.errors import ControlRefused, ModelRefused
 __all__ = [
     "CLOCK_SKEW_MS",
     "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_MODEL",
     "DEFAULT_VALID_MS",
     "MAX_CHUNK_BYTES",
     "MAX_CONTROL_BYTES",

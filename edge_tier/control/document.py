@@ -19,13 +19,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edge_tier.errors import ControlRefused, ModelRefused, WireError
+from edge_tier.errors import ControlRefused, ManifestError, ModelRefused, WireError
+from edge_tier.model.schema import parse_manifest
 from edge_tier.wire.ids import validate_id
 from edge_tier.wire.jsonmodel import decode_json_model
 
 MAX_MODEL_BYTES = 16 * 1024 * 1024
 MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_CHUNK_BYTES = 64 * 1024
+DEFAULT_MODEL = "prefilter"  # a model update's name for the agent's [prefilter] model
 MAX_CONTROL_BYTES = 1024 * 1024  # a document lists one sha256 per chunk
 # how far a device's clock may be ahead of the signer's before a fresh document looks expired
 CLOCK_SKEW_MS = 5 * 60 * 1000
@@ -40,7 +42,11 @@ class ControlConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    threshold: Annotated[float, Field(ge=0, le=1)] | None = None  # None: the model's own
+    # in the score's own range (a reconstruction error is not <= 1); None: the model's own
+    threshold: Annotated[float, Field(allow_inf_nan=False)] | None = None  # the default model's
+    thresholds: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        default_factory=dict
+    )  # by stream
     upload_bytes_per_s: Annotated[int, Field(ge=1)] | None = None  # None: as fast as the link goes
     paused: bool = False  # uploads held; the queue keeps taking records within its budget
 
@@ -51,7 +57,9 @@ class ModelUpdate(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     tenant: str
-    name: Literal["prefilter"] = "prefilter"  # the stream's model; counters are per name
+    # whose model: DEFAULT_MODEL ("prefilter") is the [prefilter] one, any other name a stream's
+    # ([streams.NAME]); counters are per name
+    name: str = DEFAULT_MODEL
     # the order of this tenant's models of this name (edge-provision counts them): a device
     # takes none below the installed one unless the document says rollback
     counter: Annotated[int, Field(ge=1, le=2**63 - 1)]
@@ -65,11 +73,15 @@ class ModelUpdate(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> ModelUpdate:
         validate_id("tenant", self.tenant)
+        validate_id("stream", self.name)
         if len(self.chunks) != math.ceil(self.bytes / self.chunk_bytes):
             raise ValueError(f"{len(self.chunks)} chunk hashes for {self.bytes} bytes in {self.chunk_bytes}")
-        entry = self.manifest.get(self.name)
-        if not isinstance(entry, dict) or entry.get("sha256") != self.sha256:
-            raise ValueError(f"manifest.{self.name}.sha256 must be the update's sha256")
+        try:
+            spec = parse_manifest(self.manifest, "model update").prefilter
+        except ManifestError as e:
+            raise ValueError(str(e)) from None
+        if spec is None or spec.sha256 != self.sha256:
+            raise ValueError("manifest.prefilter.sha256 must be the update's sha256")
         return self
 
     def chunk_range(self, index: int) -> tuple[int, int]:
@@ -220,9 +232,15 @@ def check_model(update: ModelUpdate, rollback: bool, installed: tuple[int, str] 
 
 
 def model_update(
-    tenant: str, manifest_path: str | Path, *, counter: int = 1, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    tenant: str,
+    manifest_path: str | Path,
+    *,
+    counter: int = 1,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    stream: str = DEFAULT_MODEL,
 ) -> tuple[ModelUpdate, list[bytes]]:
-    """The update for the prefilter named by ``manifest_path``, and its chunks."""
+    """The update of ``stream``'s model to the prefilter named by ``manifest_path`` (its whole
+    manifest entry: window, preprocessing, tensors, score, embedding), and its chunks."""
     from edge_tier.model.manifest import load_model  # the same check both tiers load models with
 
     m = load_model(manifest_path, "prefilter")
@@ -230,10 +248,16 @@ def model_update(
     if len(data) > MAX_MODEL_BYTES:
         raise ModelRefused(f"{m.path}: {len(data)} bytes, the limit for a model update is {MAX_MODEL_BYTES}")
     chunks = [data[i : i + chunk_bytes] for i in range(0, len(data), chunk_bytes)]
-    manifest = {k: v for k, v in m.manifest.items() if k in ("version", "labels", "signal")}
-    manifest["prefilter"] = {**m.entry, "file": "prefilter.tflite"}
+    entry = m.spec.model_dump(mode="json", exclude_none=True)
+    manifest = {
+        "schema_version": m.manifest.schema_version,
+        "version": m.manifest.version,
+        "labels": m.manifest.labels,
+        "prefilter": {**entry, "labels": m.labels, "file": "prefilter.tflite"},
+    }
     update = ModelUpdate(
         tenant=tenant,
+        name=stream,
         counter=counter,
         version=m.version,
         sha256=hashlib.sha256(data).hexdigest(),

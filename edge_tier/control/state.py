@@ -23,6 +23,7 @@ class ModelState(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     state: Literal["active", "downloading", "refused", "failed"]
+    stream: Annotated[str, Field(max_length=64)] | None = None  # whose model ("prefilter": the default)
     version: Annotated[str, Field(max_length=64)] | None = None  # of the update in question
     sha256: Annotated[str, Field(max_length=64)] | None = None
     chunks_have: U64 = 0
@@ -40,6 +41,7 @@ class ControlState(BaseModel):
     applied_ms: U64 | None = None
     error: Annotated[str, Field(max_length=1024)] | None = None  # why the newest document was refused
     paused: bool = False
-    threshold: Annotated[float, Field(ge=0, le=1)] | None = None
+    threshold: Annotated[float, Field(allow_inf_nan=False)] | None = None  # the default model's
+    thresholds: dict[str, float] = Field(default_factory=dict)  # each stream model's
     upload_bytes_per_s: U64 | None = None
     model: ModelState | None = None

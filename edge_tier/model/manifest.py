@@ -1,65 +1,68 @@
-"""The model manifest (``manifest.json``, beside the models it names): each model file, checked.
+"""Loading a model named by its manifest (``manifest.json``, beside the models it names): checked.
 
-Both tiers load their model through :func:`load_model`, which reads the
-manifest, finds the entry (``prefilter`` or ``tier2``), and returns the file's
-bytes only if their sha256 matches the manifest. Every failure says which file
-and why, so a device or worker with a missing, corrupt or replaced model stops
-at start instead of running the wrong thing.
+Both tiers load their model through :func:`load_model`, which reads the manifest
+(``edge_tier.model.schema``: every field checked, version 1 read as 2), finds the
+entry (``prefilter`` or ``tier2``), and returns the file's bytes only if their sha256
+matches the manifest. Every failure says which file, which field and why, so a device
+or worker with a missing, corrupt or replaced model stops at start instead of running
+the wrong thing.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Generic, Literal, TypeVar, overload
 
 from edge_tier.errors import ManifestError
+from edge_tier.model.schema import Manifest, PrefilterSpec, Tier2Spec, read_manifest
 
 # The shipped models: the repository's models/, installed as this data package (pyproject.toml).
 DEFAULT_MANIFEST = Path(str(files("edge_tier.model.shipped") / "manifest.json"))
 
+S = TypeVar("S", PrefilterSpec, Tier2Spec)
+
 
 @dataclass(frozen=True)
-class ModelFile:
+class ModelFile(Generic[S]):
     """One verified model: its manifest entry, the whole manifest, and the file's bytes."""
 
     path: Path
     data: bytes
-    entry: dict[str, Any]
-    manifest: dict[str, Any]
+    spec: S
+    manifest: Manifest
 
     @property
     def version(self) -> str:
-        return str(self.entry.get("version", self.manifest.get("version", "")))
+        return self.spec.version
 
     @property
     def labels(self) -> list[str]:
-        return [str(x) for x in self.manifest.get("labels", [])]
+        return self.manifest.labels_of(self.spec)
 
 
-def load_model(manifest_path: str | Path, key: str) -> ModelFile:
+@overload
+def load_model(manifest_path: str | Path, key: Literal["prefilter"]) -> ModelFile[PrefilterSpec]: ...
+@overload
+def load_model(manifest_path: str | Path, key: Literal["tier2"]) -> ModelFile[Tier2Spec]: ...
+def load_model(manifest_path: str | Path, key: str) -> ModelFile[PrefilterSpec] | ModelFile[Tier2Spec]:
     """The model named by ``manifest[key]``, after checking its sha256."""
     manifest_path = Path(manifest_path)
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        entry = manifest[key]
-        path = manifest_path.parent / entry["file"]
-        expected = str(entry["sha256"])
-    except FileNotFoundError:
-        raise ManifestError(f"{manifest_path}: model manifest not found") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ManifestError(f"{manifest_path}: not a usable model manifest ({e!r})") from None
+    manifest = read_manifest(manifest_path)
+    spec = getattr(manifest, key)
+    if spec is None:
+        raise ManifestError(f"{manifest_path}: names no {key} model (no {key!r} entry)")
+    path = manifest_path.parent / spec.file
     try:
         data = path.read_bytes()
     except OSError as e:
         raise ManifestError(f"{path}: cannot read the {key} model ({e.strerror})") from None
     actual = hashlib.sha256(data).hexdigest()
-    if actual != expected:
+    if actual != spec.sha256:
         raise ManifestError(
             f"{path}: sha256 {actual[:16]}... does not match the manifest's "
-            f"{expected[:16]}... (corrupt or replaced file); refusing to load it"
+            f"{spec.sha256[:16]}... (corrupt or replaced file); refusing to load it"
         )
-    return ModelFile(path, data, entry, manifest)
+    return ModelFile(path, data, spec, manifest)

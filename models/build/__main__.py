@@ -225,28 +225,24 @@ def main(argv: list[str] | None = None) -> int:
 
     raw_bytes = te.x.shape[1] * 4  # a float32 window
     up_bytes = 16 + 8 + 8 + 4  # int8 embedding + seq + time + score, per kept record
+    # schema 2 (edge_tier.model.schema, docs/models.md): every tensor and stage named
     manifest = {
+        "schema_version": 2,
         "version": VERSION,
         "labels": list(CLASSES),
-        "signal": {
-            "fs": spec.fs,
-            "window": spec.window,
-            "features": f"edge_tier.model.features.spectrum_features: {BINS} values (shaft-order lines, "
-            "wide bands, envelope spectrum)",
-        },
         "prefilter": {
             "name": "prefilter",
             "version": VERSION,
             "file": pf_path.name,
             "sha256": sha256(pf_path),
             "bytes": pf_path.stat().st_size,
+            "window": {"shape": [spec.window], "sample_rate": spec.fs},
+            # shaft-order lines, wide bands, envelope spectrum (edge_tier.model.features)
+            "preprocess": {"name": "spectrum", "params": {"bins": BINS}},
             "input": {"name": "x", "shape": [-1, BINS], "dtype": "float32"},
-            "outputs": [
-                {"name": "score", "shape": [-1, 1], "dtype": "float32"},
-                {"name": "embedding", "shape": [-1, 16], "dtype": "float32"},
-            ],
+            "score": {"tensor": "score", "kind": "class", "index": 0},
             "threshold": threshold,
-            "embedding_scale": emb_scale,
+            "embedding": {"tensor": "embedding", "pool": "flatten", "scale": emb_scale},
         },
         "tier2": {
             "name": "tier2",
@@ -254,12 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             "file": t2_path.name,
             "sha256": sha256(t2_path),
             "bytes": t2_path.stat().st_size,
+            "kind": "classifier",
             "input": {"name": "embedding", "shape": [-1, 16], "dtype": "float32"},
-            "output": {"name": "probs", "shape": [-1, len(CLASSES)], "dtype": "float32"},
-            "answer": {
-                "label": {"name": "label", "shape": [-1], "dtype": "int64"},
-                "confidence": {"name": "confidence", "shape": [-1], "dtype": "float32"},
-            },
+            "output": "probs",
+            "answer": {"label": "label", "confidence": "confidence"},
         },
     }
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -17,8 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edge_agent.config import AgentConfig
-from edge_agent.control import Controller, startup_prefilter
+from edge_agent.control import Controller
 from edge_agent.model_store import ModelStore
+from edge_agent.stream_models import StreamModels
 from edge_tier import topics
 from edge_tier.control import ControlDoc, encode_control, model_update, sign_control
 from edge_tier.model.manifest import DEFAULT_MANIFEST
@@ -53,11 +54,15 @@ class Rig:
         )
         self.bridge = MqttBridge(self.cfg.mqtt, client_id="test", name="test")  # never connected
         self.store = SlowStore(self.cfg.control_path("models"))
-        pf, sha = startup_prefilter(self.cfg, self.store)
+        self.models = StreamModels(self.cfg)
+        self.models.stores["prefilter"] = self.store
+        self.models.start({})
         self.swapped: list[str] = []
         self.ctl = Controller(
-            self.cfg, self.bridge, self.store, prefilter=pf, active_sha=sha,
-            swap=lambda p: self.swapped.append(p.version), limit=lambda c: None, publish_status=lambda: None,
+            self.cfg, self.bridge, self.models,
+            swap=lambda k, p: self.swapped.append(p.version),
+            limit=lambda c: None,
+            publish_status=lambda: None,
         )  # fmt: skip
         self.gen = 1
         self.counter = 1
@@ -128,7 +133,7 @@ def test_a_model_superseded_mid_transfer_leaves_the_newer_one_running(tmp_path: 
         await asyncio.sleep(0.05 + 0.2 * (len(a_chunks) - 1))  # A's last chunk is being written
         r.doc(b)
         r.all_chunks(b, b_chunks)
-        await _until(lambda: r.ctl.active_sha == b.sha256, "model 3.0.0 to run")
+        await _until(lambda: r.models.active_sha["prefilter"] == b.sha256, "model 3.0.0 to run")
         assert r.swapped[-1] == "3.0.0" and r.ctl.model is not None and r.ctl.model.state == "active"
         assert not task.done()
         task.cancel()
@@ -148,7 +153,7 @@ def test_a_full_disk_is_reported_and_the_transfer_resumes_when_there_is_room(tmp
         assert not task.done()
         r.store.fail = None
         r.all_chunks(a, a_chunks)  # the broker's copies come again (a reconnect, say)
-        await _until(lambda: r.ctl.active_sha == a.sha256, "model 2.0.0 to run")
+        await _until(lambda: r.models.active_sha["prefilter"] == a.sha256, "model 2.0.0 to run")
         task.cancel()
 
     asyncio.run(main())

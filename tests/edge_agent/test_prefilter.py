@@ -47,7 +47,7 @@ def test_missing_model_and_bad_manifest_say_which_file(tmp_path: Path) -> None:
     with pytest.raises(PrefilterError, match=r"prefilter\.tflite: cannot read"):
         Prefilter(manifest)
     manifest.write_text("{not json")
-    with pytest.raises(PrefilterError, match=r"manifest\.json: not a usable model manifest"):
+    with pytest.raises(PrefilterError, match=r"manifest\.json: not a readable JSON manifest"):
         Prefilter(manifest)
     with pytest.raises(PrefilterError, match="manifest not found"):
         Prefilter(tmp_path / "nope.json")
@@ -84,23 +84,23 @@ def test_without_litert_the_fallback_says_what_to_install(monkeypatch: pytest.Mo
     import sys
     import types
 
-    import edge_agent.prefilter as prefilter
+    import edge_agent.litert as litert
 
     monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # import fails
     monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", None)
     with pytest.raises(PrefilterError, match="no TFLite runtime: pip install ai-edge-litert"):
-        prefilter._interpreter_class()
+        litert.interpreter_class()
     # tflite-runtime present: used on numpy 1.x, refused with the reason on numpy 2
     fake = types.ModuleType("tflite_runtime.interpreter")
     fake.Interpreter = object  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", fake)
     monkeypatch.setattr(np, "__version__", "1.26.4")
-    assert prefilter._interpreter_class() is object
+    assert litert.interpreter_class() is object
     monkeypatch.setattr(np, "__version__", "2.1.0")
     with pytest.raises(
         PrefilterError, match=r"tflite-runtime is installed but cannot run with numpy 2\.1\.0"
     ):
-        prefilter._interpreter_class()
+        litert.interpreter_class()
 
 
 def test_the_real_fallback_runtime_where_it_is_installed() -> None:
@@ -122,8 +122,10 @@ def test_int8_upload_round_trips_within_half_a_step_and_needs_a_scale(tmp_path: 
     assert len(data) == emb.size and np.abs(back - emb).max() <= scale / 2 + 1e-6
     manifest = copy_models(tmp_path, "prefilter.tflite")
     doc = json.loads(manifest.read_text())
-    del doc["prefilter"]["embedding_scale"]
+    del doc["prefilter"]["embedding"]["scale"]
     manifest.write_text(json.dumps(doc))
-    with pytest.raises(PrefilterError, match="embedding_scale is missing"):
+    with pytest.raises(PrefilterError, match=r"prefilter\.embedding\.scale is missing"):
         Prefilter(manifest, upload_dtype=Dtype.INT8)
     assert Prefilter(manifest).upload_dtype is Dtype.FLOAT32
+    assert Prefilter(manifest, upload_dtype=None).upload_dtype is Dtype.FLOAT16  # "auto", no scale
+    assert Prefilter(MODELS / "manifest.json", upload_dtype=None).upload_dtype is Dtype.INT8

@@ -52,7 +52,9 @@ def test_an_update_names_every_chunk_and_the_manifest_the_device_loads(update) -
     assert b"".join(chunks) == data and len(chunks) == len(u.chunks) == -(-len(data) // 4096)
     entry = u.manifest["prefilter"]
     assert entry["sha256"] == u.sha256 and entry["file"] == "prefilter.tflite" and u.counter == 3
-    assert u.manifest["signal"]["window"] == 1024
+    # the whole entry travels: window, preprocessing, tensors, score, embedding
+    assert entry["window"]["shape"] == [1024] and entry["preprocess"]["name"] == "spectrum"
+    assert entry["score"]["tensor"] == "score" and entry["embedding"]["tensor"] == "embedding"
 
 
 def test_only_the_fleet_key_signing_the_whole_document_for_this_device_is_accepted(update) -> None:  # type: ignore[no-untyped-def]
