@@ -18,6 +18,7 @@ from pathlib import Path
 
 from edge_provision.control import ControlPlane, Published
 from edge_provision.fleet import PROVISION_USER, ROLES, Fleet, FleetError
+from edge_tier.control import DEFAULT_MODEL
 from edge_tier.mqtt import MqttSettings
 from edge_tier.tokens import TokenError, TokenStore
 
@@ -160,7 +161,7 @@ def cmd_control_set(args: argparse.Namespace) -> int:
         try:
             change["threshold"] = None if args.threshold == "model" else float(args.threshold)
         except ValueError:
-            raise FleetError(f"--threshold {args.threshold!r}: a number from 0 to 1, or 'model'") from None
+            raise FleetError(f"--threshold {args.threshold!r}: a number, or 'model' for its own") from None
     if args.upload_rate is not None:
         change["upload_bytes_per_s"] = None if args.upload_rate == 0 else args.upload_rate
     if args.pause or args.resume:
@@ -168,7 +169,7 @@ def cmd_control_set(args: argparse.Namespace) -> int:
     if not change:
         raise FleetError("nothing to change: give --threshold, --upload-rate, --pause or --resume")
     plane, valid_ms = _control(args), _valid_ms(args)
-    p = plane.set_config(args.tenant, _targets(args), valid_ms=valid_ms, **change)  # type: ignore[arg-type]
+    p = plane.set_config(args.tenant, _targets(args), valid_ms=valid_ms, stream=args.stream, **change)  # type: ignore[arg-type]
     return _published(args, p, "config " + ", ".join(f"{k}={v}" for k, v in change.items()))
 
 
@@ -189,7 +190,7 @@ def cmd_model_push(args: argparse.Namespace) -> int:
         manifest = manifest.with_name("manifest.json")
     p = _control(args).push_model(
         args.tenant, _targets(args), manifest, chunk_bytes=args.chunk_bytes, rollback=args.rollback,
-        valid_ms=_valid_ms(args),
+        valid_ms=_valid_ms(args), stream=args.stream,
     )  # fmt: skip
     return _published(args, p, f"model {manifest}" + (" (rollback)" if args.rollback else ""))
 
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             "--valid-days", type=float, default=30.0,
             help="devices refuse the documents after this; `control refresh` before then",
         )  # fmt: skip
-    cs.add_argument("--threshold", help="prefilter threshold 0..1, or 'model' for the model's own")
+    cs.add_argument("--threshold", help="the model's threshold, in its score's range, or 'model' for its own")
+    cs.add_argument("--stream", default=DEFAULT_MODEL, help="whose threshold (default: [prefilter])")
     cs.add_argument("--upload-rate", type=int, help="upload cap in bytes/s (0: no cap)")
     pr = cs.add_mutually_exclusive_group()
     pr.add_argument("--pause", action="store_true", help="hold uploads (the queue keeps recording)")
@@ -291,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     cs.set_defaults(fn=cmd_control_set)
     mpp.add_argument("model", metavar="MODEL", help="the model's manifest.json (or the .tflite beside it)")
     mpp.add_argument("--chunk-bytes", type=int, default=64 * 1024)
+    mpp.add_argument("--stream", default=DEFAULT_MODEL, help="whose model (default: the [prefilter] model)")
     mpp.add_argument(
         "--rollback", action="store_true",
         help="allow a model older than the one a device has (signed into the documents)",

@@ -27,6 +27,7 @@ from edge_provision.fleet import Fleet, FleetError
 from edge_tier import topics
 from edge_tier.control import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_MODEL,
     DEFAULT_VALID_MS,
     ControlConfig,
     ControlDoc,
@@ -119,9 +120,11 @@ class ControlPlane:
         upload_bytes_per_s: int | None = _UNSET,
         paused: bool = _UNSET,
         valid_ms: int = DEFAULT_VALID_MS,
+        stream: str = DEFAULT_MODEL,
     ) -> Published:
-        """Change the named settings (others stay as they were) and publish."""
-        change = {
+        """Change the named settings (others stay as they were) and publish; ``threshold`` is
+        ``stream``'s model's (``prefilter``: the agent's [prefilter] model)."""
+        change: dict[str, object] = {
             k: v
             for k, v in (
                 ("threshold", threshold),
@@ -130,10 +133,17 @@ class ControlPlane:
             )
             if v is not _UNSET
         }
+        if stream != DEFAULT_MODEL and "threshold" in change:
+            change["thresholds"] = change.pop("threshold")
         docs = []
         for d in self.targets(tenant, device):
             doc = self._next(tenant, d, valid_ms)
-            docs.append((d, doc.model_copy(update={"config": doc.config.model_copy(update=change)})))
+            update = dict(change)
+            if "thresholds" in update:  # this stream's, the others' as they were
+                others: dict[str, object] = {k: v for k, v in doc.config.thresholds.items() if k != stream}
+                t = update.pop("thresholds")
+                update["thresholds"] = others if t is None else {**others, stream: t}
+            docs.append((d, doc.model_copy(update={"config": doc.config.model_copy(update=update)})))
         return self._publish(tenant, docs, [])
 
     def refresh(self, tenant: str, device: str | None, *, valid_ms: int = DEFAULT_VALID_MS) -> Published:
@@ -162,17 +172,24 @@ class ControlPlane:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         rollback: bool = False,
         valid_ms: int = DEFAULT_VALID_MS,
+        stream: str = DEFAULT_MODEL,
     ) -> Published:
-        """Publish the prefilter named by ``manifest`` (chunks, then documents); one older than what
-        a target was told last only with ``rollback``, which the documents then say, signed."""
-        update, chunks = model_update(tenant, manifest, chunk_bytes=chunk_bytes)
+        """Publish the prefilter named by ``manifest`` as ``stream``'s model (chunks, then
+        documents); one older than what a target was told last for that stream only with
+        ``rollback``, which the documents then say, signed."""
+        update, chunks = model_update(tenant, manifest, chunk_bytes=chunk_bytes, stream=stream)
         update = update.model_copy(update={"counter": self.model_counter(tenant, update.name, update.sha256)})
         targets = self.targets(tenant, device)
         if not rollback:
             newer = []
             for d in targets:
                 old = self.desired(tenant, d)
-                if old is not None and old.model is not None and old.model.counter > update.counter:
+                if (
+                    old is not None
+                    and old.model is not None
+                    and old.model.name == update.name
+                    and old.model.counter > update.counter
+                ):
                     newer.append(f"{d} (counter {old.model.counter}, {old.model.version})")
             if newer:
                 raise FleetError(
