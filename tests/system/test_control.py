@@ -435,3 +435,77 @@ def test_a_model_below_the_installed_counter_needs_a_signed_rollback(
     st = agent_status(port)
     assert st is not None and st["model_version"] == "3.0.0"
     raw.close()
+
+
+def _zoo_manifest(tmp_path: Path, model: str, version: str, *extra: str) -> Path:
+    from edge_agent.cli import main as agent_main
+
+    out = tmp_path / f"{model}-{version}" / "manifest.json"
+    zoo = Path(__file__).parents[1] / "models" / "zoo" / f"{model}.tflite"
+    assert agent_main(["model", "init", str(zoo), "--out", str(out), "--version", version, *extra]) == 0
+    return out
+
+
+def _post_stream(port: int, stream: str, windows: np.ndarray) -> tuple[int, dict[str, Any]]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", f"/v1/windows?stream={stream}", windows.astype("<f4").tobytes(),
+                     {"Content-Type": "application/x-edge-tier-windows"})  # fmt: skip
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_a_stream_model_with_another_shape_and_preprocessing_rolls_out_and_back_alone(
+    make_pipeline: Callable[..., Pipeline], fleet: Fleet, tmp_path: Path
+) -> None:
+    ae = _zoo_manifest(tmp_path, "ae_f32", "1.0.0", "--threshold", "0.5")
+    kws = _zoo_manifest(
+        tmp_path, "kws_int8", "2.0.0", "--preprocess", "mfcc", "--window", "16000", "--sample-rate", "16000",
+        "--param", "n_fft=640", "--param", "hop_length=320", "--param", "n_mels=40", "--param", "n_mfcc=10",
+        "--threshold", "0.5",
+    )  # fmt: skip
+    p = make_pipeline(agent={
+        "prefilter": {"manifest": str(DEFAULT_MANIFEST)},
+        "streams": {"acoustic": {"manifest": str(ae)}},
+        "control": {"signing_key": str(fleet.root / "signing.pub")},
+    })  # fmt: skip
+    plane, port = _plane(fleet, p), p.agent.port
+
+    def models() -> dict[str, Any]:
+        st = agent_status(port)
+        return {} if st is None else dict(st.get("models", {}))
+
+    assert models()["acoustic"]["window"] == [640]
+    plane.push_model(TENANT, DEVICE, kws, stream="acoustic")
+    wait_until(lambda: models().get("acoustic", {}).get("version") == "2.0.0", 30, "the stream's new model")
+    m = models()
+    assert m["acoustic"]["window"] == [16000] and m["acoustic"]["model"] == "kws_int8"
+    assert m["prefilter"]["version"] == "1.0.0"  # the other model is untouched
+    assert _control(port)["model"]["stream"] == "acoustic"
+    st, ok = _post_stream(port, "acoustic", np.zeros((3, 16000), np.float32))
+    assert st == 200 and ok["model"] == "kws_int8", ok
+    st, refused = _post_stream(port, "acoustic", np.zeros((3, 640), np.float32))
+    assert st == 400 and "stream 'acoustic'" in refused["detail"] and "[16000]" in refused["detail"], refused
+    assert post_windows(port, _windows())["windows"] == 64  # vibration, the [prefilter] model
+
+    # the autoencoder again (a new counter for this stream), then the keyword spotter once more:
+    # below the stream's installed counter, so only as a signed rollback
+    plane.push_model(TENANT, DEVICE, ae, stream="acoustic")
+    wait_until(lambda: models().get("acoustic", {}).get("window") == [640], 30, "the autoencoder back")
+    st, ok = _post_stream(port, "acoustic", np.zeros((3, 640), np.float32))
+    assert st == 200 and ok["model"] == "ae_f32", ok
+    with pytest.raises(FleetError, match="--rollback"):
+        plane.push_model(TENANT, DEVICE, kws, stream="acoustic")
+    plane.push_model(TENANT, DEVICE, kws, stream="acoustic", rollback=True)
+    wait_until(lambda: models().get("acoustic", {}).get("window") == [16000], 30, "the stream rolled back")
+    assert models()["prefilter"]["version"] == "1.0.0"
+
+    # a stream the device does not have: refused, nothing changes
+    plane.push_model(TENANT, DEVICE, kws, stream="nosuch")
+    _wait_control(port, lambda c: c.get("model", {}).get("state") == "refused", "an unknown stream refused")
+    assert "stream 'nosuch'" in _control(port)["model"]["error"]
+    assert models()["acoustic"]["window"] == [16000]
