@@ -15,12 +15,14 @@ with no CONNACK at all, again and again, in MQTT 5 are taken for a 3.1.1-only br
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -121,6 +123,10 @@ class MqttBridge:
         self.connected = asyncio.Event()
         self.connections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        # paho's callbacks wait here for the loop, which takes all that came in one go: one
+        # wake-up of the loop per burst of messages and PUBACKs, not one per packet
+        self._calls: collections.deque[tuple[Callable[..., object], tuple[object, ...]]] = collections.deque()
+        self._drain_scheduled = False
         self._stop = threading.Event()
         self._stop_at = 0.0
         self._thread: threading.Thread | None = None
@@ -171,9 +177,25 @@ class MqttBridge:
 
     def _call(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
         loop = self._loop
-        if loop is not None and not loop.is_closed():
+        if loop is None or loop.is_closed():
+            return
+        self._calls.append((fn, args))
+        if not self._drain_scheduled:  # a drain already scheduled will take this one too
+            self._drain_scheduled = True
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(fn, *args)
+                loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        """On the loop: paho's calls so far, in the order they came."""
+        # cleared first: a call appended from now on either is taken below or schedules a drain
+        self._drain_scheduled = False
+        calls = self._calls
+        while calls:
+            fn, args = calls.popleft()
+            try:
+                fn(*args)
+            except Exception:  # one bad callback must not hold back the others
+                log.exception("%s: a callback from paho's thread failed", self.name)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         self._connack = reason_code
