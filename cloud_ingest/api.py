@@ -147,8 +147,8 @@ def _device(name: str) -> str:
 
 
 def records(batch: ResultBatch, stream_seq: int) -> list[dict[str, Any]]:
-    """One result message as per-record objects."""
-    return [
+    """One result message as per-record objects (a regressor's with its ``value``)."""
+    out = [
         {
             "device": batch.device,
             "seq": seq,
@@ -166,6 +166,10 @@ def records(batch: ResultBatch, stream_seq: int) -> list[dict[str, Any]]:
             batch.seqs, batch.times_ms, batch.scores, batch.labels, batch.confidences, strict=True
         )
     ]
+    if batch.values is not None:
+        for rec, value in zip(out, batch.values, strict=True):
+            rec["value"] = value
+    return out
 
 
 # -- the service ---------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``cloud-ingest``: the cloud services: ``run`` (ingest), ``worker`` (tier two), ``api`` (results)."""
+"""``cloud-ingest``: the cloud services: ``run`` (ingest), ``worker`` (tier two), ``api`` (results);
+``model check`` tries a tier-two model as a worker would load it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Awaitable, Callable
 
+from cloud_ingest import model_tool
 from cloud_ingest.config import load_ingest_config
 from cloud_ingest.errors import IngestError
 from edge_tier.cli import run_service
@@ -45,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     api = sub.add_parser("api", help="the result API: devices, result pages, uploads, SSE (aiohttp)")
     api.add_argument("--config", "-c", help="ingest.toml ([api] section; CLOUD_INGEST_API__* env)")
     api.set_defaults(fn=lambda a: _serve(a, "api"))
+    model_tool.add_parser(sub)
     args = p.parse_args(argv)
+    if args.cmd == "model":
+        setup_logging("WARNING")  # a provider this host lacks, a fixed batch: said on stderr
     try:
         return int(args.fn(args))
     except (ConfigError, IngestError) as e:

@@ -6,9 +6,9 @@ import base64
 import ssl
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from edge_tier import topics
@@ -221,12 +221,45 @@ class IngestSettings(BaseModel):
         )
 
 
+class ModelRoute(BaseModel):
+    """One tier-two model and the features it answers (``[[worker.models]]``).
+
+    A frame is answered by the first route whose every given list holds its tenant, its
+    stream and its prefilter model's name (a list left out matches all); a frame no route
+    takes goes to ``worker.manifest``, or, where that is unset too, to the dead letters.
+    """
+
+    model_config = {"extra": "forbid"}
+    manifest: Path
+    tenants: list[str] | None = Field(None, min_length=1)
+    streams: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(None, min_length=1)
+    prefilters: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        None, min_length=1, description="the prefilter model names frames carry (Frame.model)"
+    )
+
+    @field_validator("tenants")
+    @classmethod
+    def _valid_tenants(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [validate_id("tenant", t) for t in v]
+
+    def takes(self, tenant: str, stream: str, prefilter: str) -> bool:
+        return (
+            (self.tenants is None or tenant in self.tenants)
+            and (self.streams is None or stream in self.streams)
+            and (self.prefilters is None or prefilter in self.prefilters)
+        )
+
+
 class WorkerSettings(BaseModel):
     """Tier-two workers (``cloud-ingest worker``): JetStream features in, results out."""
 
     model_config = {"extra": "forbid"}
     instance: str = "0"
-    manifest: Path = DEFAULT_MANIFEST
+    # The model for features no route in ``models`` takes. Default: the packaged models when
+    # ``models`` is empty, none (such features are dead-lettered) when it is not; "" = none.
+    manifest: Path | None = None
+    # Tier-two models by tenant, stream and prefilter model: the first route that matches wins.
+    models: list[ModelRoute] = Field(default_factory=list)
     # onnxruntime execution providers, in order of preference; those this host's
     # onnxruntime build lacks are skipped (CUDA needs the onnxruntime-gpu extra).
     providers: list[str] = Field(
@@ -272,6 +305,19 @@ class WorkerSettings(BaseModel):
     @classmethod
     def _valid_tenants(cls, v: list[str] | None) -> list[str] | None:
         return None if v is None else [validate_id("tenant", t) for t in v]
+
+    @field_validator("manifest", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _some_model(self) -> WorkerSettings:
+        if self.manifest is None and not self.models:
+            if "manifest" in self.model_fields_set:
+                raise ValueError("manifest is unset and models is empty: the worker would answer nothing")
+            self.manifest = DEFAULT_MANIFEST
+        return self
 
 
 class ApiSettings(BaseModel):

@@ -13,3 +13,7 @@ class StreamSetupError(IngestError):
 
 class Tier2ModelError(IngestError):
     """The tier-two model or its runtime cannot be used; the message names the file and the reason."""
+
+
+class ModelCheckError(IngestError):
+    """``cloud-ingest model check`` cannot run the model on its features (unreadable file, wrong shape)."""

@@ -239,6 +239,10 @@ def document(page_max: int = 1000) -> dict[str, Any]:
                         "score": {"type": "number"},
                         "label": {"type": "string"},
                         "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                        "value": {
+                            "type": "number",
+                            "description": "a regressor's answer (its confidence is 0)",
+                        },
                         "upload_id": {"type": "string"},
                         "produced_ms": {"type": "integer"},
                         "model": {"type": "string"},

@@ -12,9 +12,13 @@ features message either unacked (redelivered, and its results, if already
 written, dropped as duplicates by JetStream) or acked with its results stored:
 each result exactly once.
 
-A message that cannot be answered (undecodable, wrong shape, non-finite values,
-inference error) is nak'ed with back-off and dead-lettered with the reason when
-it fails on its ``max_deliveries``-th delivery; the rest of its batch goes on.
+Models: each frame is answered by the model its route names (``worker.models``: by tenant,
+stream and prefilter model, first match wins; ``worker.manifest`` for the rest). Each model
+is loaded once; a batch of several models' frames makes one inference call per model.
+
+A message that cannot be answered (undecodable, no model for its tenant and stream, wrong
+shape, non-finite values, inference error) is nak'ed with back-off and dead-lettered with
+the reason when it fails on its ``max_deliveries``-th delivery; the rest of its batch goes on.
 
 Fair shares between tenants: each tenant's backlog waits in its own consumer, never
 in front of another's messages; a token bucket per tenant caps its features per
@@ -32,6 +36,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import nats.errors
 import nats.js.errors
@@ -42,10 +47,11 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from cloud_ingest import metrics
-from cloud_ingest.config import IngestConfig
+from cloud_ingest.config import IngestConfig, ModelRoute
+from cloud_ingest.errors import Tier2ModelError
 from cloud_ingest.nats_client import connect_nats
 from cloud_ingest.streams import clip_header, ensure_streams, publish_dead_letter
-from cloud_ingest.tier2 import Tier2Model
+from cloud_ingest.tier2 import Answers, Tier2Model
 from edge_tier import topics
 from edge_tier.http import OpsServer
 from edge_tier.logs import context
@@ -67,6 +73,7 @@ class Work:
     msg: Msg
     frame: Frame
     x: np.ndarray  # float32 [n, dim]
+    model: Tier2Model  # the one its route names
 
 
 @dataclass(slots=True)
@@ -75,6 +82,7 @@ class Outcome:
     labels: np.ndarray | None = None
     confidences: np.ndarray | None = None
     error: str | None = None
+    values: np.ndarray | None = None  # a regressor's answers
 
 
 @dataclass
@@ -89,9 +97,12 @@ class Lane:
 
 class Worker:
     def __init__(self, cfg: IngestConfig, model: Tier2Model | None = None) -> None:
+        """``model``: the fallback model, already loaded (else ``worker.manifest``'s, at start)."""
         self.cfg = cfg
         self.w = cfg.worker
-        self.model = model
+        self.model = model  # for features no route takes (None: they are dead-lettered)
+        self.routes: list[tuple[ModelRoute, Tier2Model]] = []
+        self._route_of: dict[tuple[str, str, str], Tier2Model | None] = {}
         self.nc: NatsClient | None = None
         self.js: JetStreamContext | None = None
         self.lanes: dict[str, Lane] = {}
@@ -108,7 +119,7 @@ class Worker:
         return {
             "nats": bool(self.nc and self.nc.is_connected),
             "jetstream": not self.jetstream_failing,  # every tenant's consumer bound and fetching
-            "model": self.model is not None,
+            "model": self.model is not None or bool(self.routes),
             "started": self.ready.is_set(),
         }
 
@@ -118,16 +129,7 @@ class Worker:
 
     async def _run(self) -> None:
         w = self.w
-        if self.model is None:
-            self.model = await asyncio.to_thread(
-                Tier2Model,
-                w.manifest,
-                providers=w.providers,
-                io_binding=w.io_binding,
-                threads=w.threads,
-                spin=w.spin,
-                max_batch=w.max_batch,
-            )
+        await asyncio.to_thread(self._load_models)
         self.nc = await connect_nats(self.cfg, topics.service_client_id("worker", w.instance))
         self.js = self.nc.jetstream(timeout=self.cfg.ingest.publish_timeout_s)
         await ensure_streams(self.js, self.cfg.streams)
@@ -139,12 +141,10 @@ class Worker:
                 tg.create_task(self._publish_loop(), name="worker-publish")
                 self.ready.set()
                 log.info(
-                    "worker ready: %s -> %s, model %s v%s on %s, batches of up to %d records / %.1f ms",
+                    "worker ready: %s -> %s, %s, batches of up to %d records / %.1f ms",
                     topics.FEATURES_STREAM,
                     topics.RESULTS_STREAM,
-                    self.model.name,
-                    self.model.version,
-                    self.model.providers[0],
+                    self._models_text(),
                     w.max_batch,
                     w.max_wait_ms,
                 )
@@ -160,6 +160,53 @@ class Worker:
                     await work.msg.nak()
             with contextlib.suppress(Exception):
                 await self.nc.close()
+
+    # -- models and routes ------------------------------------------------
+
+    def _load_models(self) -> None:
+        """Each manifest of ``worker.models`` and ``worker.manifest`` loaded once (the same file
+        named twice is one model); a model that does not load stops the worker here."""
+        w = self.w
+        loaded: dict[Path, Tier2Model] = {}
+
+        def load(path: Path, where: str) -> Tier2Model:
+            key = path.resolve()
+            if key not in loaded:
+                try:
+                    loaded[key] = Tier2Model(
+                        path,
+                        providers=w.providers,
+                        io_binding=w.io_binding,
+                        threads=w.threads,
+                        spin=w.spin,
+                        max_batch=w.max_batch,
+                    )
+                except Tier2ModelError as e:
+                    raise Tier2ModelError(f"{where}: {e}") from None
+            return loaded[key]
+
+        if self.model is not None:
+            loaded[self.model.manifest.resolve()] = self.model
+        self.routes = [(r, load(r.manifest, f"worker.models[{i}]")) for i, r in enumerate(w.models)]
+        if self.model is None and w.manifest is not None:
+            self.model = load(w.manifest, "worker.manifest")
+
+    def _models_text(self) -> str:
+        parts = [f"{m.name} v{m.version} for {_route_text(r)} on {m.providers[0]}" for r, m in self.routes]
+        if self.model is not None:
+            rest = " for the rest" if parts else ""
+            parts.append(f"{self.model.name} v{self.model.version}{rest} on {self.model.providers[0]}")
+        return "models " + "; ".join(parts) if parts else "no model"
+
+    def model_for(self, frame: Frame) -> Tier2Model | None:
+        """The model of the first route that takes this frame, else the fallback (or None)."""
+        key = (frame.tenant, frame.stream, frame.model)
+        if key not in self._route_of:
+            if len(self._route_of) > 10_000:  # keys come from devices: keep the cache bounded
+                self._route_of.clear()
+            found = next((m for r, m in self.routes if r.takes(*key)), self.model)
+            self._route_of[key] = found
+        return self._route_of[key]
 
     # -- tenants and fetching ---------------------------------------------
 
@@ -269,21 +316,29 @@ class Worker:
                 self._ready_work.set()
 
     def _decode(self, msg: Msg) -> Work:
-        assert self.model is not None
         try:
             frame = decode_frame(msg.data, limits=self.cfg.ingest.limits)
         except WireError as e:
             raise Poison(f"undecodable frame: {e}") from None
         if msg.subject != topics.features_subject(frame.tenant, frame.device, rescued=frame.rescued):
             raise Poison(f"frame of {frame.tenant}/{frame.device} on subject {msg.subject}")
-        if frame.dim != self.model.dim:
-            raise Poison(f"wrong shape: {frame.dim} features per record, the model takes {self.model.dim}")
+        model = self.model_for(frame)
+        if model is None:
+            raise Poison(
+                f"no model: no route of worker.models takes tenant {frame.tenant!r}, stream "
+                f"{frame.stream!r}, prefilter {frame.model!r}, and worker.manifest is unset"
+            )
+        if frame.dim != model.dim:
+            raise Poison(
+                f"wrong shape: {frame.dim} features per record, the model {model.name} "
+                f"(stream {frame.stream!r}) takes {model.dim}"
+            )
         x = frame.features.astype(np.float32)
         if frame.dtype is Dtype.INT8:
             x *= np.float32(frame.scale)
         if not np.isfinite(x).all() or not np.isfinite(frame.scores).all():
             raise Poison("non-finite features or scores")
-        return Work(msg, frame, x)
+        return Work(msg, frame, x, model)
 
     # -- batching and inference -------------------------------------------
 
@@ -335,21 +390,32 @@ class Worker:
             await self._outbox.put(outcomes)
 
     def infer(self, batch: list[Work]) -> list[Outcome]:
-        """One inference call for the whole batch; if it fails, each message alone, so that
-        only the ones that cannot be answered are set aside."""
-        assert self.model is not None
+        """One inference call per model for the whole batch (in the batch's order); if one
+        fails, each of its messages alone, so that only the ones that cannot be answered are
+        set aside."""
+        by_model: dict[int, list[Work]] = {}
+        for w in batch:
+            by_model.setdefault(id(w.model), []).append(w)
+        if len(by_model) == 1:
+            return self._infer(batch)
+        done = {id(o.work): o for works in by_model.values() for o in self._infer(works)}
+        return [done[id(w)] for w in batch]
+
+    def _infer(self, batch: list[Work]) -> list[Outcome]:
+        """One call of the model these messages share."""
         try:
-            labels, conf = self.model.classify(np.concatenate([w.x for w in batch]))
+            a: Answers = batch[0].model.answer(np.concatenate([w.x for w in batch]))
         except Exception as e:  # onnxruntime raises its own classes; any failure is per message
             if len(batch) == 1:
                 return [Outcome(batch[0], error=f"inference failed: {e}")]
             log.warning("a batch of %d messages failed (%s); answering them one by one", len(batch), e)
-            return [o for w in batch for o in self.infer([w])]
+            return [o for w in batch for o in self._infer([w])]
         out, i = [], 0
         for w in batch:
-            n = w.frame.n
-            out.append(Outcome(w, labels[i : i + n], conf[i : i + n]))
-            i += n
+            rows = slice(i, i + w.frame.n)
+            values = None if a.values is None else a.values[rows]
+            out.append(Outcome(w, a.label_index[rows], a.confidences[rows], values=values))
+            i += w.frame.n
         return out
 
     # -- results ------------------------------------------------------------
@@ -403,8 +469,8 @@ class Worker:
         self, o: Outcome
     ) -> list[tuple[str, bytes, float | None, str | None, dict[str, str]]]:
         """(subject, payload, wait_stall, stream, headers) of each part of one upload's answer."""
-        assert self.model is not None and o.labels is not None and o.confidences is not None
-        frame = o.work.frame
+        assert o.labels is not None and o.confidences is not None
+        frame, model = o.work.frame, o.work.model
         step = self.w.results_max_records
         parts = -(-frame.n // step)
         now_ms = int(time.time() * 1000)
@@ -415,15 +481,16 @@ class Worker:
             body = encode_results(
                 frame,
                 slice(a, a + step),
-                self.model.labels,
+                model.labels,
                 o.labels[a : a + step],
                 o.confidences[a : a + step],
                 part=part,
                 parts=parts,
-                model=self.model.name,
-                model_version=self.model.version,
+                model=model.name,
+                model_version=model.version,
                 worker=self.w.instance,
                 produced_ms=now_ms,
+                values=None if o.values is None else o.values[a : a + step],
             )
             rows = frame.seqs[a : a + step]
             headers = {
@@ -482,3 +549,8 @@ class Worker:
             metrics.WORKER_DEADLETTERED.labels(reason.split(":")[0][:40]).inc()
         except (TimeoutError, nats.errors.Error) as e:
             log.warning("%s: could not nak or dead-letter it (%r); it comes back after ack_wait", where, e)
+
+
+def _route_text(r: ModelRoute) -> str:
+    lists = (("tenants", r.tenants), ("streams", r.streams), ("prefilters", r.prefilters))
+    return " ".join(f"{k} {','.join(v)}" for k, v in lists if v) or "everything"

@@ -146,6 +146,7 @@ def decode_status(b: bytes | bytearray | memoryview | str) -> DeviceStatus:
 RESULT_MAX_BYTES = 8 * 1024 * 1024
 _Confidence = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 _Label = Annotated[str, Field(max_length=64)]
+_Value = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class ResultBatch(BaseModel):
@@ -158,7 +159,7 @@ class ResultBatch(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    v: Literal[1] = 1
+    v: Literal[1, 2] = 1  # 2: carries ``values`` (a regressor's answers)
     upload_id: str
     tenant: str
     device: str
@@ -174,6 +175,9 @@ class ResultBatch(BaseModel):
     scores: list[float]  # the prefilter's anomaly score
     labels: list[_Label]
     confidences: list[_Confidence]
+    # a regressor's answer per record (v 2); its labels are then the quantity's name (or
+    # empty) and its confidences 0: a regressor states no class probability
+    values: list[_Value] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ResultBatch:
@@ -183,6 +187,10 @@ class ResultBatch(BaseModel):
         n = len(self.seqs)
         if not n or any(len(c) != n for c in (self.times_ms, self.scores, self.labels, self.confidences)):
             raise ValueError("seqs, times_ms, scores, labels and confidences must be equally long, n >= 1")
+        if (self.values is not None) != (self.v >= 2):
+            raise ValueError("values come with v 2 (a regressor's results), and only with it")
+        if self.values is not None and len(self.values) != n:
+            raise ValueError(f"values has {len(self.values)} entries, seqs {n}: they must be equally long")
         if not first <= self.seqs[0] or not self.seqs[-1] <= last:
             raise ValueError(f"seqs {self.seqs[0]}-{self.seqs[-1]} are outside the upload {first}-{last}")
         if self.part >= self.parts:
@@ -203,11 +211,12 @@ def encode_results(
     model_version: str,
     worker: str,
     produced_ms: int,
+    values: np.ndarray | None = None,
 ) -> bytes:
     """One ResultBatch as JSON, straight from numpy columns (per-record objects would cost
-    more than the inference)."""
-    doc = {
-        "v": 1,
+    more than the inference). ``values``: a regressor's answers for these rows (then v 2)."""
+    doc: dict[str, object] = {
+        "v": 1 if values is None else 2,
         "upload_id": frame.upload_id,
         "tenant": frame.tenant,
         "device": frame.device,
@@ -224,7 +233,22 @@ def encode_results(
         "labels": [labels[i] for i in label_index.tolist()],
         "confidences": np.round(np.clip(confidences.astype(np.float64), 0, 1), 5).tolist(),
     }
+    if values is not None:
+        doc["values"] = _significant(values, 7).tolist()
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _significant(x: np.ndarray, digits: int) -> np.ndarray:
+    """``x`` as float64 rounded to ``digits`` significant digits (what float32 holds), so that
+    JSON carries ``0.1`` and not ``0.10000000149011612``."""
+    x = np.asarray(x, np.float64)
+    with np.errstate(divide="ignore"):
+        exponent = np.floor(np.log10(np.abs(x)))
+    exponent = np.where(np.isfinite(exponent), exponent, 0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = np.power(10.0, digits - 1 - exponent)
+        rounded = np.round(x * scale) / scale
+    return np.where(np.isfinite(rounded), rounded, x)  # subnormal float64: as it is
 
 
 def decode_results(b: bytes | bytearray | memoryview | str) -> ResultBatch:

@@ -76,5 +76,13 @@ def test_a_manifest_naming_the_wrong_tensors_is_refused(tmp_path: Path) -> None:
     doc = json.loads(manifest.read_text())
     doc["tier2"]["input"]["name"] = "x"
     manifest.write_text(json.dumps(doc))
-    with pytest.raises(Tier2ModelError, match="the manifest names 'x'"):
+    with pytest.raises(Tier2ModelError, match=r'tier2\.input\.name = "x": the model has no such input; '
+                       r"its inputs: 'embedding' tensor\(float\) \[batch, 16\]"):  # fmt: skip
+        Tier2Model(manifest)
+    doc["tier2"]["input"]["name"] = "embedding"
+    doc["tier2"]["answer"]["confidence"] = "conf"
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(
+        Tier2ModelError, match=r'tier2\.answer\.confidence = "conf": the model has no such output'
+    ):
         Tier2Model(manifest)

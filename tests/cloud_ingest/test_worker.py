@@ -20,7 +20,7 @@ pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
 from cloud_ingest import metrics
 from cloud_ingest.config import IngestConfig
-from cloud_ingest.tier2 import Tier2Model
+from cloud_ingest.tier2 import Answers, Tier2Model
 from cloud_ingest.worker import Outcome, Work, Worker
 from edge_tier import topics
 from edge_tier.model.manifest import DEFAULT_MANIFEST
@@ -133,19 +133,20 @@ class _FailsOnMarker:
 
     dim, labels = DIM, ["a", "b"]
 
-    def classify(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def answer(self, x: np.ndarray) -> Answers:
         if (x == 666).any():
             raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION")
-        return np.zeros(len(x), np.int64), np.full(len(x), 0.9, np.float32)
+        return Answers(np.zeros(len(x), np.int64), np.full(len(x), 0.9, np.float32))
 
 
 def test_an_inference_error_sets_aside_only_its_own_message() -> None:
-    w = Worker(IngestConfig(), model=_FailsOnMarker())  # type: ignore[arg-type]
+    stand_in = _FailsOnMarker()
+    w = Worker(IngestConfig(), model=stand_in)  # type: ignore[arg-type]
     batch = []
     for i in range(4):
         values = np.full((3, DIM), 666.0 if i == 2 else 0.5, np.float32)
         data = frame(1 + 3 * i, 3, 3 * i, values=values)
-        batch.append(Work(None, decode_frame(data), values))  # type: ignore[arg-type]
+        batch.append(Work(None, decode_frame(data), values, stand_in))  # type: ignore[arg-type]
     out: list[Outcome] = w.infer(batch)
     assert [o.error is None for o in out] == [True, True, False, True]
     assert "RUNTIME_EXCEPTION" in (out[2].error or "")

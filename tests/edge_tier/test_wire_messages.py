@@ -266,3 +266,39 @@ def test_results_refuse_non_finite_columns() -> None:
     bad = Frame(**{k: getattr(f, k) for k in Frame.__slots__ if k != "scores"}, scores=np.full(5, np.nan))
     with pytest.raises(ValueError):
         _results_doc(bad)
+
+
+def _regressor_doc(f: Frame, values: np.ndarray) -> dict[str, Any]:
+    n = len(values)
+    data = encode_results(
+        f, slice(None), ["load_kn"], np.zeros(n, np.int64), np.zeros(n, np.float32), part=0, parts=1,
+        model="ridge", model_version="2", worker="w0", produced_ms=5, values=values,
+    )  # fmt: skip
+    return dict(json.loads(data))
+
+
+def test_results_of_a_regressor_carry_values_as_v2_and_classifiers_stay_v1() -> None:
+    f = _result_frame()
+    doc = _regressor_doc(f, np.array([0.1, -2.5, 1e-7, 12345.678, 3.0], np.float32))
+    assert doc["v"] == 2 and doc["values"] == [0.1, -2.5, 1e-07, 12345.68, 3.0]  # float32's digits, no more
+    r = decode_results(json.dumps(doc))
+    assert r.values == doc["values"] and r.labels == ["load_kn"] * 5 and r.confidences == [0.0] * 5
+    classifier = _results_doc(f)
+    assert classifier["v"] == 1 and "values" not in classifier
+    assert decode_results(json.dumps(classifier)).values is None
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"v": 1}, "values come with v 2"),
+        ({"values": None}, "values come with v 2"),
+        ({"values": [1.0, 2.0]}, "values has 2 entries, seqs 5"),
+        ({"values": [1.0, 2.0, "x", 4.0, 5.0]}, "valid number"),
+        ({"values": [1.0, 2.0, float("nan"), 4.0, 5.0]}, "finite number"),
+    ],
+)
+def test_regressor_results_reject(change: dict[str, Any], match: str) -> None:
+    doc = {**_regressor_doc(_result_frame(), np.arange(5, dtype=np.float32)), **change}
+    with pytest.raises(WireError, match=match):
+        decode_results(json.dumps(doc))
