@@ -150,6 +150,14 @@ class LiteModel:
                     if t is not None:
                         self.tensors.setdefault(str(key), t)
 
+    def ops(self) -> list[dict[str, Any]]:
+        """The graph's ops in execution order (name, input and output tensor indices); the
+        delegate's stand-in nodes left out. Empty where the runtime does not say."""
+        try:
+            return [o for o in self._it._get_ops_details() if o["op_name"] != "DELEGATE"]
+        except (AttributeError, RuntimeError, ValueError):
+            return []
+
     def tensor(self, name: str, field: str) -> Tensor:
         """The tensor named ``name``; PrefilterError naming the manifest ``field`` and what exists."""
         t = self.tensors.get(name)

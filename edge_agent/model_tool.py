@@ -57,11 +57,7 @@ class Graph:
 
     def __init__(self, lite: LiteModel) -> None:
         self.lite = lite
-        try:
-            ops = [o for o in lite._it._get_ops_details() if o["op_name"] != "DELEGATE"]
-        except (AttributeError, RuntimeError, ValueError):
-            ops = []
-        self.ops = ops
+        ops = self.ops = lite.ops()
         self.maker = {int(t): o for o in ops for t in o["outputs"]}
         self.by_index = {t.index: t for t in lite.tensors.values()}
 
@@ -264,7 +260,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(line)
     print(
         f"wrote {out}: score {list(pf.window_shape)} -> 1, embedding {pf.embedding_dim} values, "
-        + ("batched" if pf._lite.batch_resizes else "batch 1 in a loop (the batch dimension does not resize)")
+        + ("batched" if pf.batch_resizes else "batch 1 in a loop (the batch dimension does not resize)")
     )
     return 0
 
@@ -315,9 +311,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         "model": pf.name,
         "version": pf.version,
         "windows": {"shape": list(windows.shape), "source": args.windows or "generated"},
-        "input": pf._input.describe(),
+        "input": pf.input_tensor.describe(),
         "preprocess": pf.spec.preprocess.name,
-        "batch_resizes": pf._lite.batch_resizes,
+        "batch_resizes": pf.batch_resizes,
         "score": {
             "kind": pf.spec.score.kind,
             "tensor": pf.spec.score.tensor,
@@ -330,7 +326,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         "threshold": pf.threshold,
         "kept": kept,
         "embedding": {
-            "tensor": pf._emb_t.name,
+            "tensor": pf.embedding_tensor.name,
             "shape": list(emb.shape),
             "upload_dtype": pf.upload_dtype.name.lower(),
         },
@@ -347,7 +343,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{pf.name} v{pf.version}: {report['input']}, preprocess {report['preprocess']}, "
-        f"{'batched' if pf._lite.batch_resizes else 'batch 1 in a loop'}"
+        f"{'batched' if pf.batch_resizes else 'batch 1 in a loop'}"
     )
     sc = report["score"]
     print(f"windows      {list(windows.shape)} ({report['windows']['source']})")

@@ -127,6 +127,19 @@ class Prefilter:
             "" if self._lite.batch_resizes else " (batch 1 in a loop)",
         )
 
+    @property
+    def batch_resizes(self) -> bool:
+        """False: the model's batch dimension does not resize, and it runs batch 1 in a loop."""
+        return self._lite.batch_resizes
+
+    @property
+    def input_tensor(self) -> Tensor:
+        return self._input
+
+    @property
+    def embedding_tensor(self) -> Tensor:
+        return self._emb_t
+
     # -- load-time checks ---------------------------------------------------------------------
 
     def _fail(self, field: str, msg: str) -> PrefilterError:

@@ -60,7 +60,7 @@ def test_init_writes_a_manifest_check_takes_and_batches_agree_with_one_by_one(
 
 def test_a_batch_dimension_that_does_not_resize_runs_batch_one_in_a_loop(tmp_path: Path) -> None:
     pf = Prefilter(init(tmp_path, "fixed_batch", "--score", "class", "--score-class", "3"))
-    assert not pf._lite.batch_resizes
+    assert not pf.batch_resizes
     s, e = pf.score(np.ones((32, 64), np.float32))
     assert s.shape == (32,) and e.shape == (32, pf.embedding_dim)  # not (1, 28672, 16)-like garbage
 
