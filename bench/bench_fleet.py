@@ -36,32 +36,11 @@ import numpy as np
 
 from bench.figures import save_json
 from edge_tier import topics
-from edge_tier.wire import Dtype, encode_frame_parts
 from edge_tier_harness.brokers import BrokerProcess, Mosquitto, NatsServer
 from edge_tier_harness.services import IngestProcess, ServiceProcess
-from edge_tier_harness.testkit import CpuMeter, ingest_config, percentiles_ms, temp_dir
+from edge_tier_harness.testkit import CpuMeter, ingest_config, percentiles_ms, temp_dir, upload_frame
 
 DIM = 16
-
-
-def _frame(tenant: str, device: str, first: int, n: int, prev: int, blob: list[bytes]) -> bytes:
-    now = int(time.time() * 1000)
-    return encode_frame_parts(
-        tenant=tenant,
-        device=device,
-        prev_seq=prev,
-        stream="vibration",
-        model="pf",
-        model_version="1",
-        schema_version=1,
-        created_ms=now,
-        dtype=Dtype.FLOAT32,
-        dim=DIM,
-        seqs=range(first, first + n),
-        scores=[0.5] * n,
-        times_ms=[now] * n,
-        feature_blobs=blob,
-    )
 
 
 def generator(port: int, tenant: str, devices: int, records: int, seconds: float, go: str, out: Any) -> None:
@@ -70,7 +49,7 @@ def generator(port: int, tenant: str, devices: int, records: int, seconds: float
     from paho.mqtt.enums import CallbackAPIVersion
 
     rng = np.random.default_rng(os.getpid())
-    blob = [row.tobytes() for row in rng.standard_normal((records, DIM)).astype("<f4")]
+    values = rng.standard_normal((records, DIM)).astype("<f4")
     names = [f"d{i}" for i in range(devices)]
     next_seq = dict.fromkeys(names, 1)
     prev = dict.fromkeys(names, 0)
@@ -87,7 +66,7 @@ def generator(port: int, tenant: str, devices: int, records: int, seconds: float
         first = next_seq[d]
         sent_at[d] = time.perf_counter()
         client.publish(
-            topics.mqtt_topic(tenant, d, "up"), _frame(tenant, d, first, records, prev[d], blob), qos=1
+            topics.mqtt_topic(tenant, d, "up"), upload_frame(tenant, d, first, prev[d], values), qos=1
         )
 
     def on_message(c: Any, u: Any, msg: Any) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_tier.wire import Dtype, encode_frame_parts
+
 __all__ = [
     "DEVICE",
     "TENANT",
@@ -126,3 +128,25 @@ def temp_dir(base: Path | None, prefix: str, keep: bool = False) -> Iterator[Pat
     finally:
         if not keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def upload_frame(tenant: str, device: str, first: int, prev: int, features: np.ndarray) -> bytes:
+    """An upload frame of records ``first ..`` (one a row of ``features``, float32), as a device sends."""
+    x = np.ascontiguousarray(features, dtype="<f4")
+    n, now = len(x), int(time.time() * 1000)
+    return encode_frame_parts(
+        tenant=tenant,
+        device=device,
+        prev_seq=prev,
+        stream="vibration",
+        model="pf",
+        model_version="1",
+        schema_version=1,
+        created_ms=now,
+        dtype=Dtype.FLOAT32,
+        dim=x.shape[1],
+        seqs=range(first, first + n),
+        scores=[0.5] * n,
+        times_ms=[now] * n,
+        feature_blobs=[row.tobytes() for row in x],
+    )

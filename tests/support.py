@@ -29,11 +29,11 @@ from cloud_ingest.config import IngestConfig
 from cloud_ingest.streams import read_all
 from cloud_ingest.worker import Worker
 from edge_tier import topics
-from edge_tier.wire import Dtype, ResultBatch, decode_frame, decode_results, encode_frame_parts
+from edge_tier.wire import ResultBatch, decode_frame, decode_results
 from edge_tier_harness import services
 from edge_tier_harness.brokers import Mosquitto, NatsServer
 from edge_tier_harness.services import AgentProcess, IngestProcess
-from edge_tier_harness.testkit import DEVICE, TENANT, wait_until
+from edge_tier_harness.testkit import DEVICE, TENANT, upload_frame, wait_until
 from edge_tier_harness.testkit import agent_config as agent_config
 from edge_tier_harness.testkit import ingest_config as ingest_config
 
@@ -212,24 +212,8 @@ def frame(
 ) -> bytes:
     """An upload frame of records ``first .. first+n-1``; random features unless ``values``."""
     rng = np.random.default_rng(first)
-    x = rng.standard_normal((n, dim)).astype("<f4") if values is None else values.astype("<f4")
-    now = int(time.time() * 1000)
-    return encode_frame_parts(
-        tenant=tenant,
-        device=device,
-        prev_seq=prev,
-        stream="vibration",
-        model="pf",
-        model_version="1",
-        schema_version=1,
-        created_ms=now,
-        dtype=Dtype.FLOAT32,
-        dim=x.shape[1],
-        seqs=list(range(first, first + n)),
-        scores=[0.5] * n,
-        times_ms=[now] * n,
-        feature_blobs=[row.tobytes() for row in x],
-    )
+    x = rng.standard_normal((n, dim)).astype("<f4") if values is None else values
+    return upload_frame(tenant, device, first, prev, x)
 
 
 async def publish_features(url: str, frames: list[bytes]) -> None:
