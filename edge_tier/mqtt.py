@@ -182,8 +182,10 @@ class MqttBridge:
         self._calls.append((fn, args))
         if not self._drain_scheduled:  # a drain already scheduled will take this one too
             self._drain_scheduled = True
-            with contextlib.suppress(RuntimeError):
+            try:
                 loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop closed meanwhile
+                self._drain_scheduled = False
 
     def _drain(self) -> None:
         """On the loop: paho's calls so far, in the order they came."""
@@ -362,6 +364,10 @@ class MqttBridge:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # calls left for a loop that has ended (a drain scheduled there never ran) are dropped:
+        # this loop drains from scratch
+        self._calls.clear()
+        self._drain_scheduled = False
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-paho", daemon=True)
         self._thread.start()
 

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,7 +426,28 @@ def next_steps(stack: Stack, kept_up: bool, *, replay_after: int = 0, trickle_ra
     return "\n".join(lines)
 
 
+_STOPPING: list[Stack] = []  # what the exit watchdog stops, once the stack is up
+_EXIT_CODE = [130]  # what it exits with: under --serve, the run's own verdict
+EXIT_GRACE_S = 20.0
+
+
 def _interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C, SIGTERM, SIGHUP: unwind (the ``finally`` stops every child). Should the unwinding
+    hang (a task that swallows its cancellation, under asyncio.run), a watchdog stops the
+    children and exits after EXIT_GRACE_S anyway: Ctrl-C always ends the demo and all it runs."""
+    if not _STOPPING or getattr(_interrupt, "armed", False):
+        raise KeyboardInterrupt
+    _interrupt.armed = True  # type: ignore[attr-defined]
+
+    def watchdog() -> None:
+        time.sleep(EXIT_GRACE_S)
+        print("\nstopping (Ctrl-C): the unwinding hung; stopping every process now", flush=True)
+        for proc in reversed(_STOPPING[0].processes):
+            with contextlib.suppress(Exception):
+                proc.stop()
+        os._exit(_EXIT_CODE[0])
+
+    threading.Thread(target=watchdog, name="demo-exit-watchdog", daemon=True).start()
     raise KeyboardInterrupt
 
 
@@ -441,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="the summary as JSON on stdout (the view on stderr)")
     p.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp dir)")
     args = p.parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # unwind like Ctrl-C: every child is stopped
+    # SIGINT too, so that asyncio.run leaves Ctrl-C to us: one Ctrl-C always ends the demo
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="edge-tier-demo-"))
     out = sys.stdout
@@ -452,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-tier demo: {args.devices} devices x {args.rate:g} windows/s x {args.seconds:g}s"
               f"{' with chaos' if args.chaos else ''}; files in {work}")  # fmt: skip
         stack = start_stack(work, args.devices)
+        _STOPPING.append(stack)
         print(f"  nats-server {stack.nats.url} (JetStream; MQTT on {stack.nats.mqtt_port}), ingest, "
               f"worker, API on {stack.api.port}, {len(stack.agents)} agents (prefilter)\n")  # fmt: skip
         result = asyncio.run(run(args, stack))
@@ -461,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         print(steps)
         if args.json:
             out.write(json.dumps(result) + "\n")
+        flowed = result["kept"] > 0 and result["results"] == result["kept"]
+        verdict = 0 if flowed and result["lost"] == 0 and result["duplicated"] == 0 else 1
+        _EXIT_CODE[0] = verdict
         if args.serve:
             print("\nrunning until Ctrl-C", flush=True)
             try:
@@ -470,8 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(3600)
             except KeyboardInterrupt:  # the way out of --serve: the run's own verdict stands
                 print("\nstopping (Ctrl-C)")
-        flowed = result["kept"] > 0 and result["results"] == result["kept"]
-        return 0 if flowed and result["lost"] == 0 and result["duplicated"] == 0 else 1
+        return verdict
     except KeyboardInterrupt:
         print("\nstopping (Ctrl-C)")
         return 130
