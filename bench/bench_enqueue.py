@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import sqlite3
@@ -279,6 +280,59 @@ def markdown_table(results: list[Result | Skipped]) -> str:
     return "\n".join(lines)
 
 
+META = {"site": "a1", "sensor": 7}  # 27 bytes of compact JSON a record
+
+
+def bench_meta(work: Workload, n: int, base: Path | None, keep: bool) -> list[Result]:
+    """Records with metadata: raw SQLite batched (``executemany`` of SYNC_BATCH rows a
+    transaction, one row a record, the metadata as JSON text) against ``Store.append_many``."""
+    recs = [NewRecord(features=r.features, score=r.score, meta=dict(META)) for r in work.records[:n]]
+    with temp_dir(base, "bench-enqueue-meta-raw", keep) as d:
+        db = sqlite3.connect(d / "raw.db")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(
+            "CREATE TABLE records (seq INTEGER PRIMARY KEY AUTOINCREMENT, created_ms INTEGER NOT NULL, "
+            "kind INTEGER NOT NULL, score REAL NOT NULL, features BLOB NOT NULL, meta TEXT, "
+            "nbytes INTEGER NOT NULL)"
+        )
+        db.commit()
+        sql = "INSERT INTO records(created_ms, kind, score, features, meta, nbytes) VALUES (?, 1, ?, ?, ?, ?)"
+        t0 = time.perf_counter()
+        for i in range(0, n, SYNC_BATCH):
+            now = time.time_ns() // 1_000_000
+            rows = []
+            for r in recs[i : i + SYNC_BATCH]:
+                m = json.dumps(r.meta, separators=(",", ":"))
+                rows.append((now, r.score, r.features, m, DIM * 4 + 64 + len(m)))
+            db.executemany(sql, rows)
+            db.commit()
+        raw_secs = time.perf_counter() - t0
+        mode = sync_mode(db)
+        db.close()
+    with temp_dir(base, "bench-enqueue-meta-ours", keep) as d:
+        store = Store(store_settings(d, 0))
+        t0 = time.perf_counter()
+        for i in range(0, n, SYNC_BATCH):
+            (res,) = store.append_many([(KIND, recs[i : i + SYNC_BATCH])])
+            if isinstance(res, Exception):
+                raise res
+        our_secs = time.perf_counter() - t0
+        stats = store.stats()
+        store.close()
+    assert stats.records == n, f"ours with metadata: {stats}"
+    raw = Result(
+        f"raw SQLite batched (executemany x{SYNC_BATCH}), metadata",
+        n,
+        raw_secs,
+        mode,
+        commits=n // SYNC_BATCH,
+    )
+    ours = Result(f"ours sync (append_many x{SYNC_BATCH}), metadata", n, our_secs, mode)
+    raw.ratio, ours.ratio = 1.0, ours.rate / raw.rate
+    return [raw, ours]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_enqueue", description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=50_000, help="records for our contenders (50000)")
@@ -353,6 +407,17 @@ def main(argv: list[str] | None = None) -> int:
             r.ratio = r.rate / naive.rate
 
     print(markdown_table(results))
+    print(
+        f"# running metadata ({len(json.dumps(META, separators=(',', ':')))} bytes a record) ...",
+        file=sys.stderr,
+    )
+    meta = bench_meta(work, n_ours, args.dir, args.keep)
+    print(
+        "\nWith metadata (" + json.dumps(META, separators=(",", ":")) + " on every record), "
+        "against raw SQLite batched in the same run:\n"
+    )
+    print(markdown_table(list(meta)).replace("x naive", "x raw batched"))
+    results.extend(meta)
     print(
         f"\nnaive and persist-queue wrote {n_base} records, ours {n_ours}: rates (records/s) are "
         "compared, not totals. Every contender ran in this process, one after another; compare the "

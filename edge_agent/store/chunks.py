@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.store.records import F32, U64, WIRE_SAVING, Columns, RecordKind, compact_json
+from edge_agent.store.records import F32, U64, WIRE_SAVING, Columns, RecordKind
 from edge_tier.wire import RECORD_WIRE_OVERHEAD
 
 CHUNK_COLUMNS = (
@@ -56,7 +56,7 @@ def chunk_row(kid: int, c: Columns, nbytes: int, key: int | None = None) -> tupl
         c.scores.astype(F32).tobytes(),
         c.times.astype(U64).tobytes(),
     )
-    meta = None if c.meta is None else compact_json(c.meta)
+    meta = c.meta_column()
     return (
         int(c.seqs[0]) if key is None else key,
         int(c.seqs[-1]),
@@ -95,13 +95,13 @@ def split_bounds(
     if sizes is None:
         per = max(1, min(most, room // (rb + RECORD_WIRE_OVERHEAD)))
         return [*range(0, n, per), n]
-    wire = (sizes - WIRE_SAVING).tolist()
+    # Greedy, as many records a piece as fit: with the running total of wire sizes, each piece
+    # ends at the last record whose total from the piece's start is within room (one search a
+    # piece, not a step a record), at most ``most`` records, and never empty.
+    total = np.concatenate([[0], np.cumsum(sizes - WIRE_SAVING)])
     bounds = [0]
-    total = 0
-    for i, size in enumerate(wire):
-        if i > bounds[-1] and (i - bounds[-1] >= most or total + size > room):
-            bounds.append(i)
-            total = 0
-        total += size
-    bounds.append(n)
+    while bounds[-1] < n:
+        start = bounds[-1]
+        end = int(np.searchsorted(total, total[start] + room, side="right")) - 1
+        bounds.append(min(n, start + most, max(start + 1, end)))
     return bounds

@@ -45,9 +45,18 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def meta_sizes(metas: Sequence[dict[str, Any] | None], strings: Sequence[str]) -> list[int]:
+    """What each record's metadata is charged: its JSON's length, nothing for none."""
+    return [len(j) if m else 0 for m, j in zip(metas, strings, strict=True)]
+
+
+_COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # one encoder, not one a call
+
+
 def compact_json(value: Any) -> str:
-    """Metadata as stored and as charged: compact, ASCII, no NaN."""
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    """Metadata as stored and as charged: compact, ASCII, no NaN (json.dumps' output, made by
+    one encoder: ``dumps`` with options builds a new one per call, the cost of small objects)."""
+    return _COMPACT.encode(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,16 +169,30 @@ class Columns:
     times: np.ndarray  # uint64[n]
     features: bytes
     meta: list[dict[str, Any]] | None
+    # each record's metadata as compact JSON, made once (staging makes it) and reused for the
+    # budget, the split into chunks and the chunk row; None: made here when first asked for
+    meta_json: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.seqs)
 
+    def meta_strings(self) -> list[str] | None:
+        if self.meta is not None and self.meta_json is None:
+            self.meta_json = [compact_json(m) for m in self.meta]
+        return self.meta_json
+
     def sizes(self, record_bytes: int) -> np.ndarray:
         """What each record is charged against the budget."""
         base = np.full(len(self), record_bytes + ROW_OVERHEAD, dtype=np.int64)
-        if self.meta is not None:
-            base += np.array([len(compact_json(m)) if m else 0 for m in self.meta], dtype=np.int64)
+        strings = self.meta_strings()
+        if self.meta is not None and strings is not None:
+            base += np.array(meta_sizes(self.meta, strings), dtype=np.int64)
         return base
+
+    def meta_column(self) -> str | None:
+        """The chunk row's ``meta``: the records' metadata as one JSON array."""
+        strings = self.meta_strings()
+        return None if strings is None else "[" + ",".join(strings) + "]"
 
     def take(self, keep: np.ndarray, record_bytes: int) -> Columns:
         feats = np.frombuffer(self.features, dtype=np.uint8).reshape(len(self), record_bytes)
@@ -179,6 +202,7 @@ class Columns:
             self.times[keep],
             feats[keep].tobytes(),
             None if self.meta is None else [m for m, k in zip(self.meta, keep, strict=True) if k],
+            None if self.meta_json is None else [m for m, k in zip(self.meta_json, keep, strict=True) if k],
         )
 
     def slice(self, lo: int, hi: int, record_bytes: int) -> Columns:
@@ -190,21 +214,24 @@ class Columns:
             self.times[lo:hi],
             self.features[lo * record_bytes : hi * record_bytes],
             None if self.meta is None else self.meta[lo:hi],
+            None if self.meta_json is None else self.meta_json[lo:hi],
         )
 
     @classmethod
     def concat(cls, parts: list[Columns]) -> Columns:
         if len(parts) == 1:
             return parts[0]
-        metas = None
+        metas = strings = None
         if any(p.meta is not None for p in parts):
             metas = [m for p in parts for m in (p.meta if p.meta is not None else [{}] * len(p))]
+            strings = [j for p in parts for j in (p.meta_strings() or ["{}"] * len(p))]
         return cls(
             np.concatenate([p.seqs for p in parts]),
             np.concatenate([p.scores for p in parts]),
             np.concatenate([p.times for p in parts]),
             b"".join(p.features for p in parts),
             metas,
+            strings,
         )
 
 

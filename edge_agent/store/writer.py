@@ -35,6 +35,7 @@ from edge_agent.store.records import (
     RecordBatch,
     RecordKind,
     compact_json,
+    meta_sizes,
     now_ms,
 )
 from edge_agent.store.room import Room
@@ -55,6 +56,7 @@ class _Staged:
     n: int
     records: Sequence[NewRecord] | RecordBatch
     nbytes: int
+    meta_json: list[str] | None = None  # each record's metadata as compact JSON, made once
 
 
 @dataclass(slots=True)
@@ -277,7 +279,8 @@ class Writer:
                     if len(r.features) != rb:
                         raise StoreError(f"record {i}: {len(r.features)} feature bytes, expected {rb}")
                 metas = [r.meta or {} for r in records] if any(r.meta for r in records) else None
-            meta_lens = [len(compact_json(m)) if m else 0 for m in metas] if metas else [0]
+            meta_json = [compact_json(m) for m in metas] if metas else None
+            meta_lens = meta_sizes(metas, meta_json) if metas and meta_json else [0]
         except (StoreError, TypeError, ValueError) as e:
             return StoreError(f"{where}: {e} ({kind.dim} x {kind.dtype.name.lower()})")
         too_large = self._too_large(kind, max(meta_lens))
@@ -291,7 +294,7 @@ class Writer:
                 f"queue {self.file.path} is full ({used} of {budget} bytes) and the policy is "
                 f"'block': {n} records refused"
             )
-        staged = _Staged(index, kind, self.ledger.next_seq, n, records, nbytes)
+        staged = _Staged(index, kind, self.ledger.next_seq, n, records, nbytes, meta_json)
         self.ledger.next_seq += n
         self.ledger.bytes += nbytes
         return staged
@@ -349,9 +352,10 @@ def _columns(group: list[_Staged], rb: int) -> Columns:
         parts.append(RecordBatch.of(loose, rb))
     n = sum(x.n for x in group)
     now = now_ms()
-    metas = None
+    metas = strings = None
     if any(p.meta is not None for p in parts):
         metas = [m for p in parts for m in (p.meta if p.meta is not None else [{}] * len(p))]
+        strings = [j for x in group for j in (x.meta_json or ["{}"] * x.n)]
     return Columns(
         seqs=np.arange(group[0].first, group[0].first + n, dtype=U64),
         scores=np.concatenate([np.asarray(p.scores, dtype=F32) for p in parts]),
@@ -363,4 +367,5 @@ def _columns(group: list[_Staged], rb: int) -> Columns:
         ),
         features=b"".join(p.features for p in parts) if len(parts) > 1 else parts[0].features,
         meta=metas,
+        meta_json=strings,
     )
