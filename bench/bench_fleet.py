@@ -37,7 +37,7 @@ import numpy as np
 from bench.figures import save_json
 from edge_tier import topics
 from edge_tier_harness.brokers import BrokerProcess, Mosquitto, NatsServer
-from edge_tier_harness.services import IngestProcess, ServiceProcess
+from edge_tier_harness.services import IngestProcess, ServiceProcess, WorkerProcess
 from edge_tier_harness.testkit import CpuMeter, ingest_config, percentiles_ms, temp_dir, upload_frame
 
 DIM = 16
@@ -190,8 +190,9 @@ class NaiveProcess(IngestProcess):
 def table(rows: list[Level], records: int) -> str:
     out = [
         "| contender | devices | frames/s | records/s | receipt p50 ms | p99 ms | ingest us/frame | "
-        "nats-server us/frame | mosquitto us/frame | ours / naive (us/frame) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "nats-server us/frame | mosquitto us/frame | worker us/message | worker us/feature | "
+        "ours / naive (us/frame) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     naive = {r.devices: r for r in rows if r.contender == "naive"}
     for r in rows:
@@ -203,9 +204,33 @@ def table(rows: list[Level], records: int) -> str:
         out.append(
             f"| {r.contender} | {r.devices:,} | {r.fps:,.0f} | {r.fps * records:,.0f} | "
             f"{r.latency.get('p50', 0):.1f} | {r.latency.get('p99', 0):.1f} | {own:.0f} | "
-            f"{r.cpu_us['nats-server']:.0f} | {r.cpu_us['mosquitto']:.0f} | {ratio} |"
+            f"{r.cpu_us['nats-server']:.0f} | {r.cpu_us['mosquitto']:.0f} | {r.cpu_us['worker']:.0f} | "
+            f"{r.cpu_us['worker'] / records:.1f} | {ratio} |"
         )
     return "\n".join(out)
+
+
+def _answered(url: str, within: float = 30.0) -> tuple[int, int]:
+    """(features messages, results messages) once the worker caught up, or after ``within`` s."""
+    import asyncio
+
+    import nats
+
+    async def counts() -> tuple[int, int]:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            deadline = time.monotonic() + within
+            while True:
+                f = (await js.stream_info(topics.FEATURES_STREAM)).state.messages
+                r = (await js.stream_info(topics.RESULTS_STREAM)).state.messages
+                if r >= f or time.monotonic() > deadline:
+                    return int(f), int(r)
+                await asyncio.sleep(0.5)
+        finally:
+            await nc.close()
+
+    return asyncio.run(counts())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,7 +260,21 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         nsrv = up(NatsServer(d / "nats"))
-        brokers = {"nats-server": nsrv.pid, "mosquitto": mosq.pid}
+        # the tier-two worker answers every committed frame (one features message each) as it
+        # comes: its CPU per message is reported beside the rest, and at the end whether it
+        # answered them all (else its figure is for fewer messages than the level's)
+        worker = up(
+            WorkerProcess(
+                d / "worker",
+                {
+                    "nats": {"servers": [nsrv.url]},
+                    "log_level": "INFO",
+                    "worker": {"discover_s": 0.5, "max_wait_ms": 5.0},
+                },
+                name="worker",
+            )
+        )
+        brokers = {"nats-server": nsrv.pid, "mosquitto": mosq.pid, "worker": worker.pid}
 
         def cfg() -> dict[str, Any]:
             return ingest_config(mosq.port, nsrv.url, ingest={"publish_timeout_s": 10.0})
@@ -264,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
             proc.stop()
+        answered = _answered(nsrv.url)
     text = table(rows, args.records)
     print(text)
     print(
@@ -271,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.seconds:.0f} s a level, {args.generators} generator processes; Python "
         f"{platform.python_version()}, {os.cpu_count()} CPUs (generators, brokers and ingest share them)."
     )
+    print(f"the worker answered {answered[1]:,} of {answered[0]:,} uploads (features messages) by the end")
     save_json(args.json, {"rows": [r.__dict__ for r in rows], "records": args.records})
     return 0
 
