@@ -134,7 +134,8 @@ class LiteModel:
         for t in known.values():
             self.tensors[t.name] = t
         self._aliases(known)
-        self._batch = -1
+        self._shape: tuple[int, ...] | None = None  # the input's shape as last allocated
+        self.batched = True  # False: the input has no batch dimension, a window a call
         self.batch_resizes = True
 
     def _aliases(self, known: dict[int, Tensor]) -> None:
@@ -173,23 +174,26 @@ class LiteModel:
     def run(self, x: np.ndarray, want: list[Tensor]) -> list[np.ndarray]:
         """The tensors ``want`` (float32, dequantized) for input ``x`` (float, batch first)."""
         inp = self.inputs[0]
-        if self.batch_resizes or len(x) == 1:
+        if not self.batched:  # each window alone, its answers given the batch axis they lack
+            parts = [[o[None] for o in self._invoke(inp.to_model(x[i]), want)] for i in range(len(x))]
+        elif self.batch_resizes or len(x) == 1:
             return self._invoke(inp.to_model(x), want)
-        parts = [self._invoke(inp.to_model(x[i : i + 1]), want) for i in range(len(x))]
+        else:
+            parts = [self._invoke(inp.to_model(x[i : i + 1]), want) for i in range(len(x))]
         return [np.concatenate(col) for col in zip(*parts, strict=True)]
 
     def _invoke(self, q: np.ndarray, want: list[Tensor]) -> list[np.ndarray]:
         inp = self.inputs[0]
         try:
-            if len(q) != self._batch:
+            if q.shape != self._shape:
                 self._it.resize_tensor_input(inp.index, list(q.shape), strict=False)
                 self._it.allocate_tensors()
-                self._batch = len(q)
+                self._shape = q.shape
             self._it.set_tensor(inp.index, q)
             self._it.invoke()
             return [t.to_float(self._it.get_tensor(t.index)) for t in want]
         except (ValueError, RuntimeError) as e:
-            self._batch = -1  # the interpreter's state after a failed resize is not to be trusted
+            self._shape = None  # the interpreter's state after a failed resize is not to be trusted
             raise ModelRunError(f"the interpreter refused input {list(q.shape)} {q.dtype}: {e}") from None
 
     def probe_batch(self, item: tuple[int, ...], want: list[Tensor]) -> None:

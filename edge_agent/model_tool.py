@@ -48,15 +48,23 @@ _PASS_THROUGH = {
 _WEIGHTED = {"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL", "CONV_3D", "TRANSPOSE_CONV"}
 
 
-def _size(t: Tensor) -> int:
-    return int(np.prod([abs(d) for d in t.shape[1:]], dtype=np.int64)) if t.shape else 1
+def _size(t: Tensor, batched: bool = True) -> int:
+    """Values per window: every dimension after the batch (all of them, where there is none)."""
+    dims = t.shape[1:] if batched else t.shape
+    return int(np.prod([abs(d) for d in dims], dtype=np.int64)) if dims else 1
+
+
+def has_batch(t: Tensor) -> bool:
+    """Whether an input's first dimension is a batch: a 1-D input is one window's samples, and a
+    first dimension fixed above 1 is part of the window."""
+    return len(t.shape) > 1 and t.shape[0] in (1, -1)
 
 
 class Graph:
     """The model's ops in execution order: who makes each tensor."""
 
-    def __init__(self, lite: LiteModel) -> None:
-        self.lite = lite
+    def __init__(self, lite: LiteModel, batched: bool = True) -> None:
+        self.lite, self.batched = lite, batched
         ops = self.ops = lite.ops()
         self.maker = {int(t): o for o in ops for t in o["outputs"]}
         self.by_index = {t.index: t for t in lite.tensors.values()}
@@ -67,7 +75,7 @@ class Graph:
         for o in self.ops:
             for i in o["outputs"]:
                 t = self.by_index.get(int(i))
-                if t is not None and len(t.shape) >= 2 and t.shape[0] in (1, -1):
+                if t is not None and (not self.batched or (len(t.shape) >= 2 and t.shape[0] in (1, -1))):
                     out.append(t)
         return out
 
@@ -118,11 +126,15 @@ class Chooser:
     """What ``init`` picks, with the reason for each choice (printed, and kept in the manifest's notes)."""
 
     def __init__(self, lite: LiteModel, args: argparse.Namespace) -> None:
-        self.lite, self.args, self.graph = lite, args, Graph(lite)
         self.why: list[str] = []
         if len(lite.inputs) != 1:
             raise PrefilterError(f"{args.model}: {len(lite.inputs)} inputs; a prefilter takes one")
         self.input = lite.inputs[0]
+        self.batched = has_batch(self.input)
+        self.lite, self.args, self.graph = lite, args, Graph(lite, self.batched)
+
+    def size(self, t: Tensor) -> int:
+        return _size(t, self.batched)
 
     def say(self, line: str) -> None:
         self.why.append(line)
@@ -132,19 +144,19 @@ class Chooser:
         t = self.lite.tensor(a.score_tensor, "--score-tensor") if a.score_tensor else self._score_output(outs)
         kind = a.score or ("class" if a.score_class is not None else None)
         if kind is None:
-            if _size(t) == _size(self.input) and len(outs) == 1:
+            if self.size(t) == self.size(self.input) and len(outs) == 1:
                 kind = "reconstruction"
                 self.say(
                     f"score: reconstruction error (mean squared) of {t.describe()}, shaped like the input "
                     "(an autoencoder)"
                 )
-            elif _size(t) == 1:
+            elif self.size(t) == 1:
                 kind = "class"
                 self.say(f"score: the one value of {t.describe()}")
             else:
                 kind = "max"
                 self.say(
-                    f"score: the max class probability of {t.describe()} ({_size(t)} classes); "
+                    f"score: the max class probability of {t.describe()} ({self.size(t)} classes); "
                     "--score-class N scores one class, --score one_minus --score-class N 'not N'"
                 )
         else:
@@ -161,7 +173,7 @@ class Chooser:
             return outs[0]
         probs = [t for t in outs if self.graph.maker_of(t) in ("SOFTMAX", "LOGISTIC")]
         probs = probs or [t for t in outs if self._made_by_probability(t)]
-        chosen = probs[0] if probs else min(outs, key=_size)
+        chosen = probs[0] if probs else min(outs, key=self.size)
         self.say(
             f"score tensor: {chosen.describe()} of the outputs "
             f"{[t.name for t in outs]} ({'made by a softmax/sigmoid' if probs else 'the smallest'})"
@@ -183,26 +195,26 @@ class Chooser:
         if a.embedding:
             t = self.lite.tensor(a.embedding, "--embedding")
             self.say(f"embedding: {t.describe()} (given)")
-            return {"tensor": t.name, "pool": a.pool or _default_pool(t)}
+            return {"tensor": t.name, "pool": a.pool or _default_pool(t, self.batched)}
         others = [t for t in self.lite.outputs if t.index != score.index]
         if others:
             t = others[0]
             why = "the other output"
         elif kind == "reconstruction":
-            acts = [x for x in self.graph.activations() if 1 < _size(x) < _size(self.input)]
-            t = min(acts, key=_size) if acts else score
+            acts = [x for x in self.graph.activations() if 1 < self.size(x) < self.size(self.input)]
+            t = min(acts, key=self.size) if acts else score
             why = "the bottleneck (the smallest activation)" if acts else "the output (no activation found)"
         else:
             found = self.graph.feeding_last_weighted(score)
             t = found if found is not None and found.index != self.input.index else score
             why = "the activation feeding the last layer" if t is not score else "the score tensor"
-        pool = a.pool or _default_pool(t)
+        pool = a.pool or _default_pool(t, self.batched)
         self.say(f"embedding: {t.describe()}, {why}" + (f", {pool}-pooled" if pool != "flatten" else ""))
         return {"tensor": t.name, "pool": pool}
 
 
-def _default_pool(t: Tensor) -> str:
-    return "mean" if len(t.shape) > 2 else "flatten"
+def _default_pool(t: Tensor, batched: bool = True) -> str:
+    return "mean" if len(t.shape) > (2 if batched else 1) else "flatten"
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -214,7 +226,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     lite = LiteModel(data, where=str(model))
     c = Chooser(lite, args)
     inp = c.input
-    item = [abs(d) for d in inp.shape[1:]]
+    item = [abs(d) for d in (inp.shape[1:] if c.batched else inp.shape)]
     window = _shape(args.window) if args.window else item
     preprocess = args.preprocess or "identity"
     if args.preprocess is None and int(np.prod(window)) != int(np.prod(item)):
@@ -237,7 +249,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         "labels": labels,
         "window": {"shape": window, **({"sample_rate": args.sample_rate} if args.sample_rate else {})},
         "preprocess": {"name": preprocess, "params": _parse_params(args.param)},
-        "input": {"name": inp.name, "shape": [-1, *item], "dtype": str(inp.dtype)},
+        "input": {"name": inp.name, "shape": [-1, *item] if c.batched else item, "dtype": str(inp.dtype)}
+        | ({} if c.batched else {"batch": False}),
         "score": score,
         "threshold": 0.5 if args.threshold is None else args.threshold,
         "embedding": c.embedding(score_t, score["kind"]),
@@ -260,9 +273,17 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(line)
     print(
         f"wrote {out}: score {list(pf.window_shape)} -> 1, embedding {pf.embedding_dim} values, "
-        + ("batched" if pf.batch_resizes else "batch 1 in a loop (the batch dimension does not resize)")
+        + _batching(pf)
     )
     return 0
+
+
+def _batching(pf: Prefilter) -> str:
+    if pf.batch_resizes:
+        return "batched"
+    if not pf.spec.input.batch:
+        return "one window a call (the input has no batch dimension)"
+    return "batch 1 in a loop (the batch dimension does not resize)"
 
 
 def _labels(text: str | None) -> list[str]:
@@ -341,10 +362,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(
-        f"{pf.name} v{pf.version}: {report['input']}, preprocess {report['preprocess']}, "
-        f"{'batched' if pf.batch_resizes else 'batch 1 in a loop'}"
-    )
+    print(f"{pf.name} v{pf.version}: {report['input']}, preprocess {report['preprocess']}, {_batching(pf)}")
     sc = report["score"]
     print(f"windows      {list(windows.shape)} ({report['windows']['source']})")
     print(

@@ -105,7 +105,10 @@ class Prefilter:
         )
         self._want = [self._score_t, self._emb_t] + ([self._target_t] if self._target_t else [])
         self._check_stage()
-        self._lite.probe_batch(self.item_shape, self._want)
+        if spec.input.batch:
+            self._lite.probe_batch(self.item_shape, self._want)
+        else:
+            self._lite.batched = self._lite.batch_resizes = False
         self._check_outputs()
         self.embedding_scale = self._embedding_scale()
         self.upload_dtype = self._upload_dtype(upload_dtype)
@@ -165,13 +168,15 @@ class Prefilter:
                 f"{spec.input.shape} has {len(spec.input.shape)} dimensions, "
                 f"the model's input {t.describe()} {len(t.shape)}",
             )
-        if spec.input.shape[0] not in (-1, 1) or t.shape[0] not in (-1, 1):
+        lead = 1 if spec.input.batch else 0
+        if spec.input.batch and (spec.input.shape[0] not in (-1, 1) or t.shape[0] not in (-1, 1)):
             raise self._fail(
                 "prefilter.input.shape",
                 f"the first dimension is the batch (-1 or 1): the manifest "
-                f"says {spec.input.shape[0]}, the model's input {t.describe()}",
+                f"says {spec.input.shape[0]}, the model's input {t.describe()} (a model without a batch "
+                "dimension: prefilter.input.batch = false)",
             )
-        for i, (a, b) in enumerate(zip(spec.input.shape[1:], t.shape[1:], strict=True), start=1):
+        for i, (a, b) in enumerate(zip(spec.input.shape[lead:], t.shape[lead:], strict=True), start=lead):
             if a != -1 and b != -1 and a != b:
                 raise self._fail(
                     f"prefilter.input.shape[{i}]", f"{a}, but the model's input is {t.describe()}"
@@ -184,7 +189,9 @@ class Prefilter:
 
     def _item_shape(self, spec: PrefilterSpec) -> tuple[int, ...]:
         dims = []
-        for i, (a, b) in enumerate(zip(spec.input.shape[1:], self._input.shape[1:], strict=True), start=1):
+        lead = 1 if spec.input.batch else 0
+        pairs = zip(spec.input.shape[lead:], self._input.shape[lead:], strict=True)
+        for i, (a, b) in enumerate(pairs, start=lead):
             d = b if b != -1 else a
             if d == -1:
                 raise self._fail(

@@ -44,16 +44,20 @@ class _Strict(BaseModel):
 
 
 class TensorSpec(_Strict):
-    """A tensor by name, with its shape (batch first; -1 for a dimension of any size) and dtype."""
+    """A tensor by name, with its shape (batch first; -1 for a dimension of any size) and dtype.
+
+    ``batch = false``: the model's input has no batch dimension (a 1-D waveform of one
+    window, say); ``shape`` is then one window's, and the model runs a window a call."""
 
     name: _Name
     shape: list[_Dim] = Field(min_length=1, max_length=8)
     dtype: TensorDtype = "float32"
+    batch: bool = True
 
     @property
     def item_shape(self) -> tuple[int, ...]:
         """The shape of one window's slice: without the batch dimension."""
-        return tuple(self.shape[1:])
+        return tuple(self.shape[1:] if self.batch else self.shape)
 
 
 class WindowSpec(_Strict):

@@ -335,6 +335,27 @@ def build_fixed_batch() -> bytes:
     return _convert(fixed.get_concrete_function(), keras_model=False, trackable=mod)
 
 
+def build_waveform_nobatch() -> bytes:
+    """float32 [1600] (a waveform, no batch dimension, as YAMNet-style audio embedders take it)
+    -> 10 frames of 160 -> Dense 8 (the per-frame embedding) and Dense 3 softmax (per-frame
+    scores): outputs [10, 8] and [10, 3], frames first, no batch anywhere."""
+    tf = _tf()
+    _keras_reset()
+    rng = np.random.default_rng(1600)
+    mod = tf.Module()
+    mod.w1 = tf.Variable(rng.normal(0, 0.1, size=(160, 8)).astype(np.float32))
+    mod.w2 = tf.Variable(rng.normal(0, 0.5, size=(8, 3)).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([1600], tf.float32, name="waveform")])
+    def embed(x: Any) -> Any:
+        frames = tf.reshape(x, [10, 160])
+        emb = tf.nn.relu(tf.matmul(frames, mod.w1))
+        return {"embeddings": emb, "scores": tf.nn.softmax(tf.matmul(emb, mod.w2))}
+
+    mod.embed = embed
+    return _convert(embed.get_concrete_function(), keras_model=False, trackable=mod)
+
+
 def build_two_heads_f32() -> bytes:
     """float32 [1,128] -> Dense(32) 'hidden' -> Dense(4) softmax + Dense(16) embedding."""
     keras = _keras_reset()
@@ -694,9 +715,15 @@ def check_tflite(name: str, content: bytes) -> dict[str, Any]:
             "probs_output_position": probs_pos,
         }
         sample = x[0]
+    elif name == "waveform_nobatch.tflite":
+        sample = np.random.default_rng(6).normal(size=1600).astype(np.float32)
+        obs = {"input": "one waveform [1600], no batch dimension; outputs frames first"}
     else:
         raise ValueError(name)
-    facts["intermediates"] = _intermediates(name, content, sample)
+    # (the intermediates are read with a batch axis; the waveform model has none)
+    facts["intermediates"] = (
+        [] if name == "waveform_nobatch.tflite" else _intermediates(name, content, sample)
+    )
     facts["observed"] = obs
     return facts
 
@@ -773,6 +800,11 @@ ZOO: list[tuple[str, Callable[[], bytes], str]] = [
         "MLPerf Tiny image classification (CIFAR-10 style CNN), uint8 in/out",
     ),
     ("fixed_batch.tflite", build_fixed_batch, "a graph with a hard-coded batch of 1 in a Reshape"),
+    (
+        "waveform_nobatch.tflite",
+        build_waveform_nobatch,
+        "an audio embedder on a 1-D waveform, no batch",
+    ),
     ("two_heads_f32.tflite", build_two_heads_f32, "a classifier with two outputs (probs + embedding), f32"),
     ("sk_logreg_zipmap.onnx", build_sk_logreg_zipmap, "scikit-learn LogisticRegression, skl2onnx defaults"),
     ("sk_logreg_nozipmap.onnx", build_sk_logreg_nozipmap, "the same LogisticRegression, zipmap=False"),

@@ -19,7 +19,7 @@ from edge_agent.prefilter import Prefilter, PrefilterError, WindowRefused
 from models.build import zoo
 
 ZOO = Path(__file__).parents[1] / "models" / "zoo"
-TFLITE = ["kws_int8", "ae_f32", "ae_int8", "img_uint8", "fixed_batch", "two_heads_f32"]
+TFLITE = ["kws_int8", "ae_f32", "ae_int8", "img_uint8", "fixed_batch", "two_heads_f32", "waveform_nobatch"]
 
 
 def init(tmp_path: Path, name: str, *extra: str) -> Path:
@@ -63,6 +63,28 @@ def test_a_batch_dimension_that_does_not_resize_runs_batch_one_in_a_loop(tmp_pat
     assert not pf.batch_resizes
     s, e = pf.score(np.ones((32, 64), np.float32))
     assert s.shape == (32,) and e.shape == (32, pf.embedding_dim)  # not (1, 28672, 16)-like garbage
+
+
+def test_a_model_without_a_batch_dimension_runs_a_window_a_call_and_pools_its_frames(tmp_path: Path) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    m = init(tmp_path, "waveform_nobatch")
+    assert json.loads(m.read_text())["prefilter"]["input"] == {
+        "name": "serving_default_waveform:0", "shape": [1600], "dtype": "float32", "batch": False,
+    }  # fmt: skip
+    pf = Prefilter(m, upload_dtype=None)
+    w = np.random.default_rng(8).standard_normal((5, 1600)).astype(np.float32)
+    s, e = pf.score(w)
+    it = Interpreter(model_path=str(ZOO / "waveform_nobatch.tflite"))
+    it.allocate_tensors()
+    outs = {o["shape"][-1]: o["index"] for o in it.get_output_details()}
+    for i in range(5):  # by hand: one waveform, frame embeddings [10, 8] mean-pooled, max of [10, 3]
+        it.set_tensor(it.get_input_details()[0]["index"], w[i])
+        it.invoke()
+        np.testing.assert_allclose(e[i], it.get_tensor(outs[8]).mean(axis=0), rtol=1e-5, atol=1e-6)
+        assert abs(s[i] - it.get_tensor(outs[3]).max()) < 1e-6
+    with pytest.raises(PrefilterError, match=r"prefilter\.input\.shape: the first dimension is the batch"):
+        Prefilter(edit(m, lambda p: p["input"].pop("batch")))
 
 
 def test_autoencoder_reconstruction_error_separates_normal_from_noise_in_float_and_int8(
