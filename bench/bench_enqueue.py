@@ -127,20 +127,29 @@ def store_settings(path: Path, commit_window_ms: float) -> StoreSettings:
 # -- contenders ----------------------------------------------------------------
 
 
+RAW_INSERT = "INSERT INTO records(created_ms, kind, score, features, meta, nbytes) VALUES (?, 1, ?, ?, ?, ?)"
+
+
+def raw_db(path: Path) -> sqlite3.Connection:
+    """Plain sqlite3, WAL, synchronous=FULL, a row a record with the columns ours keeps."""
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute(
+        "CREATE TABLE records (seq INTEGER PRIMARY KEY AUTOINCREMENT, created_ms INTEGER NOT NULL, "
+        "kind INTEGER NOT NULL, score REAL NOT NULL, features BLOB NOT NULL, meta TEXT, "
+        "nbytes INTEGER NOT NULL)"
+    )
+    db.commit()
+    return db
+
+
 def bench_naive(work: Workload, n: int, base: Path | None, keep: bool) -> Result:
     """One transaction per record: plain sqlite3, WAL, synchronous=FULL, same columns as ours."""
     with temp_dir(base, "bench-enqueue-naive", keep) as d:
-        db = sqlite3.connect(d / "naive.db")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute(
-            "CREATE TABLE records (seq INTEGER PRIMARY KEY AUTOINCREMENT, created_ms INTEGER NOT NULL, "
-            "kind INTEGER NOT NULL, score REAL NOT NULL, features BLOB NOT NULL, meta TEXT, "
-            "nbytes INTEGER NOT NULL)"
-        )
-        db.commit()
+        db = raw_db(d / "naive.db")
         nbytes = DIM * 4 + 64
-        sql = "INSERT INTO records(created_ms, kind, score, features, meta, nbytes) VALUES (?, 1, ?, ?, ?, ?)"
+        sql = RAW_INSERT
         feats, scores = work.features, work.scores
         t0 = time.perf_counter()
         for i in range(n):
@@ -288,16 +297,8 @@ def bench_meta(work: Workload, n: int, base: Path | None, keep: bool) -> list[Re
     transaction, one row a record, the metadata as JSON text) against ``Store.append_many``."""
     recs = [NewRecord(features=r.features, score=r.score, meta=dict(META)) for r in work.records[:n]]
     with temp_dir(base, "bench-enqueue-meta-raw", keep) as d:
-        db = sqlite3.connect(d / "raw.db")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute(
-            "CREATE TABLE records (seq INTEGER PRIMARY KEY AUTOINCREMENT, created_ms INTEGER NOT NULL, "
-            "kind INTEGER NOT NULL, score REAL NOT NULL, features BLOB NOT NULL, meta TEXT, "
-            "nbytes INTEGER NOT NULL)"
-        )
-        db.commit()
-        sql = "INSERT INTO records(created_ms, kind, score, features, meta, nbytes) VALUES (?, 1, ?, ?, ?, ?)"
+        db = raw_db(d / "raw.db")
+        sql = RAW_INSERT
         t0 = time.perf_counter()
         for i in range(0, n, SYNC_BATCH):
             now = time.time_ns() // 1_000_000
