@@ -41,6 +41,7 @@ from nats.js import JetStreamContext
 from cloud_ingest import metrics
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.hwm import HighWaterMarks
+from cloud_ingest.publisher import Publisher
 from cloud_ingest.rescued import sort_rescued, subset
 from cloud_ingest.streams import clip_header, publish_dead_letter
 from edge_tier import topics
@@ -66,6 +67,7 @@ from edge_tier.wire import (
     decode_frame,
     encode_frame,
     encode_receipt,
+    encode_stored_receipt,
     peek_header,
 )
 
@@ -92,11 +94,13 @@ class CommitProtocol:
         self.limits = cfg.ingest.limits
         self.cloud_limits = told(self.limits)
         self._max_payload: int | None = None
+        self.receipt_qos = cfg.ingest.receipt_qos
         self.nc: NatsClient | None = None
         self.js: JetStreamContext | None = None
+        self.publisher: Publisher | None = None
 
-    def bind(self, nc: NatsClient, js: JetStreamContext) -> None:
-        self.nc, self.js = nc, js
+    def bind(self, nc: NatsClient, js: JetStreamContext, publisher: Publisher) -> None:
+        self.nc, self.js, self.publisher = nc, js, publisher
 
     def fit_limits(self) -> None:
         """Frames no larger than the NATS server takes (headers ride in the same message).
@@ -151,7 +155,7 @@ class CommitProtocol:
 
     async def commit(self, frame: Frame, payload: bytes) -> None:
         """Steps 2 to 4: against the mark, published on condition, receipted."""
-        assert self.js is not None
+        assert self.publisher is not None
         marks = self.marks
         key = (frame.tenant, frame.device)
         waits = 0
@@ -196,12 +200,7 @@ class CommitProtocol:
             }
             t0 = time.perf_counter()
             try:
-                ack = await self.js.publish(
-                    topics.features_subject(*key),
-                    payload,
-                    headers=headers,
-                    timeout=self.cfg.ingest.publish_timeout_s,
-                )
+                ack = await self.publisher.publish(topics.features_subject(*key), payload, headers)
             except nats.js.errors.APIError as e:
                 if e.err_code == WRONG_LAST_SEQUENCE:
                     # Someone else (or our own past self) committed for this device.
@@ -230,7 +229,7 @@ class CommitProtocol:
         stream does not hold are stored once, on the device's ``.rescued`` subject, under the
         frame's upload id; those it cannot vouch for go to ET_DEADLETTER, counted in the
         receipt (``set_aside``); the chain and its mark are not touched."""
-        assert self.js is not None
+        assert self.js is not None and self.publisher is not None
         key = (frame.tenant, frame.device)
         for _ in range(5):
             ledger = await self.marks.ledger(*key)
@@ -251,12 +250,8 @@ class CommitProtocol:
                 }
                 payload = encode_frame(part, compress=compression)
                 try:
-                    ack = await self.js.publish(
-                        topics.features_subject(*key, rescued=True),
-                        payload,
-                        headers=headers,
-                        timeout=self.cfg.ingest.publish_timeout_s,
-                    )
+                    subject = topics.features_subject(*key, rescued=True)
+                    ack = await self.publisher.publish(subject, payload, headers)
                 except nats.js.errors.APIError as e:
                     if e.err_code == WRONG_LAST_SEQUENCE:
                         continue  # another ingest stored rescued records of this device: sort again
@@ -299,6 +294,14 @@ class CommitProtocol:
         reason: str | None = None,
         set_aside: int | None = None,
     ) -> None:
+        topic = topics.mqtt_topic(frame.tenant, frame.device, "receipt")
+        if stream_seq is not None and expected_prev is None and reason is None and set_aside is None:
+            # nearly every frame's answer: encoded without building a model
+            data = encode_stored_receipt(
+                frame.upload_id, status, frame.first_seq, frame.last_seq, stream_seq, self.cloud_limits
+            )
+            self.mqtt.publish(topic, data, qos=self.receipt_qos)
+            return
         r = Receipt(
             v=3 if set_aside else 2,
             set_aside=set_aside,
@@ -311,7 +314,7 @@ class CommitProtocol:
             reason=reason,
             limits=self.cloud_limits,
         )
-        self.mqtt.publish(topics.mqtt_topic(frame.tenant, frame.device, "receipt"), encode_receipt(r), qos=1)
+        self.mqtt.publish(topic, encode_receipt(r), qos=self.receipt_qos)
 
     async def _too_large(self, msg: Message, tenant: str, device: str, err: FrameTooLarge) -> bool:
         """A frame over the limits that more, smaller frames would carry: not stored and not
@@ -341,7 +344,8 @@ class CommitProtocol:
             reason=reason[:500],
             limits=self.cloud_limits,
         )
-        self.mqtt.publish(topics.mqtt_topic(hdr.tenant, hdr.device, "receipt"), encode_receipt(r), qos=1)
+        topic = topics.mqtt_topic(hdr.tenant, hdr.device, "receipt")
+        self.mqtt.publish(topic, encode_receipt(r), qos=self.receipt_qos)
 
     async def _reject(self, frame: Frame, payload: bytes, reason: str) -> None:
         msg = Message(topics.mqtt_topic(frame.tenant, frame.device, "up"), payload, 1, 0, False)

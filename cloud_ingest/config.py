@@ -204,6 +204,10 @@ class IngestSettings(BaseModel):
     shared_group: str | None = topics.INGEST_SHARED_GROUP
     instance: str = "0"
     publish_timeout_s: float = Field(10.0, gt=0)
+    # Receipts at QoS 0: a receipt is an idempotent answer, and one lost (the device was
+    # offline, the broker restarted) costs a re-send answered DUPLICATE; at QoS 1 every
+    # receipt costs a PUBACK more at the broker, ingest and the device.
+    receipt_qos: Literal[0, 1] = 0
     hwm_flush_s: float = Field(0.2, gt=0)
     max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_records: int = Field(65536, ge=1)

@@ -35,6 +35,7 @@ from cloud_ingest.config import IngestConfig
 from cloud_ingest.device_status import StatusRecorder
 from cloud_ingest.hwm import HighWaterMarks
 from cloud_ingest.nats_client import connect_nats
+from cloud_ingest.publisher import Publisher
 from cloud_ingest.relay import ResultsRelay
 from cloud_ingest.streams import ensure_streams
 from edge_tier import topics
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class _Entry:
     msg: Message
+    channel: str = ""  # "up", "status", or "" for a topic that did not parse
     done: bool = False
 
 
@@ -76,12 +78,13 @@ class Ingest:
         )
         self.nc: NatsClient | None = None
         self.js: JetStreamContext | None = None
+        self.publisher: Publisher | None = None
         self.marks = HighWaterMarks(ing.hwm_flush_s)
         self.commits = CommitProtocol(cfg, self.mqtt, self.marks)
         self.statuses = StatusRecorder()
         self.relay = ResultsRelay(self.mqtt)
         self._order: collections.deque[_Entry] = collections.deque()
-        self._lanes: dict[tuple[str, str], asyncio.Queue[_Entry]] = {}
+        self._lanes: dict[tuple[str, str], collections.deque[_Entry]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()
         self.jetstream_ok = True
@@ -106,7 +109,9 @@ class Ingest:
         ing = self.cfg.ingest
         nc = self.nc = await connect_nats(self.cfg, topics.service_client_id("ingest", ing.instance))
         js = self.js = nc.jetstream(timeout=ing.publish_timeout_s)
-        self.commits.bind(nc, js)
+        self.publisher = Publisher(nc, ing.publish_timeout_s)
+        await self.publisher.start()
+        self.commits.bind(nc, js, self.publisher)
         self.commits.fit_limits()
         self.marks.bind(js, await ensure_streams(js, self.cfg.streams))
         self.statuses.bind(await js.key_value(topics.DEVICES_BUCKET))
@@ -121,6 +126,8 @@ class Ingest:
                 self._tg = tg
                 tg.create_task(self._dispatch(), name="ingest-dispatch")
                 tg.create_task(self.marks.flush_loop(), name="ingest-hwm")
+                assert self.publisher is not None
+                tg.create_task(self.publisher.run(), name="ingest-publish-timeouts")
                 if self.cfg.ingest.relay_results:
                     tg.create_task(self.relay.run(), name="ingest-results-relay")
                 # Ready means an upload sent now is received: a first session's messages
@@ -142,42 +149,56 @@ class Ingest:
 
     async def _dispatch(self) -> None:
         assert self._tg is not None
+        messages = self.mqtt.messages
         while running():
-            msg = await self.mqtt.messages.get()
-            entry = _Entry(msg)
-            self._order.append(entry)
-            try:
-                tenant, device, _ = topics.parse_mqtt_topic(msg.topic)
-            except ValueError:
-                tenant, device = topics.UNKNOWN, topics.UNKNOWN
-            key = (tenant, device)
-            lane = self._lanes.get(key)
-            if lane is None:
-                lane = self._lanes[key] = asyncio.Queue()
-                self._tg.create_task(self._lane(key, lane), name=f"lane-{tenant}-{device}")
-            lane.put_nowait(entry)
+            msg = await messages.get()
+            while True:  # the whole burst paho delivered, without a check or a wait between
+                self._route(msg)
+                if messages.empty():
+                    break
+                msg = messages.get_nowait()
 
-    async def _lane(self, key: tuple[str, str], lane: asyncio.Queue[_Entry]) -> None:
-        """One device's frames, one at a time, so its chain is committed in order."""
-        while running():
-            entry = lane.get_nowait() if not lane.empty() else None
-            if entry is None:
-                del self._lanes[key]
-                return
-            await self._handle_with_retry(entry.msg)
-            entry.done = True
-            self._ack_ready()
+    def _route(self, msg: Message) -> None:
+        entry = _Entry(msg)
+        self._order.append(entry)
+        try:
+            tenant, device, channel = topics.parse_mqtt_topic(msg.topic)
+        except ValueError:
+            tenant, device, channel = topics.UNKNOWN, topics.UNKNOWN, ""
+        entry.channel = channel
+        key = (tenant, device)
+        lane = self._lanes.get(key)
+        if lane is not None:
+            lane.append(entry)  # the device's lane task takes it after the frame before
+            return
+        self._lanes[key] = collections.deque((entry,))
+        assert self._tg is not None
+        self._tg.create_task(self._lane(key), name=f"lane-{tenant}-{device}")
+
+    async def _lane(self, key: tuple[str, str]) -> None:
+        """One device's frames, one at a time, so its chain is committed in order; the task
+        ends when the lane is empty (a device with one frame in flight has a task a frame)."""
+        lane = self._lanes[key]
+        try:
+            while lane:
+                entry = lane[0]
+                await self._handle_with_retry(entry, *key)
+                lane.popleft()
+                entry.done = True
+                self._ack_ready()
+        finally:
+            del self._lanes[key]
 
     def _ack_ready(self) -> None:
         # MQTT wants PUBACKs in the order the PUBLISHes arrived.
         while self._order and self._order[0].done:
             self.mqtt.ack(self._order.popleft().msg)
 
-    async def _handle_with_retry(self, msg: Message) -> None:
+    async def _handle_with_retry(self, entry: _Entry, tenant: str, device: str) -> None:
         delay = 0.1
-        while running():
+        while True:
             try:
-                await self.handle(msg)
+                await self.handle(entry.msg, tenant, device, entry.channel)
                 self.jetstream_ok = True
                 return
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as e:
@@ -185,21 +206,27 @@ class Ingest:
                 # JetStream unreachable or slow: keep the message unacked and try
                 # again; nothing is receipted until it is durably stored.
                 log.warning(
-                    "JetStream unavailable while handling %s (%s); retrying in %.1fs", msg.topic, e, delay
+                    "JetStream unavailable while handling %s (%s); retrying in %.1fs",
+                    entry.msg.topic,
+                    e,
+                    delay,
                 )
                 metrics.JS_RETRIES.inc()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+                running()  # cancelled meanwhile (the sleep may not have said so): stop
 
     # -- one message, to its part ---------------------------------------------
 
-    async def handle(self, msg: Message) -> None:
-        try:
-            tenant, device, channel = topics.parse_mqtt_topic(msg.topic)
-            if channel not in ("up", "status"):
-                raise ValueError(f"topic {msg.topic!r} is not an upload or status topic")
-        except ValueError as e:
-            await self.commits.dead_letter(msg, str(e), None, None)
+    async def handle(self, msg: Message, tenant: str, device: str, channel: str) -> None:
+        """One message, its topic parsed (``channel`` "" where it did not parse)."""
+        if channel not in ("up", "status"):
+            try:
+                topics.parse_mqtt_topic(msg.topic)
+                why = f"topic {msg.topic!r} is not an upload or status topic"
+            except ValueError as e:
+                why = str(e)
+            await self.commits.dead_letter(msg, why, None, None)
             return
         if channel == "status":
             await self.statuses.record(msg, tenant, device)

@@ -1,11 +1,20 @@
-"""The one bridge between paho-mqtt's threads and asyncio.
+"""The one bridge between paho-mqtt and asyncio.
 
-paho runs in a thread of ours (``client.loop()``), so that reconnects use
-exponential backoff with full jitter (paho's own reconnect has no jitter, and a
-fleet reconnecting in lock-step after a broker restart is a thundering herd).
-Everything paho reports is handed to the event loop with
-``call_soon_threadsafe``; everything the loop asks of paho (publish, ack) is
-thread-safe in paho.
+paho is driven by the event loop itself (paho's "external event loop" interface): the
+loop watches paho's socket and calls ``loop_read``/``loop_write`` when it is ready, and
+``loop_misc`` once a second for keepalives. Every callback of paho's therefore runs on
+the loop, and every call into paho comes from it: no thread hop per message or per
+PUBACK, no socketpair byte per packet queued (what a thread of paho's own costs).
+Only the blocking TCP/TLS connect runs in a worker thread.
+
+Reconnects are ours, not paho's, with exponential backoff and full jitter (paho's own
+reconnect has no jitter, and a fleet reconnecting in lock-step after a broker restart is
+a thundering herd).
+
+paho reads a packet with at least three ``recv`` calls (a byte of command, the length
+byte by byte, the body) and writes each packet with its own ``send``: ``_BatchingClient``
+reads the socket in chunks and sends what a burst of publishes and acks queued in one
+``send``, so a thousand small uploads cost a few system calls, not thousands.
 
 A broker that will not talk is said so, not just retried: a CONNACK that refuses is logged
 with its reason code and retried no sooner than ``refused_backoff_s``; sessions that end
@@ -15,7 +24,6 @@ with no CONNACK at all, again and again, in MQTT 5 are taken for a 3.1.1-only br
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import random
@@ -95,8 +103,81 @@ class Will:
     retain: bool = True
 
 
+_READ_CHUNK = 64 * 1024
+_ERR_AGAIN = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class _BatchingClient(paho.Client):
+    """paho's client with buffered socket reads and coalesced writes.
+
+    Overrides three of paho's private socket methods (``_sock_recv``, ``_sock_send``,
+    ``_sock_close``) and ``_packet_write``; pinned by the paho-mqtt>=2.1,<3 requirement
+    and exercised by every test that talks to a broker."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self._rbuf = b""
+        self._rpos = 0
+        self._wbuf = bytearray()
+
+    def buffered(self) -> bool:
+        """Bytes read from the socket that paho has not taken yet (or TLS records the
+        ssl module holds): the socket will not say it is readable for those."""
+        if self._rpos < len(self._rbuf):
+            return True
+        sock = self._sock
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            chunk = super()._sock_recv(max(bufsize, _READ_CHUNK))
+            if len(chunk) <= bufsize:
+                return chunk  # all of it is wanted (or b"": the peer closed)
+            self._rbuf, self._rpos = chunk, 0
+        end = self._rpos + bufsize
+        out = self._rbuf[self._rpos : end]
+        self._rpos = min(end, len(self._rbuf))
+        return out
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if self._sock is None:
+            raise ConnectionError("self._sock is None")
+        self._wbuf += buf  # sent by _flush, after the burst
+        return len(buf)
+
+    def _flush(self) -> MQTTErrorCode:
+        sock = self._sock
+        while self._wbuf and sock is not None:
+            try:
+                n = sock.send(self._wbuf)
+            except _ERR_AGAIN:
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError as e:
+                self._easy_log(paho.MQTT_LOG_ERR, "failed to send on socket: %s", e)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            del self._wbuf[:n]
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _packet_write(self) -> MQTTErrorCode:
+        rc = super()._packet_write()  # every queued packet into _wbuf
+        if rc > 0:
+            return rc
+        sent = self._flush()
+        return sent if sent > 0 else rc
+
+    def want_write(self) -> bool:
+        return bool(self._out_packet) or bool(self._wbuf)
+
+    def _sock_close(self) -> None:
+        if self._sock is not None:
+            self._flush()  # what is queued before a close (a DISCONNECT) still goes out
+        self._rbuf, self._rpos = b"", 0
+        self._wbuf.clear()
+        super()._sock_close()
+
+
 class MqttBridge:
-    """A paho client driven by its own thread, seen from asyncio.
+    """A paho client driven by the event loop.
 
     ``messages`` receives every inbound PUBLISH that no ``inbox`` claims; ``connected`` is set while a
     session is up and ``connections`` counts the sessions begun, so callers can
@@ -123,18 +204,17 @@ class MqttBridge:
         self.connected = asyncio.Event()
         self.connections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        # paho's callbacks wait here for the loop, which takes all that came in one go: one
-        # wake-up of the loop per burst of messages and PUBACKs, not one per packet
-        self._calls: collections.deque[tuple[Callable[..., object], tuple[object, ...]]] = collections.deque()
-        self._drain_scheduled = False
-        self._stop = threading.Event()
+        self._loop_thread = 0
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._stop_at = 0.0
-        self._thread: threading.Thread | None = None
+        self._session_over = asyncio.Event()
+        self._fd = -1  # the socket the loop watches, -1: none
         self._state_changed = asyncio.Event()
         v5 = settings.version == "5"
         self._v5 = v5
         self._clean = clean
-        self.client = paho.Client(
+        self.client = _BatchingClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
@@ -160,6 +240,9 @@ class MqttBridge:
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_socket_register_write = self._on_register_write
+        self.client.on_socket_unregister_write = self._on_unregister_write
+        self.client.on_socket_close = self._on_socket_close
         # set once the broker acknowledged every subscription of the current session
         self.subscribed = asyncio.Event()
         self._unacked_subs: set[int] = set()
@@ -168,64 +251,119 @@ class MqttBridge:
         # unsubscribes asked for while no session was up: a persistent session would keep
         # those subscriptions at the broker, so they are sent at the next connect
         self._pending_unsubs: set[str] = set()
-        self._unsubs_lock = threading.Lock()
-        # the current attempt's CONNACK reason code (None: none came); read and written on
-        # the paho thread only
+        # the current attempt's CONNACK reason code (None: none came)
         self._connack: paho.ReasonCode | None = None
 
-    # -- paho thread side -------------------------------------------------
-
-    def _call(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        self._calls.append((fn, args))
-        if not self._drain_scheduled:  # a drain already scheduled will take this one too
-            self._drain_scheduled = True
-            try:
-                loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:  # the loop closed meanwhile
-                self._drain_scheduled = False
-
-    def _drain(self) -> None:
-        """On the loop: paho's calls so far, in the order they came."""
-        # cleared first: a call appended from now on either is taken below or schedules a drain
-        self._drain_scheduled = False
-        calls = self._calls
-        while calls:
-            fn, args = calls.popleft()
-            try:
-                fn(*args)
-            except Exception:  # one bad callback must not hold back the others
-                log.exception("%s: a callback from paho's thread failed", self.name)
+    # -- paho's callbacks (on the loop, from loop_read/loop_write/loop_misc) ---
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         self._connack = reason_code
         if reason_code.is_failure:
             return  # said by _run once the session is over, with what to do about it
-        with self._unsubs_lock:
-            for topic in self._pending_unsubs:
-                client.unsubscribe(topic)
-            self._pending_unsubs.clear()
+        for topic in self._pending_unsubs:
+            client.unsubscribe(topic)
+        self._pending_unsubs.clear()
         self._unacked_subs = {client.subscribe(topic, qos)[1] for topic, qos in list(self.subscriptions)}
-        self._call(self._set_connected, True)
+        self._set_connected(True)
         if not self._unacked_subs:
-            self._call(self.subscribed.set)
+            self.subscribed.set()
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]
         self._unacked_subs.discard(mid)
         if not self._unacked_subs:
-            self._call(self.subscribed.set)
+            self.subscribed.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
-        self._call(self._set_connected, False)
+        self._set_connected(False)
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:  # type: ignore[no-untyped-def]
         m = Message(msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain))
-        self._call(self._deliver, m)
+        for pattern, queue in self._inboxes:
+            if paho.topic_matches_sub(pattern, m.topic):
+                queue.put_nowait(m)
+                return
+        self.messages.put_nowait(m)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
-        self._call(self._puback, mid, not reason_code.is_failure)
+        fut = self._pubacks.get(mid)
+        if fut is not None and not fut.done():
+            fut.set_result(not reason_code.is_failure)
+
+    # -- the socket, watched by the loop --------------------------------------
+
+    def _on_loop(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn`` on the loop: paho calls the socket callbacks from the connecting
+        thread too (the CONNECT packet is queued there)."""
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        elif self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(fn, *args)
+
+    def _on_register_write(self, client, userdata, sock) -> None:  # type: ignore[no-untyped-def]
+        self._on_loop(self._watch_write, sock)
+
+    def _on_unregister_write(self, client, userdata, sock) -> None:  # type: ignore[no-untyped-def]
+        self._on_loop(self._unwatch_write, sock)
+
+    def _on_socket_close(self, client, userdata, sock) -> None:  # type: ignore[no-untyped-def]
+        if threading.get_ident() == self._loop_thread:
+            self._unwatch()  # before paho closes the descriptor
+        self._on_loop(self._session_over.set)
+
+    def _watch(self) -> None:
+        """The session's socket into the loop's selector (on the loop, after connect)."""
+        sock = self.client.socket()
+        if sock is None or self._loop is None:
+            self._session_over.set()
+            return
+        self._fd = sock.fileno()
+        self._loop.add_reader(self._fd, self._readable)
+        if self.client.want_write():
+            self._loop.add_writer(self._fd, self._writable)
+        if self.client.buffered():  # bytes that arrived with the handshake
+            self._loop.call_soon(self._readable)
+
+    def _watch_write(self, sock: object) -> None:
+        if self._loop is not None and self._fd >= 0 and sock is self.client.socket():
+            self._loop.add_writer(self._fd, self._writable)
+
+    def _unwatch_write(self, sock: object) -> None:
+        if self._loop is not None and self._fd >= 0 and sock is self.client.socket():
+            self._loop.remove_writer(self._fd)
+
+    def _unwatch(self) -> None:
+        if self._loop is not None and self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        self._fd = -1
+
+    def _readable(self) -> None:
+        c = self.client
+        try:
+            # paho reads a few packets a call; what it left in the buffer is read now,
+            # since the socket will not signal it again
+            while c.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS and c.buffered():
+                pass
+        except Exception:  # the session, not the loop, ends on a packet paho cannot take
+            log.exception("%s: reading from the broker failed; reconnecting", self.name)
+            self._drop()
+
+    def _writable(self) -> None:
+        try:
+            self.client.loop_write()
+        except Exception:
+            log.exception("%s: writing to the broker failed; reconnecting", self.name)
+            self._drop()
+
+    def _drop(self) -> None:
+        self._unwatch()
+        with contextlib.suppress(Exception):
+            self.client._sock_close()
+        self._set_connected(False)
+        self._session_over.set()
+
+    # -- sessions -------------------------------------------------------------
 
     def _connect_props(self) -> Properties | None:
         if not self._v5:
@@ -234,47 +372,66 @@ class MqttBridge:
         props.SessionExpiryInterval = 0 if self._clean else self.settings.session_expiry_s
         return props
 
-    def _run(self) -> None:
+    def _connect(self) -> None:
+        """Blocking (TCP and TLS handshakes): runs in a worker thread."""
+        s = self.settings
+        if self._v5:
+            self.client.connect(
+                s.host, s.port, s.keepalive_s, clean_start=self._clean, properties=self._connect_props()
+            )
+        else:
+            self.client.connect(s.host, s.port, s.keepalive_s)
+
+    async def _connected(self) -> bool:
+        """One connect attempt: True with the socket watched by the loop."""
+        assert self._loop is not None
+        self._session_over.clear()
+        attempt = self._loop.run_in_executor(None, self._connect)
+        try:
+            await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            # stopped while connecting: the thread finishes on its own; close what it opens
+            attempt.add_done_callback(lambda _: self.client._sock_close())
+            raise
+        self._watch()
+        return True
+
+    async def _session(self) -> None:
+        """Until the session's socket closes: paho's timers once a second."""
+        while not self._session_over.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._session_over.wait(), 1.0)
+            if self._stopping.is_set() and time.monotonic() - self._stop_at > 2.0:
+                self._drop()  # the DISCONNECT did not get out: do not hang on it
+            elif not self._session_over.is_set():
+                self.client.loop_misc()  # PINGREQ; a PINGRESP overdue closes the socket
+
+    async def _run(self) -> None:
         s = self.settings
         attempt = 0
         no_connack = 0  # sessions in a row that ended with no CONNACK
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             self._connack = None
             try:
-                if self._v5:
-                    self.client.connect(
-                        s.host,
-                        s.port,
-                        s.keepalive_s,
-                        clean_start=self._clean,
-                        properties=self._connect_props(),
-                    )
-                else:
-                    self.client.connect(s.host, s.port, s.keepalive_s)
+                await self._connected()
             except (OSError, ssl.SSLError) as e:
                 attempt += 1
-                self._backoff(attempt, f"connect to {s.host}:{s.port} failed: {e}")
+                await self._backoff(attempt, f"connect to {s.host}:{s.port} failed: {e}")
                 continue
             began = time.monotonic()
-            # Runs until the session ends; on stop() the DISCONNECT is sent and
-            # the loop ends on its own (with a deadline should the socket hang).
             try:
-                while self.client.loop(timeout=0.05) == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    if self._stop.is_set() and time.monotonic() - self._stop_at > 2.0:
-                        break
-            except Exception:  # this thread must outlive any one bad packet
-                log.exception("%s: MQTT network loop failed; reconnecting", self.name)
-                with contextlib.suppress(Exception):
-                    self.client.disconnect()
-            self._call(self._set_connected, False)
-            if self._stop.is_set():
+                await self._session()
+            finally:
+                self._unwatch()
+            self._set_connected(False)
+            if self._stopping.is_set():
                 break
             # A session that lasted a while resets the backoff.
             attempt = 1 if time.monotonic() - began > s.backoff_max_s else attempt + 1
             connack = self._connack
             no_connack = no_connack + 1 if connack is None else 0
             if connack is not None and connack.is_failure:
-                self._backoff(
+                await self._backoff(
                     attempt, self._refusal(connack), floor=s.refused_backoff_s, level=logging.WARNING
                 )
             elif self._v5 and no_connack >= NO_CONNACK_HINT_AFTER:
@@ -283,9 +440,9 @@ class MqttBridge:
                     f"answering the MQTT 5 CONNECT (no CONNACK): {V5_HINT} "
                     "(or the port is not MQTT, or it wants TLS)"
                 )
-                self._backoff(attempt, why, level=logging.WARNING)
+                await self._backoff(attempt, why, level=logging.WARNING)
             else:
-                self._backoff(attempt, f"connection to {s.host}:{s.port} lost")
+                await self._backoff(attempt, f"connection to {s.host}:{s.port} lost")
 
     def _refusal(self, rc: paho.ReasonCode) -> str:
         s = self.settings
@@ -301,16 +458,24 @@ class MqttBridge:
             hint = 'the broker does not take MQTT 3.1.1; try mqtt.version = "5"'
         return f"{why}; {hint}" if hint else why
 
-    def _backoff(
+    def backoff_delay(
         self, attempt: int, why: str, *, floor: float | None = None, level: int = logging.INFO
-    ) -> None:
+    ) -> float:
+        """The wait before the next attempt (full jitter above a floor), said with why."""
         s = self.settings
         lo = s.backoff_min_s if floor is None else min(s.backoff_max_s, max(floor, s.backoff_min_s))
         # jitter above a floor too: a fleet refused together must not retry together
         cap = min(s.backoff_max_s, max(2 * lo, s.backoff_min_s * 2 ** min(attempt, 20)))
         delay = random.uniform(lo, cap)  # full jitter
         log.log(level, "%s: %s; retrying in %.2fs", self.name, why, delay)
-        self._stop.wait(delay)
+        return delay
+
+    async def _backoff(
+        self, attempt: int, why: str, *, floor: float | None = None, level: int = logging.INFO
+    ) -> None:
+        delay = self.backoff_delay(attempt, why, floor=floor, level=level)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
 
     # -- asyncio side -----------------------------------------------------
 
@@ -323,15 +488,10 @@ class MqttBridge:
             self.connected.clear()
             self.subscribed.clear()
             # stop() asked for it: nothing to warn about (a lost session still warns)
-            log.log(logging.DEBUG if self._stop.is_set() else logging.WARNING, "%s: disconnected", self.name)
+            log.log(
+                logging.DEBUG if self._stopping.is_set() else logging.WARNING, "%s: disconnected", self.name
+            )
         self._state_changed.set()
-
-    def _deliver(self, m: Message) -> None:
-        for pattern, queue in self._inboxes:
-            if paho.topic_matches_sub(pattern, m.topic):
-                queue.put_nowait(m)
-                return
-        self.messages.put_nowait(m)
 
     def inbox(self, pattern: str) -> asyncio.Queue[Message]:
         """A queue of its own for messages on topics matching ``pattern`` (they skip ``messages``)."""
@@ -341,8 +501,7 @@ class MqttBridge:
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """Subscribe now if a session is up, and again in every later session."""
-        with self._unsubs_lock:
-            self._pending_unsubs.discard(topic)
+        self._pending_unsubs.discard(topic)
         if (topic, qos) not in self.subscriptions:
             self.subscriptions.append((topic, qos))
             # also while no session is up (paho says so, harmlessly): one may be starting
@@ -353,10 +512,9 @@ class MqttBridge:
         before = len(self.subscriptions)
         self.subscriptions = [(t, q) for t, q in self.subscriptions if t != topic]
         if len(self.subscriptions) != before:
-            with self._unsubs_lock:
-                rc, _ = self.client.unsubscribe(topic)
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    self._pending_unsubs.add(topic)
+            rc, _ = self.client.unsubscribe(topic)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._pending_unsubs.add(topic)
 
     async def wait_state_change(self) -> None:
         self._state_changed.clear()
@@ -364,12 +522,9 @@ class MqttBridge:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        # calls left for a loop that has ended (a drain scheduled there never ran) are dropped:
-        # this loop drains from scratch
-        self._calls.clear()
-        self._drain_scheduled = False
-        self._thread = threading.Thread(target=self._run, name=f"{self.name}-paho", daemon=True)
-        self._thread.start()
+        self._loop_thread = threading.get_ident()
+        self._stopping = asyncio.Event()
+        self._task = self._loop.create_task(self._run(), name=f"{self.name}-session")
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         """Queue a PUBLISH; False when there is no session (the caller re-sends later)."""
@@ -385,7 +540,7 @@ class MqttBridge:
         info = self.client.publish(topic, payload, qos=1, retain=retain)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             return False
-        # paho's callback is handed to this loop, so it cannot run before this line
+        # paho's callbacks run on this loop, so the PUBACK cannot be handled before this line
         fut = self._pubacks[info.mid] = asyncio.get_running_loop().create_future()
         try:
             return await asyncio.wait_for(fut, within)
@@ -394,11 +549,6 @@ class MqttBridge:
         finally:
             self._pubacks.pop(info.mid, None)
 
-    def _puback(self, mid: int, ok: bool) -> None:
-        fut = self._pubacks.get(mid)
-        if fut is not None and not fut.done():
-            fut.set_result(ok)
-
     def ack(self, msg: Message) -> None:
         if msg.qos > 0:
             self.client.ack(msg.mid, msg.qos)
@@ -406,13 +556,20 @@ class MqttBridge:
     async def stop(self, final: tuple[str, bytes, bool] | None = None) -> None:
         """Disconnect cleanly, optionally after one last publish (topic, payload, retain)."""
         if final is not None and self.connected.is_set():
-            info = self.client.publish(final[0], final[1], qos=1, retain=final[2])
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(info.wait_for_publish, 2.0)
+            await self.publish_confirmed(final[0], final[1], 2.0, retain=final[2])
         self._stop_at = time.monotonic()
-        self._stop.set()
+        self._stopping.set()
         with contextlib.suppress(Exception):
-            self.client.disconnect()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 5.0)
+            self.client.disconnect()  # the DISCONNECT goes out; paho then closes the socket
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 5.0)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            except Exception:
+                log.exception("%s: the session ended with an error", self.name)
+        self._unwatch()
         self.connected.clear()

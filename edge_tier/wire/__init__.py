@@ -60,6 +60,7 @@ from edge_tier.wire.messages import (
     decode_results,
     decode_status,
     encode_receipt,
+    encode_stored_receipt,
     encode_results,
     encode_status,
 )
@@ -102,6 +103,7 @@ __all__ = [
     "encode_frame",
     "encode_frame_parts",
     "encode_receipt",
+    "encode_stored_receipt",
     "encode_results",
     "encode_status",
     "frame_overhead",

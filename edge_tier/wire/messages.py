@@ -13,6 +13,7 @@ raises :class:`WireError`.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from enum import StrEnum
@@ -37,6 +38,7 @@ __all__ = [
     "decode_results",
     "decode_status",
     "encode_receipt",
+    "encode_stored_receipt",
     "encode_results",
     "encode_status",
 ]
@@ -127,6 +129,23 @@ class DeviceStatus(BaseModel):
 
 def encode_receipt(r: Receipt) -> bytes:
     return r.model_dump_json(exclude_none=True).encode("utf-8")
+
+
+def encode_stored_receipt(
+    upload_id: str, status: ReceiptStatus, first_seq: int, last_seq: int, stream_seq: int, limits: CloudLimits
+) -> bytes:
+    """``encode_receipt`` of a v2 COMMITTED or DUPLICATE receipt, byte for byte, at a tenth
+    of the cost: the receipt ingest sends for nearly every frame (no model built and
+    validated per frame; the caller's frame was decoded strictly, so the fields hold)."""
+    return (
+        f'{{"v":2,"upload_id":{json.dumps(upload_id)},"status":"{status.value}","first_seq":{first_seq},'
+        f'"last_seq":{last_seq},"stream_seq":{stream_seq},"limits":{_limits_json(limits)}}}'
+    ).encode()
+
+
+@functools.lru_cache(maxsize=16)
+def _limits_json(limits: CloudLimits) -> str:
+    return limits.model_dump_json()
 
 
 def decode_receipt(b: bytes | bytearray | memoryview | str) -> Receipt:

@@ -72,7 +72,7 @@ def _run_bridge(
         await bridge.start()
         deadline = time.monotonic() + until
         for _ in iter(lambda: time.monotonic() < deadline and not (done and done(bridge)), False):
-            await asyncio.sleep(0.05)  # polling what paho's thread did: no event to wait on
+            await asyncio.sleep(0.05)  # polling what the session did: no event to wait on
         await bridge.stop()
         return bridge
 
@@ -185,13 +185,11 @@ def test_the_refusal_backoff_still_jitters_and_keeps_below_the_cap() -> None:
     settings = MqttSettings(refused_backoff_s=5.0, backoff_max_s=30.0)
     bridge = MqttBridge(settings, client_id="diag", name="diag")
     waits: list[float] = []
-    bridge._stop.wait = lambda delay: waits.append(delay) or False  # type: ignore[method-assign]
     for attempt in (1, 2, 3, 10, 30):
         for _ in range(50):
-            bridge._backoff(attempt, "refused", floor=settings.refused_backoff_s)
+            waits.append(bridge.backoff_delay(attempt, "refused", floor=settings.refused_backoff_s))
     assert min(waits) >= 5.0 and max(waits) <= 30.0
     assert len({round(w, 3) for w in waits[:50]}) > 10  # not one lock-step delay for a fleet
     capped = MqttBridge(MqttSettings(refused_backoff_s=5.0, backoff_max_s=1.0), client_id="x", name="x")
-    capped._stop.wait = lambda delay: waits.append(delay) or False  # type: ignore[method-assign]
-    capped._backoff(1, "refused", floor=5.0)
+    waits.append(capped.backoff_delay(1, "refused", floor=5.0))
     assert waits[-1] == 1.0  # backoff_max_s still bounds every wait

@@ -27,6 +27,7 @@ from edge_tier.wire import (
     encode_frame_parts,
     encode_receipt,
     encode_results,
+    encode_stored_receipt,
     encode_status,
 )
 from tests.edge_tier.test_wire_kit import FUZZ
@@ -71,6 +72,37 @@ def test_receipt_round_trip(receipt: Receipt) -> None:
     assert decode_receipt(memoryview(data)) == receipt
     assert decode_receipt(data.decode()) == receipt
     assert b"null" not in data and json.loads(data)["v"] == 2
+
+
+@given(
+    tenant=st.from_regex(r"[a-z0-9][a-z0-9_-]{0,20}", fullmatch=True),
+    first=st.integers(1, 2**63),
+    n=st.integers(0, 2**20),
+    stream_seq=st.integers(0, 2**64 - 1),
+    status=st.sampled_from([ReceiptStatus.COMMITTED, ReceiptStatus.DUPLICATE]),
+    limits=st.builds(
+        CloudLimits,
+        max_frame_bytes=st.integers(1024, 2**40),
+        max_records=st.integers(1, 2**20),
+        max_dim=st.integers(1, 2**20),
+    ),
+)
+def test_stored_receipt_is_the_models_encoding_byte_for_byte(
+    tenant: str, first: int, n: int, stream_seq: int, status: ReceiptStatus, limits: CloudLimits
+) -> None:
+    last = min(first + n, 2**64 - 1)
+    upload_id = f"{tenant}.dev-{tenant}.{first}-{last}"
+    model = Receipt(
+        upload_id=upload_id,
+        status=status,
+        first_seq=first,
+        last_seq=last,
+        stream_seq=stream_seq,
+        limits=limits,
+    )
+    fast = encode_stored_receipt(upload_id, status, first, last, stream_seq, limits)
+    assert fast == encode_receipt(model)
+    assert decode_receipt(fast) == model
 
 
 def test_receipt_v1_still_decodes() -> None:
