@@ -43,6 +43,7 @@ bench: deps
 	$(PY) -m bench.bench_tier2
 	$(PY) -m bench.bench_api
 	$(PY) -m bench.bench_system --write
+	$(PY) -m bench.bench_footprint
 
 # Style and complexity (ruff), formatting, types (mypy with the pydantic plugin) and the floors
 # (import-linter's contracts in pyproject.toml; docs/architecture.md draws them).

@@ -1,4 +1,9 @@
-"""``edge-agent``: run the device daemon, or read its queue's state."""
+"""``edge-agent``: run the device daemon, or read its queue's state.
+
+Each command imports what it uses when it runs (``run`` the daemon, ``model`` the model
+tool, ``install`` neither), so that one command does not carry the others' modules: the
+daemon's idle footprint is issue 15's.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,14 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from edge_agent import model_tool
-from edge_agent.config import AgentConfig, load_agent_config
 from edge_agent.errors import AgentError
-from edge_agent.store import Store
-from edge_tier.cli import run_service
-from edge_tier.config import ConfigError
-from edge_tier.errors import ManifestError
-from edge_tier.logs import setup_logging
+from edge_agent.model_args import add_parser as add_model_parser
+from edge_tier.errors import ConfigError, ManifestError
+
+if TYPE_CHECKING:
+    from edge_agent.config import AgentConfig
 
 
 def _age(ms: int | None) -> str:
@@ -22,7 +26,10 @@ def _age(ms: int | None) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from edge_agent.config import load_agent_config
     from edge_agent.daemon import Agent
+    from edge_tier.cli import run_service
+    from edge_tier.logs import setup_logging
 
     cfg = load_agent_config(args.config)
     setup_logging(cfg.log_level, cfg.log_format)
@@ -31,6 +38,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from edge_agent.config import load_agent_config
+    from edge_agent.store import Store
+
     cfg = load_agent_config(args.config)
     up = cfg.uplink
     store = Store(
@@ -81,7 +91,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
     """Rescue the records of queue files set aside beside the queue (or the files named)."""
     from pathlib import Path
 
+    from edge_agent.config import load_agent_config
     from edge_agent.rescue import pending, report_path, rescue_file
+    from edge_agent.store import Store
+    from edge_tier.logs import setup_logging
 
     cfg = load_agent_config(args.config)
     setup_logging(cfg.log_level, cfg.log_format)
@@ -146,6 +159,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     import asyncio
     import dataclasses
 
+    from edge_agent.config import load_agent_config
     from edge_agent.simulate import report, simulate
 
     url = args.url
@@ -239,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--bundle", required=True, help="a bundle from edge-provision device add")
     ins.add_argument("--root", default="/", help="install under this root (images, tests)")
     ins.set_defaults(fn=cmd_install)
-    model_tool.add_parser(sub)
+    add_model_parser(sub)
     uni = sub.add_parser("uninstall", help="stop and remove the unit and config; keeps the queue")
     uni.add_argument("--root", default="/")
     uni.add_argument("--purge", action="store_true", help="also delete the queue (undelivered records)")

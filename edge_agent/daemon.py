@@ -15,7 +15,6 @@ from edge_agent.endpoint import Endpoint
 from edge_agent.errors import StoreError
 from edge_agent.notify import Notifier
 from edge_agent.prefilter import Prefilter
-from edge_agent.rescue import rescue_file
 from edge_agent.store import AsyncQueue, Store
 from edge_agent.stream_models import StreamModels
 from edge_agent.uplink import Uplink
@@ -100,6 +99,8 @@ class Agent:
             log.info("edge agent %s/%s stopped", dev.tenant, dev.device)
 
     def _rescue(self, source: Path) -> None:
+        from edge_agent.rescue import rescue_file  # only after a failed integrity check
+
         try:
             rescue_file(self.store, source)
         except (sqlite3.Error, OSError, StoreError) as e:

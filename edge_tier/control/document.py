@@ -12,17 +12,17 @@ import base64
 import hashlib
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge_tier.errors import ControlRefused, ManifestError, ModelRefused, WireError
 from edge_tier.model.schema import parse_manifest
 from edge_tier.wire.ids import validate_id
 from edge_tier.wire.jsonmodel import decode_json_model
+
+if TYPE_CHECKING:  # cryptography (~8 MB resident) is imported by the functions that sign or verify
+    from cryptography.hazmat.primitives.asymmetric import ed25519
 
 MAX_MODEL_BYTES = 16 * 1024 * 1024
 MAX_CHUNK_BYTES = 1024 * 1024
@@ -145,6 +145,9 @@ def decode_control(data: bytes | bytearray | memoryview | str) -> SignedControl:
 
 
 def load_signing_key(path: str | Path) -> ed25519.Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
     key = serialization.load_pem_private_key(Path(path).read_bytes(), None)
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise ModelRefused(f"{path}: not an Ed25519 private key")
@@ -153,6 +156,9 @@ def load_signing_key(path: str | Path) -> ed25519.Ed25519PrivateKey:
 
 def load_verify_key(path: str | Path) -> ed25519.Ed25519PublicKey:
     """The fleet's public signing key (``signing.pub`` in a device bundle)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
     try:
         key = serialization.load_pem_public_key(Path(path).read_bytes())
     except (OSError, ValueError) as e:
@@ -171,6 +177,8 @@ def verify_control(
     key: ed25519.Ed25519PublicKey, signed: SignedControl, tenant: str, device: str
 ) -> ControlDoc:
     """The document, if the fleet key signed exactly these bytes for this device; else ControlRefused."""
+    from cryptography.exceptions import InvalidSignature
+
     try:
         key.verify(base64.b64decode(signed.signature, validate=True), signed.signed.encode())
     except (InvalidSignature, ValueError):
