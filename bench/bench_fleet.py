@@ -12,7 +12,9 @@ p50/p99 (frame sent -> its receipt), and the CPU microseconds per committed fram
 ingest, nats-server and mosquitto (utime + stime over the level). In the same run, the
 same load against a straightforward per-frame bridge (``bench/naive_fleet.py``: decode,
 publish, await the ack, receipt, one frame at a time per message) gives the ratio.
-``--write`` puts the table in bench/RESULTS.md (``make bench``).
+``--ingests 1 2`` also runs two ingest processes on the shared subscription (the scale-out
+ratio beside it; on a 2-core machine the generators and brokers take most of the second
+core). ``--write`` puts the table in bench/RESULTS.md (``make bench``).
 
 Run as ``python -m bench.bench_fleet`` (``--levels 100 1000 10000 --seconds 10``).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import json
 import multiprocessing as mp
 import os
@@ -34,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.figures import save_json
+from bench.figures import save_json, write_section
 from edge_tier import topics
 from edge_tier_harness.brokers import BrokerProcess, Mosquitto, NatsServer
 from edge_tier_harness.services import IngestProcess, ServiceProcess, WorkerProcess
@@ -127,7 +130,7 @@ class Level:
 def run_level(
     d: Path,
     contender: str,
-    proc: ServiceProcess,
+    procs_: list[ServiceProcess],
     brokers: dict[str, int | None],
     port: int,
     devices: int,
@@ -149,13 +152,14 @@ def run_level(
         p.start()
     for _ in procs:
         assert q.get(timeout=60)[0] == "ready"
-    meter = CpuMeter({contender: proc.pid, **brokers})
+    meter = CpuMeter({f"{contender}#{i}": p.pid for i, p in enumerate(procs_)} | brokers)
     start = time.time() + 0.5
     go.write_text(str(start))
     time.sleep(0.5)
     meter.start()
     time.sleep(seconds)
     used = meter.stop()
+    used[contender] = sum(v for k, v in used.items() if k.startswith(f"{contender}#"))
     results = [q.get(timeout=seconds + 60)[1] for _ in procs]
     for p in procs:
         p.join(10)
@@ -197,16 +201,20 @@ def table(rows: list[Level], records: int) -> str:
     naive = {r.devices: r for r in rows if r.contender == "naive"}
     for r in rows:
         base = naive.get(r.devices)
-        ratio = (
-            f"{base.cpu_us['naive'] / r.cpu_us['ingest']:.1f}x" if base and r.contender == "ingest" else ""
-        )
         own = r.cpu_us.get(r.contender, 0.0)
+        ratio = f"{base.cpu_us['naive'] / own:.1f}x" if base and r.contender != "naive" and own else ""
         out.append(
             f"| {r.contender} | {r.devices:,} | {r.fps:,.0f} | {r.fps * records:,.0f} | "
             f"{r.latency.get('p50', 0):.1f} | {r.latency.get('p99', 0):.1f} | {own:.0f} | "
             f"{r.cpu_us['nats-server']:.0f} | {r.cpu_us['mosquitto']:.0f} | {r.cpu_us['worker']:.0f} | "
             f"{r.cpu_us['worker'] / records:.1f} | {ratio} |"
         )
+    one = {r.devices: r for r in rows if r.contender == "ingest"}
+    two = [r for r in rows if r.contender.startswith("ingest x") and r.devices in one]
+    if two:
+        out.append("\nScale-out, frames/s of N ingest processes over one's at the same level:")
+        for r in two:
+            out.append(f"- {r.contender}, {r.devices:,} devices: {r.fps / one[r.devices].fps:.2f}x")
     return "\n".join(out)
 
 
@@ -240,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generators", type=int, default=4, help="generator processes (MQTT connections)")
     ap.add_argument("--records", type=int, default=5, help="records per frame (16 float32 each)")
     ap.add_argument("--no-naive", action="store_true", help="skip the per-frame bridge")
+    ap.add_argument("--ingests", type=int, nargs="+", default=[1], help="ingest processes, a contender each")
+    ap.add_argument("--write", action="store_true", help="put the table in bench/RESULTS.md")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     args = ap.parse_args(argv)
@@ -276,42 +286,54 @@ def main(argv: list[str] | None = None) -> int:
         )
         brokers = {"nats-server": nsrv.pid, "mosquitto": mosq.pid, "worker": worker.pid}
 
-        def cfg() -> dict[str, Any]:
-            return ingest_config(mosq.port, nsrv.url, ingest={"publish_timeout_s": 10.0})
+        def cfg(instance: int = 0) -> dict[str, Any]:
+            # each ingest its own client id (instance): the shared subscription splits the load
+            ing = {"publish_timeout_s": 10.0, "instance": str(instance)}
+            return ingest_config(mosq.port, nsrv.url, ingest=ing)
 
-        contenders: list[tuple[str, ServiceProcess]] = [
-            ("ingest", IngestProcess(d / "ingest", cfg(), name="ingest"))
+        def ingests(n: int) -> list[ServiceProcess]:
+            tag = "ingest" if n == 1 else f"ingest{n}"
+            return [IngestProcess(d / f"{tag}-{i}", cfg(i), name=f"{tag}-{i}") for i in range(n)]
+
+        contenders: list[tuple[str, list[ServiceProcess]]] = [
+            ("ingest" if n == 1 else f"ingest x{n}", ingests(n)) for n in args.ingests
         ]
         if not args.no_naive:
-            contenders.append(("naive", NaiveProcess(d / "naive", cfg(), name="naive")))
-        for name, proc in contenders:
-            up(proc)
+            contenders.append(("naive", [NaiveProcess(d / "naive", cfg(), name="naive")]))
+        for name, procs in contenders:
+            for proc in procs:
+                up(proc)
             for i, devices in enumerate(args.levels):
                 gens = min(args.generators, devices)
                 rows.append(
                     run_level(
                         d,
                         name,
-                        proc,
+                        procs,
                         brokers,
                         mosq.port,
                         devices,
                         gens,
                         args.records,
                         args.seconds,
-                        f"{name[0]}{i}",
+                        f"{name[0]}{len(procs)}x{i}",
                     )
                 )
-            proc.stop()
+            for proc in procs:
+                proc.stop()
         answered = _answered(nsrv.url)
     text = table(rows, args.records)
-    print(text)
-    print(
-        f"\n{args.records} records x {DIM} float32 a frame, one frame in flight per device, "
+    text += (
+        f"\n\n{args.records} records x {DIM} float32 a frame, one frame in flight per device, "
         f"{args.seconds:.0f} s a level, {args.generators} generator processes; Python "
-        f"{platform.python_version()}, {os.cpu_count()} CPUs (generators, brokers and ingest share them)."
+        f"{platform.python_version()}, {os.cpu_count()} CPUs (generators, brokers and ingest share them).\n"
+        f"The worker answered {answered[1]:,} of {answered[0]:,} uploads (features messages) by the end."
     )
-    print(f"the worker answered {answered[1]:,} of {answered[0]:,} uploads (features messages) by the end")
+    print(text)
+    if args.write:
+        when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        cmd = " ".join(["python -m bench.bench_fleet", *(argv if argv is not None else sys.argv[1:])])
+        write_section("bench_fleet", f"# Fleet scale\n\n`{cmd}` on {when}.\n\n{text}")
     save_json(args.json, {"rows": [r.__dict__ for r in rows], "records": args.records})
     return 0
 

@@ -52,7 +52,7 @@ import numpy as np
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bench import bench_pipeline, bench_tier2
-from bench.figures import save_json
+from bench.figures import RESULTS_MD, save_json, write_section
 from edge_tier import topics
 from edge_tier.model.manifest import DEFAULT_MANIFEST
 from edge_tier.wire import decode_results
@@ -62,7 +62,6 @@ from edge_tier_harness.testkit import CpuMeter, wait_until
 
 DIM = 16
 TENANT = "bench"
-RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 PAGE = 4096
 
 
@@ -415,12 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.write:
         when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        RESULTS_MD.write_text(
+        write_section(
+            "bench_system",
             f"# Whole-system benchmark\n\n`python -m bench.bench_system --write` on {when}: "
             f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}. "
             "Absolute figures drift on a shared machine; compare the ratios, measured in the same run.\n\n"
-            + text
-            + "\n"
+            + text,
         )
     figures = [{k: v for k, v in asdict(lv).items() if k != "want"} | {"rate": lv.rate} for lv in levels]
     save_json(args.json, {"levels": figures, "baselines": base})

@@ -75,6 +75,7 @@ log = logging.getLogger("cloud_ingest.ingest")  # the ingest service's logger, a
 
 GAP_WAITS, GAP_WAIT_S = 4, 0.025  # look again for a missing predecessor, for up to ~75 ms
 WRONG_LAST_SEQUENCE = 10071  # JetStream API error code for Nats-Expected-Last-Subject-Sequence
+_COMMITTED = metrics.FRAMES.labels("committed")  # the one counted per frame: looked up once
 
 
 def told(limits: FrameLimits) -> CloudLimits:
@@ -158,10 +159,11 @@ class CommitProtocol:
         assert self.publisher is not None
         marks = self.marks
         key = (frame.tenant, frame.device)
+        first, last = frame.first_seq, frame.last_seq  # read from the arrays once
         waits = 0
         for _ in range(5 + GAP_WAITS):
             ledger = await marks.ledger(*key)
-            if frame.last_seq <= ledger.last_seq:
+            if last <= ledger.last_seq:
                 metrics.FRAMES.labels("duplicate").inc()
                 log.info("upload %s is a re-send (committed up to %d)", frame.upload_id, ledger.last_seq,
                          extra=context(frame.upload_id))  # fmt: skip
@@ -187,14 +189,14 @@ class CommitProtocol:
                 )
                 self.receipt(frame, ReceiptStatus.GAP, expected_prev=ledger.last_seq)
                 return
-            if frame.first_seq <= ledger.last_seq:
+            if first <= ledger.last_seq:
                 await self._reject(frame, payload, f"overlaps the committed range (up to {ledger.last_seq})")
                 return
             headers = {
                 H_MSG_ID: frame.upload_id,
                 H_EXPECTED_LAST_SUBJECT_SEQ: str(ledger.stream_seq),
-                H_FIRST: str(frame.first_seq),
-                H_LAST: str(frame.last_seq),
+                H_FIRST: str(first),
+                H_LAST: str(last),
                 H_PREV: str(frame.prev_seq),
                 H_RECORDS: str(frame.n),
             }
@@ -217,8 +219,8 @@ class CommitProtocol:
                 metrics.FRAMES.labels("duplicate").inc()
                 self.receipt(frame, ReceiptStatus.DUPLICATE, stream_seq=ack.seq)
                 return
-            marks.committed(key, frame.last_seq, ack.seq)
-            metrics.FRAMES.labels("committed").inc()
+            marks.committed(key, last, ack.seq)
+            _COMMITTED.inc()
             metrics.RECORDS.inc(frame.n)
             self.receipt(frame, ReceiptStatus.COMMITTED, stream_seq=ack.seq)
             return

@@ -238,7 +238,8 @@ class MqttBridge:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
-        self.client.on_publish = self._on_publish
+        # on_publish is set only while a publish_confirmed waits: paho builds a reason code
+        # and properties for every publish it reports, QoS 0 ones included
         self.client.on_subscribe = self._on_subscribe
         self.client.on_socket_register_write = self._on_register_write
         self.client.on_socket_unregister_write = self._on_unregister_write
@@ -542,12 +543,15 @@ class MqttBridge:
             return False
         # paho's callbacks run on this loop, so the PUBACK cannot be handled before this line
         fut = self._pubacks[info.mid] = asyncio.get_running_loop().create_future()
+        self.client.on_publish = self._on_publish
         try:
             return await asyncio.wait_for(fut, within)
         except TimeoutError:
             return False
         finally:
             self._pubacks.pop(info.mid, None)
+            if not self._pubacks:
+                self.client.on_publish = None
 
     def ack(self, msg: Message) -> None:
         if msg.qos > 0:
