@@ -278,7 +278,9 @@ class MqttBridge:
         self._set_connected(False)
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:  # type: ignore[no-untyped-def]
-        m = Message(msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain))
+        self._deliver(Message(msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain)))
+
+    def _deliver(self, m: Message) -> None:
         for pattern, queue in self._inboxes:
             if paho.topic_matches_sub(pattern, m.topic):
                 queue.put_nowait(m)

@@ -60,9 +60,9 @@ from edge_tier.wire.messages import (
     decode_results,
     decode_status,
     encode_receipt,
-    encode_stored_receipt,
     encode_results,
     encode_status,
+    encode_stored_receipt,
 )
 from edge_tier.wire.meta import MetaValue, check_meta
 
@@ -103,9 +103,9 @@ __all__ = [
     "encode_frame",
     "encode_frame_parts",
     "encode_receipt",
-    "encode_stored_receipt",
     "encode_results",
     "encode_status",
+    "encode_stored_receipt",
     "frame_overhead",
     "parse_upload_id",
     "peek_header",

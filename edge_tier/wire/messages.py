@@ -38,9 +38,9 @@ __all__ = [
     "decode_results",
     "decode_status",
     "encode_receipt",
-    "encode_stored_receipt",
     "encode_results",
     "encode_status",
+    "encode_stored_receipt",
 ]
 
 

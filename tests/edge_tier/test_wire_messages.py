@@ -27,8 +27,8 @@ from edge_tier.wire import (
     encode_frame_parts,
     encode_receipt,
     encode_results,
-    encode_stored_receipt,
     encode_status,
+    encode_stored_receipt,
 )
 from tests.edge_tier.test_wire_kit import FUZZ
 
