@@ -44,6 +44,7 @@ bench: deps
 	$(PY) -m bench.bench_api
 	$(PY) -m bench.bench_system --write
 	$(PY) -m bench.bench_footprint
+	$(PY) -m bench.bench_worker --messages 5000 --naive-messages 1000
 
 # Style and complexity (ruff), formatting, types (mypy with the pydantic plugin) and the floors
 # (import-linter's contracts in pyproject.toml; docs/architecture.md draws them).

@@ -1,16 +1,24 @@
 """Tier-two workers: features from JetStream, one inference call per batch, results written once.
 
 Per tenant, a durable pull consumer on ``et.features.{tenant}.>`` that every
-worker shares (so several workers split the work). A fetcher per tenant pulls
-messages while the tenant is within its token bucket and its local queue has
-room; a batcher fills one inference call round-robin across tenants, up to
-``max_batch`` records or ``max_wait_ms`` after the first arrived; a publisher
-writes each upload's results to ``et.results.{tenant}.{device}`` with
-``Nats-Msg-Id`` = the upload id, and acks the features message only after
-JetStream acknowledged every part. A worker killed at any point leaves each
-features message either unacked (redelivered, and its results, if already
-written, dropped as duplicates by JetStream) or acked with its results stored:
-each result exactly once.
+worker shares (so several workers split the work). How a batch flows:
+
+1. **fetch** (a task per tenant, ``cloud_ingest.pull``): pull requests are kept
+   outstanding for as many messages as the tenant's local queue has room for (``prefetch``),
+   while the tenant is within its token bucket; JetStream's deliveries land in a list, and
+   the task decodes each burst of them into the tenant's queue;
+2. **batch**: one inference call is filled round-robin across tenants, up to ``max_batch``
+   records or ``max_wait_ms`` after the first arrived, and run in a thread: the records of
+   every message in one ``Tier2Model.answer`` per model, the answers split back per message;
+3. **publish** (``cloud_ingest.result_messages``, ``cloud_ingest.pubacks``): the results of
+   the whole batch are encoded together (columns rounded once), every part of every answer
+   is written to ``et.results.{tenant}.{device}`` with ``Nats-Msg-Id`` = the upload id at
+   once, their PubAcks gathered by one inbox subscription; then each features message whose
+   parts JetStream has all acknowledged is acked, the rest nak'ed.
+
+A worker killed at any point leaves each features message either unacked (redelivered, and
+its results, if already written, dropped as duplicates by JetStream) or acked with its
+results stored: each result exactly once.
 
 Models: each frame is answered by the model its route names (``worker.models``: by tenant,
 stream and prefilter model, first match wins; ``worker.manifest`` for the rest). Each model
@@ -44,12 +52,15 @@ import numpy as np
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cloud_ingest import metrics
 from cloud_ingest.config import IngestConfig, ModelRoute
 from cloud_ingest.errors import Tier2ModelError
 from cloud_ingest.nats_client import connect_nats
+from cloud_ingest.pubacks import Publisher, Stored
+from cloud_ingest.pull import Pull
+from cloud_ingest.result_messages import Answered, result_messages
 from cloud_ingest.streams import clip_header, ensure_streams, publish_dead_letter
 from cloud_ingest.tier2 import Answers, Tier2Model
 from edge_tier import topics
@@ -57,7 +68,7 @@ from edge_tier.http import OpsServer
 from edge_tier.logs import context
 from edge_tier.ratelimit import TokenBucket
 from edge_tier.tasks import running
-from edge_tier.wire import Dtype, Frame, WireError, decode_frame, encode_results
+from edge_tier.wire import Frame, WireError, decode_frame
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +83,7 @@ class Work:
 
     msg: Msg
     frame: Frame
+    upload_id: str
     x: np.ndarray  # float32 [n, dim]
     model: Tier2Model  # the one its route names
 
@@ -92,7 +104,9 @@ class Lane:
     tenant: str
     bucket: TokenBucket
     items: deque[Work] = field(default_factory=deque)
-    room: asyncio.Event = field(default_factory=asyncio.Event)
+    # set when messages arrive and when the batcher makes room: the fetcher looks again
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    pull: Pull | None = None
 
 
 class Worker:
@@ -100,11 +114,13 @@ class Worker:
         """``model``: the fallback model, already loaded (else ``worker.manifest``'s, at start)."""
         self.cfg = cfg
         self.w = cfg.worker
+        self._limits = cfg.ingest.limits  # a property that builds a new one on every call
         self.model = model  # for features no route takes (None: they are dead-lettered)
         self.routes: list[tuple[ModelRoute, Tier2Model]] = []
         self._route_of: dict[tuple[str, str, str], Tier2Model | None] = {}
         self.nc: NatsClient | None = None
         self.js: JetStreamContext | None = None
+        self.publisher: Publisher | None = None
         self.lanes: dict[str, Lane] = {}
         self._turn: deque[str] = deque()  # tenants in round-robin order
         self._ready_work = asyncio.Event()
@@ -133,6 +149,8 @@ class Worker:
         self.nc = await connect_nats(self.cfg, topics.service_client_id("worker", w.instance))
         self.js = self.nc.jetstream(timeout=self.cfg.ingest.publish_timeout_s)
         await ensure_streams(self.js, self.cfg.streams)
+        self.publisher = Publisher(self.nc, topics.RESULTS_STREAM)
+        await self.publisher.start()
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -152,12 +170,13 @@ class Worker:
             # Fetched but unanswered messages would come back only after ack_wait: nak them
             # so that another worker takes them now. (close, not drain: a drain waits on the
             # pull subscriptions' expiring requests.)
-            unanswered = [w for lane in self.lanes.values() for w in lane.items]
+            unanswered = [w.msg for lane in self.lanes.values() for w in lane.items]
+            unanswered += [m for lane in self.lanes.values() if lane.pull for m in lane.pull.take()]
             while not self._outbox.empty():
-                unanswered += [o.work for o in self._outbox.get_nowait()]
-            for work in unanswered:
+                unanswered += [o.work.msg for o in self._outbox.get_nowait()]
+            for msg in unanswered:
                 with contextlib.suppress(Exception):
-                    await work.msg.nak()
+                    await msg.nak()
             with contextlib.suppress(Exception):
                 await self.nc.close()
 
@@ -244,13 +263,13 @@ class Worker:
     def _add_lane(self, tenant: str) -> None:
         rate = self.w.tenant_rates.get(tenant, self.w.tenant_rate)
         lane = Lane(tenant, TokenBucket(rate, self.w.tenant_burst))
-        lane.room.set()
         self.lanes[tenant] = lane
         self._turn.append(tenant)
 
-    async def _subscribe(self, tenant: str) -> JetStreamContext.PullSubscription:
-        assert self.js is not None
-        w = self.w
+    async def _bind(self, lane: Lane) -> Pull:
+        """The tenant's consumer, created or brought up to this config, and a Pull on it."""
+        assert self.js is not None and self.nc is not None
+        w, tenant = self.w, lane.tenant
         config = ConsumerConfig(
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
@@ -264,60 +283,75 @@ class Worker:
         # Create it, or bring one made by an older version up to this config (its filter
         # took no rescued records); a running consumer keeps its place either way.
         await self.js.add_consumer(topics.FEATURES_STREAM, config)
-        return await self.js.pull_subscribe(
-            topics.tenant_features(tenant),
-            durable=self._consumer(tenant),
-            stream=topics.FEATURES_STREAM,
-            config=config,
-        )
+        pull = Pull(self.nc, topics.FEATURES_STREAM, self._consumer(tenant), wake=lane.wake)
+        await pull.start()
+        return pull
 
     @property
     def jetstream_failing(self) -> bool:
         return bool(self._failing)
 
     async def _fetch_loop(self, lane: Lane) -> None:
-        self._failing.add(lane.tenant)  # until its consumer is bound
+        w = self.w
         while running():
+            pull = lane.pull = await self._bound(lane)
+            while running() and pull.trouble is None:
+                lane.wake.clear()  # before looking: whatever comes after this wakes the loop again
+                await self._arrived(lane, pull.take())
+                if pull.silent:
+                    self._failing.add(lane.tenant)
+                else:
+                    self._failing.discard(lane.tenant)  # it answers (messages, or "expired")
+                room = w.prefetch - len(lane.items) - pull.due()
+                if room >= max(1, w.prefetch // 4):  # top up in sizeable requests
+                    wait = lane.bucket.wait_s()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                        continue
+                    await pull.request(room)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lane.wake.wait(), pull.expires_s)
+            self._failing.add(lane.tenant)
+            log.warning(
+                "tenant %s: JetStream ended a pull request: %s (binding again)", lane.tenant, pull.trouble
+            )
+            await self._arrived(lane, pull.take())
+            await pull.stop()
+            await asyncio.sleep(0.5)
+
+    async def _bound(self, lane: Lane) -> Pull:
+        self._failing.add(lane.tenant)  # until its consumer is bound
+        while True:
             try:
-                sub = await self._subscribe(lane.tenant)
+                pull = await self._bind(lane)
                 self._failing.discard(lane.tenant)
-                break
+                return pull
             except (TimeoutError, nats.errors.Error) as e:
                 log.warning("tenant %s: cannot bind its consumer: %r (retrying)", lane.tenant, e)
                 await asyncio.sleep(1.0)
-        while running():
-            await lane.room.wait()
-            wait = lane.bucket.wait_s()
-            if wait > 0:
-                await asyncio.sleep(wait)
+
+    async def _arrived(self, lane: Lane, msgs: list[Msg]) -> None:
+        """Decode a burst of deliveries into the tenant's queue; a message that cannot be
+        answered is nak'ed or dead-lettered here."""
+        if not msgs:
+            return
+        records = 0
+        for msg in msgs:
             try:
-                msgs = await sub.fetch(self.w.prefetch - len(lane.items), timeout=1.0)
-                self._failing.discard(lane.tenant)
-            except (TimeoutError, nats.errors.TimeoutError):
-                self._failing.discard(lane.tenant)  # nothing to fetch: the consumer answers
+                work = self._decode(msg)
+            except Poison as e:
+                await self._fail(msg, str(e))
                 continue
-            except nats.errors.Error as e:
-                self._failing.add(lane.tenant)
-                log.warning("tenant %s: fetch failed: %r (retrying)", lane.tenant, e)
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                try:
-                    work = self._decode(msg)
-                except Poison as e:
-                    await self._fail(msg, str(e))
-                    continue
-                lane.items.append(work)
-                lane.bucket.take(work.frame.n)
-            metrics.LOCAL_QUEUE.labels(lane.tenant).set(len(lane.items))
-            if len(lane.items) >= self.w.prefetch:
-                lane.room.clear()
-            if lane.items:
-                self._ready_work.set()
+            lane.items.append(work)
+            records += work.frame.n
+        lane.bucket.take(records)
+        metrics.LOCAL_QUEUE.labels(lane.tenant).set(len(lane.items))
+        if lane.items:
+            self._ready_work.set()
 
     def _decode(self, msg: Msg) -> Work:
         try:
-            frame = decode_frame(msg.data, limits=self.cfg.ingest.limits)
+            frame = decode_frame(msg.data, limits=self._limits)
         except WireError as e:
             raise Poison(f"undecodable frame: {e}") from None
         if msg.subject != topics.features_subject(frame.tenant, frame.device, rescued=frame.rescued):
@@ -333,12 +367,15 @@ class Worker:
                 f"wrong shape: {frame.dim} features per record, the model {model.name} "
                 f"(stream {frame.stream!r}) takes {model.dim}"
             )
-        x = frame.features.astype(np.float32)
-        if frame.dtype is Dtype.INT8:
-            x *= np.float32(frame.scale)
-        if not np.isfinite(x).all() or not np.isfinite(frame.scores).all():
-            raise Poison("non-finite features or scores")
-        return Work(msg, frame, x, model)
+        x = frame.features  # float32 or int8, read-only: the batch's concatenate copies it
+        if x.dtype == np.int8:
+            x = x.astype(np.float32) * np.float32(frame.scale)
+        elif x.dtype != np.float32:
+            x = x.astype(np.float32)
+        # (the decoder refuses non-finite scores itself)
+        if not np.isfinite(x).all():
+            raise Poison("non-finite features")
+        return Work(msg, frame, frame.upload_id, x, model)
 
     # -- batching and inference -------------------------------------------
 
@@ -356,7 +393,7 @@ class Worker:
                     work = lane.items.popleft()
                     batch.append(work)
                     taken += work.frame.n
-                    lane.room.set()
+                    lane.wake.set()
                     progress = True
                     if taken >= budget:
                         break
@@ -430,82 +467,53 @@ class Worker:
     async def _write_results(self, outcomes: list[Outcome]) -> None:
         """Publish every part of every answer at once, then ack each features message whose
         parts JetStream has all acknowledged; the others are nak'ed and come back."""
-        assert self.js is not None
-        sent: list[tuple[Outcome, list[asyncio.Future[PubAck]]]] = []
+        assert self.publisher is not None
         answers = [o for o in outcomes if o.error is None]
-        try:
-            for o in answers:
-                sent.append((o, [await self.js.publish_async(*m) for m in self._result_messages(o)]))
-        except (nats.errors.Error, ValueError) as e:
-            log.warning("publishing results failed (%r); the batch's messages will be redelivered", e)
-        futures = [f for _, fs in sent for f in fs]
-        if futures:
-            _, late = await asyncio.wait(futures, timeout=self.cfg.ingest.publish_timeout_s)
-            for f in late:
-                f.cancel()
-        stored = [(o, fs) for o, fs in sent if all(not f.cancelled() and f.exception() is None for f in fs)]
-        for o, fs in stored:
-            with contextlib.suppress(nats.errors.Error):  # a lost ack is a redelivery, deduplicated
-                await o.work.msg.ack()
-            frame = o.work.frame
-            duplicate = all(f.result().duplicate for f in fs)
-            metrics.WORKER_MESSAGES.labels(frame.tenant, "duplicate" if duplicate else "done").inc()
-            if not duplicate:
-                metrics.WORKER_RECORDS.labels(frame.tenant).inc(frame.n)
-        done = {id(o) for o, _ in stored}
+        answered = []
         for o in answers:
-            if id(o) not in done:
+            assert o.labels is not None and o.confidences is not None
+            w = o.work
+            answered.append(Answered(w.frame, w.upload_id, w.model, o.labels, o.confidences, o.values))
+        messages = result_messages(
+            answered,
+            worker=self.w.instance,
+            max_records=self.w.results_max_records,
+            produced_ms=int(time.time() * 1000),
+        )
+        results = await self.publisher.publish(
+            [m for parts in messages for m in parts], self.cfg.ingest.publish_timeout_s
+        )
+        done: dict[str, list[int]] = {}  # tenant -> [messages, duplicates, records]
+        at = 0
+        for o, parts in zip(answers, messages, strict=True):
+            mine, at = results[at : at + len(parts)], at + len(parts)
+            frame = o.work.frame
+            failed = next((r for r in mine if not isinstance(r, Stored)), None)
+            if failed is not None:
                 # Redelivered, and the parts already stored are dropped then as duplicates.
-                uid = o.work.frame.upload_id
-                log.warning("upload %s: results not written; it will be redelivered", uid, extra=context(uid))
-                metrics.WORKER_MESSAGES.labels(o.work.frame.tenant, "retry").inc()
+                log.warning("upload %s: results not written (%s); it will be redelivered", o.work.upload_id,
+                            failed, extra=context(o.work.upload_id))  # fmt: skip
+                metrics.WORKER_MESSAGES.labels(frame.tenant, "retry").inc()
                 with contextlib.suppress(Exception):
                     await o.work.msg.nak(delay=self.w.backoff_s[0])
+                continue
+            with contextlib.suppress(nats.errors.Error):  # a lost ack is a redelivery, deduplicated
+                await o.work.msg.ack()
+            counts = done.setdefault(frame.tenant, [0, 0, 0])
+            if all(isinstance(r, Stored) and r.duplicate for r in mine):
+                counts[1] += 1
+            else:
+                counts[0] += 1
+                counts[2] += frame.n
+        for tenant, (fresh, duplicates, records) in done.items():  # metrics once per tenant a batch
+            if fresh:
+                metrics.WORKER_MESSAGES.labels(tenant, "done").inc(fresh)
+                metrics.WORKER_RECORDS.labels(tenant).inc(records)
+            if duplicates:
+                metrics.WORKER_MESSAGES.labels(tenant, "duplicate").inc(duplicates)
         for o in outcomes:
             if o.error is not None:
-                await self._fail(o.work.msg, o.error, o.work.frame.upload_id)
-
-    def _result_messages(
-        self, o: Outcome
-    ) -> list[tuple[str, bytes, float | None, str | None, dict[str, str]]]:
-        """(subject, payload, wait_stall, stream, headers) of each part of one upload's answer."""
-        assert o.labels is not None and o.confidences is not None
-        frame, model = o.work.frame, o.work.model
-        step = self.w.results_max_records
-        parts = -(-frame.n // step)
-        now_ms = int(time.time() * 1000)
-        subject = topics.results_subject(frame.tenant, frame.device)
-        out: list[tuple[str, bytes, float | None, str | None, dict[str, str]]] = []
-        for a in range(0, frame.n, step):
-            part = a // step
-            body = encode_results(
-                frame,
-                slice(a, a + step),
-                model.labels,
-                o.labels[a : a + step],
-                o.confidences[a : a + step],
-                part=part,
-                parts=parts,
-                model=model.name,
-                model_version=model.version,
-                worker=self.w.instance,
-                produced_ms=now_ms,
-                values=None if o.values is None else o.values[a : a + step],
-            )
-            rows = frame.seqs[a : a + step]
-            headers = {
-                topics.H_MSG_ID: topics.result_msg_id(frame.upload_id, part),
-                topics.H_UPLOAD_ID: frame.upload_id,
-                topics.H_PART: str(part),
-                topics.H_PARTS: str(parts),
-                # what the result API indexes, without parsing the body
-                topics.H_RECORDS: str(len(rows)),
-                topics.H_FIRST: str(rows[0]),
-                topics.H_LAST: str(rows[-1]),
-                topics.H_PRODUCED_MS: str(now_ms),
-            }
-            out.append((subject, body, None, topics.RESULTS_STREAM, headers))
-        return out
+                await self._fail(o.work.msg, o.error, o.work.upload_id)
 
     @staticmethod
     def _device_of(subject: str) -> str | None:

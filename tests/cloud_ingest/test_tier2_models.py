@@ -744,7 +744,7 @@ def test_one_inference_call_per_model_per_batch_in_the_batchs_order(tmp_path: Pa
     batch = []
     for i, m in enumerate([a, b, a, b]):
         f = decode_frame(stream_frame("s", 1 + 3 * i, x[3 * i : 3 * i + 3], device=f"d{i}"))
-        batch.append(Work(None, f, x[3 * i : 3 * i + 3], m))  # type: ignore[arg-type]
+        batch.append(Work(None, f, f.upload_id, x[3 * i : 3 * i + 3], m))  # type: ignore[arg-type]
     out = Worker(IngestConfig()).infer(batch)
     assert sorted(calls) == [("a", 6), ("b", 6)]
     assert [o.work for o in out] == batch

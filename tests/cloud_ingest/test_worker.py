@@ -146,7 +146,8 @@ def test_an_inference_error_sets_aside_only_its_own_message() -> None:
     for i in range(4):
         values = np.full((3, DIM), 666.0 if i == 2 else 0.5, np.float32)
         data = frame(1 + 3 * i, 3, 3 * i, values=values)
-        batch.append(Work(None, decode_frame(data), values, stand_in))  # type: ignore[arg-type]
+        f = decode_frame(data)
+        batch.append(Work(None, f, f.upload_id, values, stand_in))  # type: ignore[arg-type]
     out: list[Outcome] = w.infer(batch)
     assert [o.error is None for o in out] == [True, True, False, True]
     assert "RUNTIME_EXCEPTION" in (out[2].error or "")
@@ -303,3 +304,65 @@ def test_nats_server_kill_9_mid_run_still_answers_each_record_once(nats_server: 
     keys = result_keys(got)
     assert len(keys) - len(set(keys)) == 0, "duplicate results"
     assert len(set(keys)) == total
+
+
+@pytest.mark.parametrize("max_records", [4096, 3, 1])
+def test_result_bodies_are_byte_for_byte_what_encode_results_writes(max_records: int) -> None:
+    from types import SimpleNamespace
+
+    from cloud_ingest.result_messages import Answered, result_messages
+    from edge_tier.wire import encode_results
+
+    rng = np.random.default_rng(3)
+    labels = ["ok", 'say "hi"\\', "défaut", "\u2603", "", "x" * 40]
+    model: Any = SimpleNamespace(name='tier "2"', version="1.0-ü", labels=labels)
+    answered = []
+    for i in range(12):
+        n = 1 + i % 7
+        f = decode_frame(frame(1 + 10 * i, n, 10 * i if i else 0, device=f"d-{i % 3}", dim=4))
+        conf = rng.random(n).astype(np.float32) * np.float32(1.2) - np.float32(0.1)  # clipped to 0..1
+        answered.append(Answered(f, f.upload_id, model, rng.integers(0, 6, n), conf))
+    f = answered[0].frame
+    regressor: Any = SimpleNamespace(name="reg", version="2", labels=["mm"])
+    answered.append(
+        Answered(f, f.upload_id, regressor, np.zeros(f.n, np.int64), np.zeros(f.n), np.full(f.n, 0.1))
+    )
+    got = result_messages(answered, worker="w-1", max_records=max_records, produced_ms=1234)
+    for a, messages in zip(answered, got, strict=True):
+        n, parts = a.frame.n, -(-a.frame.n // max_records)
+        assert len(messages) == parts
+        for part, (subject, body, headers) in enumerate(messages):
+            rows = slice(part * max_records, (part + 1) * max_records)
+            assert body == encode_results(
+                a.frame, rows, a.model.labels, a.labels[rows], a.confidences[rows], part=part, parts=parts,
+                model=a.model.name, model_version=a.model.version, worker="w-1", produced_ms=1234,
+                values=None if a.values is None else a.values[rows],
+            )  # fmt: skip
+            decode_results(body)  # and it is a valid ResultBatch
+            seqs = a.frame.seqs[rows]
+            assert subject == topics.results_subject(a.frame.tenant, a.frame.device)
+            assert headers[topics.H_MSG_ID] == topics.result_msg_id(a.upload_id, part)
+            assert (headers[topics.H_FIRST], headers[topics.H_LAST]) == (str(seqs[0]), str(seqs[-1]))
+            assert headers[topics.H_RECORDS] == str(len(seqs)) and headers[topics.H_PARTS] == str(parts)
+        assert sum(int(h[topics.H_RECORDS]) for _, _, h in messages) == n
+
+
+def test_a_deleted_consumer_is_bound_again_and_nothing_is_left_unanswered(nats_server: NatsServer) -> None:
+    async def scenario() -> list[ResultBatch]:
+        await publish_features(nats_server.url, device_frames("d1", 20, 5))
+        async with running_worker(nats_server.url) as w:
+            await wait_for_rows(nats_server.url, 100)
+            nc = await nats.connect(nats_server.url)
+            await nc.jetstream().delete_consumer(topics.FEATURES_STREAM, topics.worker_consumer("acme"))
+            await nc.close()
+            # JetStream ends the open pull request (409 Consumer Deleted), and the worker binds
+            # again: a new consumer, from the stream's start (the first 100 come back, duplicates)
+            await publish_features(
+                nats_server.url, [frame(101 + i * 5, 5, 100 + i * 5, device="d1", dim=DIM) for i in range(20)]
+            )
+            await wait_for_rows(nats_server.url, 200, within=15)
+            assert not w.jetstream_failing
+        return [decode_results(m.data) for m in await stored(nats_server.url, topics.RESULTS_STREAM)]
+
+    keys = result_keys(asyncio.run(scenario()))
+    assert len(keys) == len(set(keys)) == 200
