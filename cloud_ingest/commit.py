@@ -74,6 +74,7 @@ from edge_tier.wire import (
 log = logging.getLogger("cloud_ingest.ingest")  # the ingest service's logger, as before the split
 
 GAP_WAITS, GAP_WAIT_S = 4, 0.025  # look again for a missing predecessor, for up to ~75 ms
+HEAR_WAIT_S = 0.1  # first, wait this long for another ingest process to tell its commit of it
 WRONG_LAST_SEQUENCE = 10071  # JetStream API error code for Nats-Expected-Last-Subject-Sequence
 _COMMITTED = metrics.FRAMES.labels("committed")  # the one counted per frame: looked up once
 
@@ -163,6 +164,11 @@ class CommitProtocol:
         waits = 0
         for _ in range(5 + GAP_WAITS):
             ledger = await marks.ledger(*key)
+            if ledger.heard and first <= ledger.last_seq:
+                # another process's word is checked by JetStream on a publish, not here:
+                # read the truth before answering DUPLICATE (the device would delete) or REJECTED
+                marks.forget(key)
+                ledger = await marks.ledger(*key)
             if last <= ledger.last_seq:
                 metrics.FRAMES.labels("duplicate").inc()
                 log.info("upload %s is a re-send (committed up to %d)", frame.upload_id, ledger.last_seq,
@@ -172,12 +178,15 @@ class CommitProtocol:
             if frame.prev_seq > ledger.last_seq:
                 if waits < GAP_WAITS:
                     # With a shared subscription the predecessor is often being committed
-                    # by another ingest process right now: look again before answering
-                    # GAP (marks only rise, so DUPLICATE above needs no second look).
-                    marks.forget(key)
-                    if waits:
-                        await asyncio.sleep(GAP_WAIT_S)
+                    # by another ingest process right now: hear it from that process, or
+                    # look again, before answering GAP (marks only rise, so DUPLICATE
+                    # above needs no second look).
                     waits += 1
+                    if waits == 1 and await marks.hear(key, frame.prev_seq, HEAR_WAIT_S):
+                        continue
+                    marks.forget(key)
+                    if waits > 1:
+                        await asyncio.sleep(GAP_WAIT_S)
                     continue
                 metrics.FRAMES.labels("gap").inc()
                 log.info(

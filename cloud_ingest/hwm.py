@@ -11,18 +11,26 @@ the ``et_hwm`` bucket keeps a copy that outlives the stream's retention
 - the bucket's copy: a commit only marks the device dirty (no KV round trip on the hot
   path); the marks are written every ``ingest.hwm_flush_s``, by compare-and-set that
   never lowers a mark (several ingest processes write it), and a mark that could not be
-  written is kept for the next flush.
+  written is kept for the next flush;
+- the marks shared between ingest processes: with a shared subscription a device's next
+  frame often goes to another process, whose ledger is then stale (a JetStream read or
+  two for every frame). Each process publishes the marks it commits, in one core NATS
+  message per burst on ``_et.ingest.marks.{instance}``, and takes the others' into its
+  ledgers as *heard*: a heard mark names the stream sequence a publish expects (which
+  JetStream checks), but before a frame is answered DUPLICATE or refused on a heard
+  mark alone, the ledger is read again from the stream (``Ledger.heard``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -40,6 +48,7 @@ class Ledger:
 
     last_seq: int = 0
     stream_seq: int = 0  # 0: the stream holds no message of this device
+    heard: bool = False  # told by another ingest process, not read or committed here
 
 
 class HighWaterMarks:
@@ -51,9 +60,84 @@ class HighWaterMarks:
         self.dirty: dict[DeviceKey, int] = {}  # marks not yet in the bucket
         self.js: JetStreamContext | None = None
         self.kv: KeyValue | None = None
+        self.nc: NatsClient | None = None
+        self._own_subject = ""
+        self._told: list[str] = []  # "tenant device last_seq stream_seq" lines to publish
+        self._tell = asyncio.Event()
+        self.heard = 0  # marks taken from other processes (a metric for tests and operators)
+        self._hoping: dict[DeviceKey, list[tuple[int, asyncio.Future[None]]]] = {}
 
     def bind(self, js: JetStreamContext, kv: KeyValue) -> None:
         self.js, self.kv = js, kv
+
+    async def share(self, nc: NatsClient, instance: str) -> None:
+        """Publish this process's marks to the others and take theirs (see the docstring)."""
+        self.nc = nc
+        self._own_subject = topics.ingest_marks_subject(instance)
+        await nc.subscribe(topics.INGEST_MARKS_FILTER, cb=self._hear)
+
+    async def tell_loop(self) -> None:
+        """One message per burst of commits (the loop's turn), not one per frame."""
+        while running():
+            await self._tell.wait()
+            self._tell.clear()
+            lines, self._told = self._told, []
+            if lines and self.nc is not None:
+                try:
+                    await self.nc.publish(self._own_subject, "\n".join(lines).encode())
+                except nats.errors.Error as e:  # only an optimisation: the stream stays the truth
+                    log.debug("could not share %d marks: %s", len(lines), e)
+
+    async def _hear(self, msg: Msg) -> None:
+        if msg.subject == self._own_subject:
+            return
+        ledgers = self.ledgers
+        for line in msg.data.decode("ascii", "replace").splitlines():
+            try:
+                tenant, device, last_text, seq_text = line.split(" ")
+                last, stream_seq = int(last_text), int(seq_text)
+            except ValueError:
+                log.debug("ignoring a shared mark %r from %s", line[:200], msg.subject)
+                continue
+            key = (tenant, device)
+            led = ledgers.get(key)
+            if led is None or led.last_seq < last:
+                ledgers[key] = Ledger(last, stream_seq, heard=True)
+                self.heard += 1
+                for seq, fut in self._hoping.pop(key, ()):
+                    if fut.done():
+                        continue
+                    if seq <= last:
+                        fut.set_result(None)
+                    else:
+                        self._hope(key, seq, fut)  # a mark, but not yet the one it waits for
+
+    def _hope(self, key: DeviceKey, seq: int, fut: asyncio.Future[None]) -> None:
+        self._hoping.setdefault(key, []).append((seq, fut))
+
+    async def hear(self, key: DeviceKey, seq: int, within: float) -> bool:
+        """Wait up to ``within`` s for another process to tell a mark of at least ``seq``
+        for the device; True if the ledger holds one now. A frame whose predecessor another
+        process committed often arrives before that process's word: a short wait here
+        costs less than reading the stream and the bucket again."""
+        led = self.ledgers.get(key)
+        if led is not None and led.last_seq >= seq:
+            return True
+        if self.nc is None:
+            return False
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._hope(key, seq, fut)
+        try:
+            await asyncio.wait_for(fut, within)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            left = [(s, f) for s, f in self._hoping.get(key, ()) if f is not fut]
+            if left:
+                self._hoping[key] = left
+            else:
+                self._hoping.pop(key, None)
 
     async def ledger(self, tenant: str, device: str) -> Ledger:
         """The device's ledger: cached, or read from the stream's last chain message and the
@@ -62,24 +146,31 @@ class HighWaterMarks:
         led = self.ledgers.get(key)
         if led is not None:
             return led
-        assert self.js is not None and self.kv is not None
-        led = Ledger()
-        try:
-            last = await self.js.get_last_msg(topics.FEATURES_STREAM, topics.features_subject(*key))
-            led = Ledger(int((last.headers or {}).get(topics.H_LAST, 0)), int(last.seq or 0))
-        except nats.js.errors.NotFoundError:
-            pass
-        # The stream may have aged the device's last frame out; the bucket keeps the mark.
-        kv_mark = 0
-        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-            entry = await self.kv.get(topics.hwm_key(*key))
-            kv_mark = int(entry.value or b"0")
+        led = await self._stream_ledger(key)
+        kv_mark = await self._kv_mark(key)
         if led.last_seq > kv_mark:
             # A commit whose KV update never happened (a crash in between): repair it.
             self.mark_dirty(key, led.last_seq)
         led.last_seq = max(led.last_seq, kv_mark)
         self.ledgers[key] = led
         return led
+
+    async def _stream_ledger(self, key: DeviceKey) -> Ledger:
+        assert self.js is not None
+        try:
+            last = await self.js.get_last_msg(topics.FEATURES_STREAM, topics.features_subject(*key))
+        except nats.js.errors.NotFoundError:
+            return Ledger()
+        return Ledger(int((last.headers or {}).get(topics.H_LAST, 0)), int(last.seq or 0))
+
+    async def _kv_mark(self, key: DeviceKey) -> int:
+        """The bucket's mark: the stream may have aged the device's last frame out."""
+        assert self.kv is not None
+        try:
+            entry = await self.kv.get(topics.hwm_key(*key))
+        except nats.js.errors.KeyNotFoundError:
+            return 0
+        return int(entry.value or b"0")
 
     def forget(self, key: DeviceKey) -> None:
         """Read the device's ledger afresh next time (someone else may have committed)."""
@@ -89,6 +180,9 @@ class HighWaterMarks:
         """A frame up to ``last_seq`` is stored at ``stream_seq``: the new mark."""
         self.ledgers[key] = Ledger(last_seq, stream_seq)
         self.mark_dirty(key, last_seq)
+        if self.nc is not None:
+            self._told.append(f"{key[0]} {key[1]} {last_seq} {stream_seq}")
+            self._tell.set()
 
     def mark_dirty(self, key: DeviceKey, last: int) -> None:
         """The bucket's copy of the device's mark is to rise to ``last`` at the next flush."""

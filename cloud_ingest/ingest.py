@@ -114,6 +114,7 @@ class Ingest:
         self.commits.bind(nc, js, self.publisher)
         self.commits.fit_limits()
         self.marks.bind(js, await ensure_streams(js, self.cfg.streams))
+        await self.marks.share(nc, ing.instance)
         self.statuses.bind(await js.key_value(topics.DEVICES_BUCKET))
         self.relay.bind(js)
         return nc
@@ -126,6 +127,7 @@ class Ingest:
                 self._tg = tg
                 tg.create_task(self._dispatch(), name="ingest-dispatch")
                 tg.create_task(self.marks.flush_loop(), name="ingest-hwm")
+                tg.create_task(self.marks.tell_loop(), name="ingest-hwm-share")
                 assert self.publisher is not None
                 tg.create_task(self.publisher.run(), name="ingest-publish-timeouts")
                 if self.cfg.ingest.relay_results:

@@ -157,6 +157,20 @@ def service_client_id(service: str, instance: str | None = None) -> str:
 
 # -- NATS subjects -------------------------------------------------------------------
 
+# Ingest processes tell each other the marks they commit (core NATS, no stream), so the
+# next frame of a device, which a shared subscription may hand to another process, is
+# not a cache miss there. Outside ``et.>``: in the embedded broker a device's MQTT topic
+# ``et/...`` is a subject under ``et.``, and no device may reach this one.
+INGEST_MARKS = "_et.ingest.marks"
+
+
+def ingest_marks_subject(instance: str) -> str:
+    return f"{INGEST_MARKS}.{instance}"
+
+
+INGEST_MARKS_SUBJECT = Pattern("subject", ".", ingest_marks_subject, "instance")
+INGEST_MARKS_FILTER = ingest_marks_subject("*")
+
 RESCUED = "rescued"
 FEATURES_SUBJECTS = f"{ROOT}.features.>"
 RESULTS_SUBJECTS = f"{ROOT}.results.>"
@@ -372,7 +386,7 @@ def _catalogue() -> dict[str, Kind]:
         ("mqtt scheme", (DEVICE_TOPIC.template,)),  # its channels are the first five topics
         ("mqtt topic", MQTT_TOPICS),
         ("mqtt filter", MQTT_FILTERS),
-        ("subject", (p.template for s in STREAMS for p in s.subjects)),
+        ("subject", (*(p.template for s in STREAMS for p in s.subjects), INGEST_MARKS_SUBJECT.template)),
         ("subject filter", (*(s.filter for s in STREAMS), TENANT_FEATURES.template)),
         ("header", (h for s in STREAMS for h in s.headers)),
         ("stream", (s.name for s in STREAMS)),

@@ -94,3 +94,48 @@ def test_the_service_is_composed_of_its_parts() -> None:
         assert ingest.subscription == "$share/et-ingest/et/+/+/up"
 
     asyncio.run(scenario())
+
+
+@dataclass
+class HeardMsg:
+    subject: str
+    data: bytes
+
+
+def test_marks_told_by_other_processes_only_rise_and_bad_lines_are_skipped() -> None:
+    async def go() -> None:
+        marks = HighWaterMarks(0.2)
+        marks._own_subject = "_et.ingest.marks.0"
+        marks.committed(("t", "mine"), 50, 7)
+        await marks._hear(HeardMsg("_et.ingest.marks.0", b"t mine 999 1"))  # our own word: ignored
+        assert marks.ledgers[("t", "mine")].last_seq == 50
+        lines = b"t d1 10 3\nt d1 oops\nnot a line\nt d2 5 4 extra\nt mine 60 9\nt mine 55 8\n\xff\xfe"
+        await marks._hear(HeardMsg("_et.ingest.marks.1", lines))
+        assert (marks.ledgers[("t", "d1")].last_seq, marks.ledgers[("t", "d1")].heard) == (10, True)
+        assert ("t", "d2") not in marks.ledgers  # five fields: not a mark
+        mine = marks.ledgers[("t", "mine")]
+        assert (mine.last_seq, mine.stream_seq, mine.heard) == (60, 9, True)  # 55 came after: lower, dropped
+        marks.committed(("t", "mine"), 70, 12)
+        assert not marks.ledgers[("t", "mine")].heard  # our own commit is not hearsay
+
+    asyncio.run(go())
+
+
+def test_a_frame_waits_for_the_word_of_its_predecessor_and_gives_up_in_time() -> None:
+    async def go() -> None:
+        marks = HighWaterMarks(0.2)
+        marks._own_subject = "_et.ingest.marks.0"
+        marks.nc = object()  # type: ignore[assignment]  # sharing on; nothing is published here
+        key = ("t", "d")
+        waiting = asyncio.ensure_future(marks.hear(key, 20, 5.0))
+        await asyncio.sleep(0)
+        await marks._hear(HeardMsg("_et.ingest.marks.1", b"t d 10 1"))  # not yet the one it waits for
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        await marks._hear(HeardMsg("_et.ingest.marks.1", b"t d 20 2"))
+        assert await asyncio.wait_for(waiting, 1.0) is True
+        assert await marks.hear(key, 15, 0.01) is True  # already held
+        assert await marks.hear(key, 30, 0.05) is False  # nobody says so: the caller reads the stream
+        assert not marks._hoping
+
+    asyncio.run(go())

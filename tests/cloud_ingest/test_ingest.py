@@ -168,6 +168,37 @@ def test_two_ingest_processes_share_the_load_exactly_once(make_pipeline, tmp_pat
         second.stop()
 
 
+def test_a_mark_told_by_another_process_is_checked_before_it_answers(ingest_only) -> None:
+    """Marks other ingest processes tell (``_et.ingest.marks.*``) are hearsay: a forged one
+    neither answers DUPLICATE for records never stored (the device would delete them) nor
+    names a stream sequence JetStream takes."""
+    import asyncio
+
+    import nats
+
+    p = ingest_only()
+    c = RawClient(p.mosquitto.port)
+
+    async def tell(line: str) -> None:
+        nc = await nats.connect(p.nats.url)
+        try:
+            await nc.publish(topics.ingest_marks_subject("forger"), line.encode())
+            await nc.flush()
+        finally:
+            await nc.close()
+
+    asyncio.run(tell(f"{TENANT} {DEVICE} 1000 1"))  # "the device is committed up to 1000"
+    time.sleep(0.3)
+    c.publish(frame(1, 10, prev=0))
+    assert c.wait_receipts(1)[0]["status"] == "committed"
+    asyncio.run(tell(f"{TENANT} {DEVICE} 10 9999"))  # the right mark, a wrong stream sequence
+    time.sleep(0.3)
+    c.publish(frame(11, 10, prev=10))
+    assert [r["status"] for r in c.wait_receipts(2)] == ["committed", "committed"]
+    assert_exactly_once(stream_seqs(p.nats.url), set(range(1, 21)))
+    c.close()
+
+
 def test_frames_over_the_nats_max_payload_are_too_large_not_retried_forever(mosquitto, tmp_path) -> None:
     from edge_tier_harness.brokers import NatsServer
 

@@ -21,7 +21,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "topics.md"
 
 # A backticked span that names something of the scheme (the doc's other spans are config
 # keys, paths and values): a topic or subject, a header, a stream, a bucket, a client id.
-NAME_LIKE = re.compile(r"^(\$share/|et[./_-]|ET_|Et-|Nats-)")
+NAME_LIKE = re.compile(r"^(\$share/|_?et[./_-]|ET_|Et-|Nats-)")
 HEADER = re.compile(r"^(Et|Nats)-[A-Za-z-]+$")
 KINDS = {"stream": "stream", "KV bucket": "bucket"}  # the JetStream table's kind column
 
