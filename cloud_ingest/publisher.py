@@ -6,7 +6,10 @@ thousands of devices each sending small frames that per-message overhead is most
 ingest's cost. :class:`Publisher` sends each message with a reply subject under one
 wildcard subscription of its own (``<inbox>.<counter>``) and hands back a future for its
 PubAck; one sweep a tick fails those not answered within ``timeout`` (all publishes share
-the timeout, so a deque in send order is the timer list).
+the timeout, so a deque in send order is the timer list). ``publish_many`` sends a batch
+and tells per message whether it is stored (the tier-two worker's results); ``stream``
+adds ``Nats-Expected-Stream``, so a subject some other stream took is refused, not stored
+there.
 
 The answers are nats-py's own: :class:`nats.js.api.PubAck`, :class:`nats.js.errors.APIError`
 for an error reply (a wrong ``Nats-Expected-Last-Subject-Sequence``, say),
@@ -23,6 +26,8 @@ import collections
 import itertools
 import json
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
@@ -30,17 +35,30 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import api
 
-__all__ = ["Publisher"]
+__all__ = ["PubResult", "Publisher", "Stored"]
 
 _NO_RESPONDERS = "503"
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """JetStream holds the message (``duplicate``: it held it already, by ``Nats-Msg-Id``)."""
+
+    duplicate: bool
+
+
+PubResult = Stored | str  # Stored, or why the message is not known to be stored
 
 
 class Publisher:
     """Publishes to JetStream without waiting for each PubAck; see the module docstring."""
 
-    def __init__(self, nc: NatsClient, timeout: float, *, tick_s: float = 0.05) -> None:
+    def __init__(
+        self, nc: NatsClient, timeout: float, *, stream: str | None = None, tick_s: float = 0.05
+    ) -> None:
         self.nc = nc
         self.timeout = timeout
+        self.stream = stream
         self.tick_s = tick_s
         self._prefix = ""
         self._tokens = itertools.count(1)
@@ -68,6 +86,8 @@ class Publisher:
         """Send now; the future resolves with the PubAck (or the error, or a timeout)."""
         if not self._prefix:
             raise RuntimeError("Publisher.send before start()")
+        if self.stream is not None:
+            headers = {**(headers or {}), api.Header.EXPECTED_STREAM: self.stream}
         token = str(next(self._tokens))
         fut: asyncio.Future[api.PubAck] = asyncio.get_running_loop().create_future()
         self._pending[token] = fut
@@ -78,6 +98,32 @@ class Publisher:
             self._pending.pop(token, None)
             raise
         return fut
+
+    async def publish_many(
+        self, messages: Sequence[tuple[str, bytes, dict[str, str]]], within: float
+    ) -> list[PubResult]:
+        """Publish (subject, payload, headers) each, all in flight at once; wait up to
+        ``within`` s. A message not answered in time, or refused, has the reason instead."""
+        futures: list[asyncio.Future[api.PubAck]] = []
+        results: list[PubResult] = []
+        for subject, payload, headers in messages:
+            try:
+                futures.append(await self.send(subject, payload, headers))
+            except nats.errors.Error as e:  # closed, reconnecting with a full buffer...
+                results = [f"not published: {e!r}"] * (len(messages) - len(futures))
+                break
+        if futures:
+            await asyncio.wait(futures, timeout=within)
+        answers: list[PubResult] = []
+        for fut in futures:
+            if not fut.done():
+                fut.cancel()
+                answers.append(f"no PubAck within {within:g} s")
+            elif fut.exception() is not None:
+                answers.append(f"JetStream refused it: {fut.exception()!r}")
+            else:
+                answers.append(Stored(fut.result().duplicate or False))
+        return answers + results
 
     async def _reply(self, msg: Msg) -> None:
         fut = self._pending.pop(msg.subject[len(self._prefix) :], None)

@@ -10,7 +10,7 @@ worker shares (so several workers split the work). How a batch flows:
 2. **batch**: one inference call is filled round-robin across tenants, up to ``max_batch``
    records or ``max_wait_ms`` after the first arrived, and run in a thread: the records of
    every message in one ``Tier2Model.answer`` per model, the answers split back per message;
-3. **publish** (``cloud_ingest.result_messages``, ``cloud_ingest.pubacks``): the results of
+3. **publish** (``cloud_ingest.result_messages``, ``cloud_ingest.publisher``): the results of
    the whole batch are encoded together (columns rounded once), every part of every answer
    is written to ``et.results.{tenant}.{device}`` with ``Nats-Msg-Id`` = the upload id at
    once, their PubAcks gathered by one inbox subscription; then each features message whose
@@ -58,7 +58,7 @@ from cloud_ingest import metrics
 from cloud_ingest.config import IngestConfig, ModelRoute
 from cloud_ingest.errors import Tier2ModelError
 from cloud_ingest.nats_client import connect_nats
-from cloud_ingest.pubacks import Publisher, Stored
+from cloud_ingest.publisher import Publisher, Stored
 from cloud_ingest.pull import Pull
 from cloud_ingest.result_messages import Answered, result_messages
 from cloud_ingest.streams import clip_header, ensure_streams, publish_dead_letter
@@ -149,7 +149,7 @@ class Worker:
         self.nc = await connect_nats(self.cfg, topics.service_client_id("worker", w.instance))
         self.js = self.nc.jetstream(timeout=self.cfg.ingest.publish_timeout_s)
         await ensure_streams(self.js, self.cfg.streams)
-        self.publisher = Publisher(self.nc, topics.RESULTS_STREAM)
+        self.publisher = Publisher(self.nc, self.cfg.ingest.publish_timeout_s, stream=topics.RESULTS_STREAM)
         await self.publisher.start()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -157,6 +157,7 @@ class Worker:
                 tg.create_task(self._discover_loop(), name="worker-discover")
                 tg.create_task(self._batch_loop(), name="worker-batch")
                 tg.create_task(self._publish_loop(), name="worker-publish")
+                tg.create_task(self.publisher.run(), name="worker-publish-timeouts")
                 self.ready.set()
                 log.info(
                     "worker ready: %s -> %s, %s, batches of up to %d records / %.1f ms",
@@ -480,7 +481,7 @@ class Worker:
             max_records=self.w.results_max_records,
             produced_ms=int(time.time() * 1000),
         )
-        results = await self.publisher.publish(
+        results = await self.publisher.publish_many(
             [m for parts in messages for m in parts], self.cfg.ingest.publish_timeout_s
         )
         done: dict[str, list[int]] = {}  # tenant -> [messages, duplicates, records]
