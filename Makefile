@@ -45,6 +45,7 @@ bench: deps
 	$(PY) -m bench.bench_system --write
 	$(PY) -m bench.bench_footprint
 	$(PY) -m bench.bench_worker --messages 5000 --naive-messages 1000
+	$(PY) -m bench.bench_fleet --levels 100 1000 10000 --seconds 6 --generators 2 --ingests 1 2 --write
 
 # Style and complexity (ruff), formatting, types (mypy with the pydantic plugin) and the floors
 # (import-linter's contracts in pyproject.toml; docs/architecture.md draws them).

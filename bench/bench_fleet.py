@@ -46,8 +46,12 @@ from edge_tier_harness.testkit import CpuMeter, ingest_config, percentiles_ms, t
 DIM = 16
 
 
-def generator(port: int, tenant: str, devices: int, records: int, seconds: float, go: str, out: Any) -> None:
-    """One generator process: ``devices`` chains through one MQTT connection, for ``seconds``."""
+def generator(
+    port: int, tenant: str, devices: int, records: int, seconds: float, warmup: float, go: str, out: Any
+) -> None:
+    """One generator process: ``devices`` chains through one MQTT connection, for ``warmup``
+    seconds not counted (every device's first frames: ingest reads its mark from the
+    stream), then ``seconds`` counted."""
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -60,6 +64,7 @@ def generator(port: int, tenant: str, devices: int, records: int, seconds: float
     latencies: list[float] = []
     counts = {"committed": 0, "duplicate": 0, "other": 0}
     stop_at = [0.0]
+    measure_from = [0.0]
     subscribed = threading.Event()
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{tenant}", clean_session=True)
     client.max_inflight_messages_set(65535)
@@ -77,8 +82,10 @@ def generator(port: int, tenant: str, devices: int, records: int, seconds: float
         r = json.loads(msg.payload)
         status = r["status"]
         if status in ("committed", "duplicate") and r["last_seq"] == next_seq[d] + records - 1:
-            counts[status] += 1
-            latencies.append(time.perf_counter() - sent_at.pop(d))
+            sent = sent_at.pop(d)
+            if sent >= measure_from[0]:
+                counts[status] += 1
+                latencies.append(time.perf_counter() - sent)
             prev[d] = r["last_seq"]
             next_seq[d] = r["last_seq"] + 1
         else:
@@ -98,10 +105,11 @@ def generator(port: int, tenant: str, devices: int, records: int, seconds: float
     start = float(Path(go).read_text())
     while time.time() < start:
         time.sleep(0.001)
-    stop_at[0] = time.perf_counter() + seconds
+    measure_from[0] = time.perf_counter() + warmup
+    stop_at[0] = measure_from[0] + seconds
     for d in names:
         send(d)
-    time.sleep(seconds)
+    time.sleep(warmup + seconds)
     deadline = time.perf_counter() + 5.0
     while sent_at and time.perf_counter() < deadline:  # the last frames' receipts
         time.sleep(0.05)
@@ -137,6 +145,7 @@ def run_level(
     generators: int,
     records: int,
     seconds: float,
+    warmup: float,
     tag: str,
 ) -> Level:
     ctx = mp.get_context("spawn")
@@ -144,7 +153,11 @@ def run_level(
     go = d / f"go-{tag}"
     per = [devices // generators + (1 if i < devices % generators else 0) for i in range(generators)]
     procs = [
-        ctx.Process(target=generator, args=(port, f"{tag}g{i}", n, records, seconds, str(go), q), daemon=True)
+        ctx.Process(
+            target=generator,
+            args=(port, f"{tag}g{i}", n, records, seconds, warmup, str(go), q),
+            daemon=True,
+        )
         for i, n in enumerate(per)
         if n
     ]
@@ -155,7 +168,7 @@ def run_level(
     meter = CpuMeter({f"{contender}#{i}": p.pid for i, p in enumerate(procs_)} | brokers)
     start = time.time() + 0.5
     go.write_text(str(start))
-    time.sleep(0.5)
+    time.sleep(0.5 + warmup)
     meter.start()
     time.sleep(seconds)
     used = meter.stop()
@@ -244,7 +257,8 @@ def _answered(url: str, within: float = 30.0) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_fleet", description=__doc__.splitlines()[0])
     ap.add_argument("--levels", type=int, nargs="+", default=[100, 1000, 10000], help="devices per level")
-    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--seconds", type=float, default=10.0, help="measured, after --warmup")
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of load not counted, first")
     ap.add_argument("--generators", type=int, default=4, help="generator processes (MQTT connections)")
     ap.add_argument("--records", type=int, default=5, help="records per frame (16 float32 each)")
     ap.add_argument("--no-naive", action="store_true", help="skip the per-frame bridge")
@@ -316,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                         gens,
                         args.records,
                         args.seconds,
+                        args.warmup,
                         f"{name[0]}{len(procs)}x{i}",
                     )
                 )

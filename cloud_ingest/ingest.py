@@ -175,7 +175,7 @@ class Ingest:
             return
         self._lanes[key] = collections.deque((entry,))
         assert self._tg is not None
-        self._tg.create_task(self._lane(key), name=f"lane-{tenant}-{device}")
+        self._tg.create_task(self._lane(key))  # unnamed: a name is a string built per frame
 
     async def _lane(self, key: tuple[str, str]) -> None:
         """One device's frames, one at a time, so its chain is committed in order; the task
