@@ -111,8 +111,8 @@ class _BatchingClient(paho.Client):
     """paho's client with buffered socket reads and coalesced writes.
 
     Overrides three of paho's private socket methods (``_sock_recv``, ``_sock_send``,
-    ``_sock_close``) and ``_packet_write``; pinned by the paho-mqtt>=2.1,<3 requirement
-    and exercised by every test that talks to a broker."""
+    ``_sock_close``), ``_packet_write`` and ``_handle_on_message``; pinned by the
+    paho-mqtt>=2.1,<3 requirement and exercised by every test that talks to a broker."""
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
@@ -167,6 +167,18 @@ class _BatchingClient(paho.Client):
 
     def want_write(self) -> bool:
         return bool(self._out_packet) or bool(self._wbuf)
+
+    def _handle_on_message(self, message: paho.MQTTMessage) -> None:
+        # The bridge has one on_message and no per-topic callbacks: paho's topic matcher
+        # walk per message is skipped. A callback that fails is logged, not raised into
+        # the read (which would drop the session and have the broker send it again).
+        on_message = self.on_message
+        if on_message is None:
+            return
+        try:
+            on_message(self, self._userdata, message)
+        except Exception:
+            log.exception("on_message failed for a message on %r", message._topic[:200])
 
     def _sock_close(self) -> None:
         if self._sock is not None:
