@@ -2,8 +2,11 @@
 
 aiohttp, bearer tokens per tenant (``edge-provision token add``), a token sees
 only its own tenant. JetStream's ET_RESULTS is the source of truth; a follower
-keeps a rebuildable index of it (``results_index.py``) and fans new results out
-to server-sent-event clients. Every refusal is problem+json (RFC 9457).
+keeps a rebuildable index of it (``results_index.py``), hands each message to an
+in-memory cache of pre-encoded records (``results_cache.py``: a page is a join of
+bytes; what the cache lacks is read from the stream in batched direct gets) and
+fans new results out to server-sent-event clients. Every refusal is problem+json
+(RFC 9457).
 
   GET /v1/devices                                 the tenant's devices and their status
   GET /v1/devices/{device}/results                cursor pages of per-record results
@@ -33,13 +36,14 @@ from aiohttp import web
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import DEFAULT_PREFIX, ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter, Histogram
 
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.errors import IngestError
 from cloud_ingest.nats_client import connect_nats
 from cloud_ingest.openapi import SINCE_MS_PATTERN, document
+from cloud_ingest.results_cache import ResultsCache, Rows
 from cloud_ingest.results_index import Entry, ResultsIndex
 from cloud_ingest.streams import ensure_streams
 from edge_tier import topics
@@ -67,6 +71,15 @@ SSE_LAG = Histogram(
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Pre-encoded result messages held in memory (about 1.3 kB per 5-record message): the newest
+# ~100k messages of a 5-record fleet. Not yet a setting of ApiSettings.
+CACHE_BYTES = 128 * 2**20
+# How often the stream's first sequence and deletions are checked, so that what retention
+# removed leaves the index and the cache (and pages) at most this late.
+RETENTION_CHECK_S = 2.0
+# Messages one batched direct get asks for (nats-server 2.11+).
+FETCH_BATCH = 256
 
 
 class ApiError(Exception):
@@ -172,6 +185,11 @@ def records(batch: ResultBatch, stream_seq: int) -> list[dict[str, Any]]:
     return out
 
 
+def _json_text(doc: str) -> web.Response:
+    """A JSON document already written (ASCII), with the headers ``web.json_response`` gives."""
+    return web.Response(body=doc.encode("ascii"), content_type="application/json", charset="utf-8")
+
+
 # -- the service ---------------------------------------------------------------------------
 
 
@@ -194,6 +212,10 @@ class ResultApi:
         except TokenError as e:
             raise IngestError(str(e)) from None
         self.index = ResultsIndex(self.a.index_path)
+        self.cache = ResultsCache(CACHE_BYTES)
+        self._first_seq = 0  # the stream's, as last seen: anything before it is gone
+        self._num_deleted = 0  # the stream's interior deletions, as last seen
+        self._direct_get = f"{DEFAULT_PREFIX}.DIRECT.GET.{topics.RESULTS_STREAM}"
         self.nc: NatsClient | None = None
         self.js: JetStreamContext | None = None
         self.devices: dict[tuple[str, str], dict[str, Any]] = {}
@@ -228,6 +250,7 @@ class ResultApi:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._follow(), name="api-follow")
                 tg.create_task(self._watch_devices(), name="api-devices")
+                tg.create_task(self._watch_retention(), name="api-retention")
                 await self.caught_up.wait()
                 self.ready.set()
                 log.info(
@@ -249,6 +272,7 @@ class ResultApi:
         assert self.js is not None
         start = self.index.last_seq() + 1
         info = await self.js.stream_info(topics.RESULTS_STREAM)
+        self._retained(info.state.first_seq, info.state.num_deleted or 0)
         target = info.state.last_seq
         if target < start:
             self.caught_up.set()
@@ -298,6 +322,7 @@ class ResultApi:
                 log.warning("result message at stream seq %d lacks index headers (%r); skipped", seq, err)
                 continue
             entries.append(e)
+            self.cache.keep(seq, m.data)
             for ls in list(self.listeners):
                 if ls.tenant == tenant and ls.device in (None, device):
                     try:
@@ -319,6 +344,107 @@ class ResultApi:
                 continue
             with contextlib.suppress(ValueError):  # a TopicError is a ValueError too
                 self.devices[topics.parse_device_key(entry.key)] = json.loads(entry.value)
+
+    async def _watch_retention(self) -> None:
+        assert self.js is not None
+        while running():
+            await asyncio.sleep(RETENTION_CHECK_S)
+            try:
+                info = await self.js.stream_info(topics.RESULTS_STREAM)
+            except (nats.errors.Error, TimeoutError) as e:
+                log.debug("stream info of %s: %r; retention checked next time", topics.RESULTS_STREAM, e)
+                continue
+            self._retained(info.state.first_seq, info.state.num_deleted or 0)
+
+    def _retained(self, first_seq: int, num_deleted: int) -> None:
+        """What the stream holds now: drop what it no longer does from the index and the cache."""
+        if first_seq > self._first_seq:
+            self.index.forget_before(first_seq)
+            self.cache.drop_before(first_seq)
+            self._first_seq = first_seq
+        if num_deleted != self._num_deleted:
+            # Which messages went is not said (and holes the first sequence passed count too):
+            # read everything from the stream again, where a gone message is forgotten.
+            self.cache.clear()
+            self._num_deleted = num_deleted
+
+    async def _rows(self, tenant: str, device: str, seqs: list[int]) -> dict[int, Rows]:
+        """The result messages at these stream sequences, from the cache or else the stream; those
+        the stream no longer holds, or that do not validate, are forgotten and left out."""
+        got: dict[int, Rows] = {}
+        missing: list[int] = []
+        bad: list[int] = []
+        for s in seqs:
+            try:
+                r = self.cache.get(s)
+            except WireError as e:
+                log.warning("result message at stream seq %d does not validate (%s); skipped", s, e)
+                bad.append(s)
+                continue
+            if r is None:
+                missing.append(s)
+            else:
+                got[s] = r
+        if missing:
+            found = await self._fetch(topics.results_subject(tenant, device), sorted(missing))
+            for s in missing:
+                data = found.get(s)
+                if data is None:
+                    bad.append(s)  # the stream no longer holds it
+                    continue
+                try:
+                    got[s] = self.cache.put(s, data)
+                except WireError as e:
+                    log.warning("result message at stream seq %d does not validate (%s); skipped", s, e)
+                    bad.append(s)
+        if bad:
+            self.index.forget(bad)
+        return got
+
+    async def _fetch(self, subject: str, seqs: list[int]) -> dict[int, bytes]:
+        """The data of the messages at these ascending stream sequences that the stream still
+        holds: batched direct gets along the device's subject (what comes along unasked is kept
+        in the cache: a walk's next pages), then one direct get for each the batches did not
+        bring (a message on another subject, a hole)."""
+        assert self.nc is not None and self.js is not None
+        want, out = set(seqs), {}
+        timeout = self.cfg.ingest.publish_timeout_s
+        start, more = seqs[0], True
+        while want and more and start <= seqs[-1]:
+            # The subject has at most this many messages up to the last one wanted.
+            n = min(FETCH_BATCH, seqs[-1] - start + 1)
+            inbox = self.nc.new_inbox()
+            sub = await self.nc.subscribe(inbox)
+            last = None
+            try:
+                req = json.dumps({"seq": start, "next_by_subj": subject, "batch": n}).encode()
+                await self.nc.publish(self._direct_get, req, reply=inbox)
+                for _ in range(n + 1):  # n messages, then the end of the batch
+                    m = await sub.next_msg(timeout=timeout)
+                    h = m.headers or {}
+                    if "Status" in h:
+                        # 204 EOB: the batch is over, more follow if some are pending;
+                        # 404: nothing more on the subject; anything else: ask one by one
+                        more = h["Status"] == "204" and h.get("Nats-Num-Pending", "0") != "0"
+                        break
+                    last = int(h["Nats-Sequence"])
+                    if last in want:
+                        want.discard(last)
+                        out[last] = m.data
+                    else:
+                        self.cache.keep(last, m.data)
+            finally:
+                await sub.unsubscribe()
+            if last is None:
+                break
+            start = last + 1
+        for s in sorted(want):
+            try:
+                got = await self.js.get_msg(topics.RESULTS_STREAM, s, direct=True)
+            except nats.js.errors.NotFoundError:
+                continue
+            out[s] = got.data or b""
+        return out
 
     async def _read(self, seqs: list[int]) -> list[tuple[int, ResultBatch]]:
         """The result messages at these stream sequences (those retention dropped are skipped)."""
@@ -423,7 +549,7 @@ class ResultApi:
             cur = Cursor(2**62 if newest else 0, 2**31 if newest else 0, newest, _since(q.get("since")))
         if (tenant, device) not in self.devices and not self.index.has_device(tenant, device):
             raise not_found(f"device {device!r}: no such device of this tenant")
-        rows: list[dict[str, Any]] = []
+        rows: list[str] = []
         nxt: Cursor | None = None
         start = cur.seq
         while nxt is None:
@@ -434,27 +560,30 @@ class ResultApi:
                 start=start,
                 newest_first=cur.newest_first,
                 since_ms=cur.since_ms,
-                limit=min(64, limit - len(rows) + 1),
+                limit=min(FETCH_BATCH, limit - len(rows) + 1),
             )
             if not refs:
                 break
-            for seq, batch in await self._read([s for s, _ in refs]):
-                recs = records(batch, seq)
+            got = await self._rows(tenant, device, [s for s, _ in refs])
+            for seq, _ in refs:
+                if (held := got.get(seq)) is None:
+                    continue  # gone from the stream
+                recs = held.rows[::-1] if cur.newest_first else held.rows  # newest: row i is record n-1-i
                 n = len(recs)
                 if cur.newest_first:
-                    recs.reverse()  # row i of this list is record n - 1 - i
                     first = n - min(cur.row, n) if seq == cur.seq else 0
                 else:
                     first = cur.row if seq == cur.seq else 0
-                for i in range(first, n):
-                    if len(rows) == limit:  # one more exists: the next page starts at it
-                        nxt = Cursor(seq, n - i if cur.newest_first else i, cur.newest_first, cur.since_ms)
-                        break
-                    rows.append(recs[i])
-                if nxt is not None:
+                if n - first > (room := limit - len(rows)):  # one more exists: the next page starts at it
+                    rows += recs[first : first + room]
+                    i = first + room
+                    nxt = Cursor(seq, n - i if cur.newest_first else i, cur.newest_first, cur.since_ms)
                     break
+                rows += recs[first:]
             start = refs[-1][0] - 1 if cur.newest_first else refs[-1][0] + 1
-        return web.json_response({"results": rows, "next_cursor": nxt.encode() if nxt else None})
+        # The document json_response would write, joined from the pre-encoded records.
+        tail = f'"{nxt.encode()}"' if nxt else "null"
+        return _json_text(f'{{"results": [{", ".join(rows)}], "next_cursor": {tail}}}')
 
     async def get_upload(self, request: web.Request) -> web.Response:
         tenant = request["tenant"]
@@ -470,19 +599,20 @@ class ResultApi:
         if not seqs:
             # Another tenant's upload reads exactly like one that does not exist.
             raise not_found(f"upload {text!r}: no results (not answered yet, or not of this tenant)")
-        found = await self._read(seqs)
-        rows = [r for seq, b in found for r in records(b, seq)]
-        parts = found[0][1].parts if found else 0
-        return web.json_response(
+        got = await self._rows(owner, device, seqs)
+        found = [got[s] for s in seqs if s in got]
+        parts = found[0].parts if found else 0
+        head = json.dumps(
             {
                 "upload_id": text,
                 "device": device,
                 "first_seq": first,
                 "last_seq": last,
                 "complete": len(found) == parts,
-                "results": rows,
             }
         )
+        rows = ", ".join(r for f in found for r in f.rows)
+        return _json_text(f'{head[:-1]}, "results": [{rows}]}}')
 
     async def get_stream(self, request: web.Request) -> web.StreamResponse:
         tenant = request["tenant"]

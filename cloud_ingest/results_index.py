@@ -7,7 +7,8 @@ message sequences here and read the messages themselves from the stream (direct
 get). The view is rebuilt by replaying the stream from the last sequence it
 holds: delete the file (or keep the default, in memory) and the result API
 rebuilds it at start (docs/operations.md). Messages the stream no longer holds
-(retention) are skipped when read and dropped from the view.
+(retention) are dropped from the view as the API sees the stream's first
+sequence move (``forget_before``), or when a read finds them gone.
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ class ResultsIndex:
     def forget(self, stream_seqs: list[int]) -> None:
         with self._db:
             self._db.executemany("DELETE FROM results WHERE stream_seq = ?", [(s,) for s in stream_seqs])
+
+    def forget_before(self, stream_seq: int) -> None:
+        """Drop every message before ``stream_seq``: the stream's first, retention took the rest."""
+        with self._db:
+            self._db.execute("DELETE FROM results WHERE stream_seq < ?", (stream_seq,))
 
     def page(
         self, tenant: str, device: str, *, start: int, newest_first: bool, since_ms: int, limit: int

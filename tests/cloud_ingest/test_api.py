@@ -25,8 +25,10 @@ from schemathesis.engine import events
 
 pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 
+from cloud_ingest.api import records
+from cloud_ingest.results_cache import ResultsCache, encode_rows
 from edge_tier.tokens import TokenStore
-from edge_tier.wire import UPLOAD_ID_PATTERN, WireError, parse_upload_id, upload_id
+from edge_tier.wire import UPLOAD_ID_PATTERN, ResultBatch, WireError, parse_upload_id, upload_id
 from edge_tier_harness.brokers import NatsServer
 from edge_tier_harness.services import ApiProcess, WorkerProcess
 from tests.support import frame, publish_features, wait_for_rows, wait_until, worker_config
@@ -263,6 +265,83 @@ def test_pages_have_no_gaps_or_repeats_while_results_arrive(api: Api) -> None:
     # since: only what was produced at or after a time
     later = api.get(f"/v1/devices/press-1/results?limit=1000&since={int(time.time() * 1000) + 60_000}")[2]
     assert later == {"results": [], "next_cursor": None}
+
+
+def walk(api: Api, query: str) -> list[dict[str, Any]]:
+    """Every record of press-1's pages with this query, cursor after cursor."""
+    out: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        status, _, body = api.get(
+            f"/v1/devices/press-1/results?{query}" + (f"&cursor={cursor}" if cursor else "")
+        )
+        assert status == 200, body
+        out += body["results"]
+        if (cursor := body["next_cursor"]) is None:
+            return out
+
+
+def test_a_restarted_api_reads_its_pages_from_the_stream(api: Api, tmp_path: Path) -> None:
+    """An index on disk is followed on from where it was: the cache holds nothing, every record
+    comes from batched direct gets, and pages, uploads and order are what the warm API serves."""
+    cfg = api_config(api.nats_url, tmp_path / "fleet" / "registry.db", index_path=str(tmp_path / "index.db"))
+    proc = ApiProcess(tmp_path / "cold", cfg, name="api-cold")
+    proc.start(timeout=30)
+    proc.stop()
+    proc.start(timeout=30)
+    try:
+        cold = Api(proc, api.nats_url, api.tokens, api.store)
+        for query in ("limit=25", "limit=33&order=newest", "limit=1000"):
+            want = walk(api, query)
+            assert len(want) == 210 and walk(cold, query) == want, query
+        assert cold.get("/v1/uploads/acme.press-1.8-14")[2] == api.get("/v1/uploads/acme.press-1.8-14")[2]
+    finally:
+        proc.stop()
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.text(max_size=8),
+            st.floats(0, 1),
+            st.floats(allow_nan=False, allow_infinity=False),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.booleans(),
+    st.integers(1, 2**53),
+)
+def test_pre_encoded_records_are_what_json_dumps_writes(
+    cols: list[tuple[float, str, float, float]], regressor: bool, stream_seq: int
+) -> None:
+    n = len(cols)
+    b = ResultBatch(
+        v=2 if regressor else 1,
+        upload_id=upload_id("acme", "press-1", 1, n),
+        tenant="acme",
+        device="press-1",
+        stream="vibration",
+        model="m\u00e9",
+        model_version='1"0',
+        worker="w",
+        produced_ms=5,
+        seqs=list(range(1, n + 1)),
+        times_ms=[7] * n,
+        scores=[c[0] for c in cols],
+        labels=[c[1] for c in cols],
+        confidences=[c[2] for c in cols],
+        values=[c[3] for c in cols] if regressor else None,
+    )
+    assert list(encode_rows(b, stream_seq)) == [json.dumps(r) for r in records(b, stream_seq)]
+    cache = ResultsCache(max_bytes=1)  # holds one, however big
+    cache.keep(1, b.model_dump_json().encode())
+    cache.keep(2, b"{}")
+    assert cache.get(1) is None and len(cache) == 1
+    with pytest.raises(WireError):
+        cache.get(2)  # held raw, decoded when read: a message that does not validate says so
+    assert len(cache) == 0
 
 
 def read_events(
