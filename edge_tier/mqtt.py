@@ -322,9 +322,10 @@ class MqttBridge:
         self._on_loop(self._unwatch_write, sock)
 
     def _on_socket_close(self, client, userdata, sock) -> None:  # type: ignore[no-untyped-def]
-        if threading.get_ident() == self._loop_thread:
-            self._unwatch()  # before paho closes the descriptor
-        self._on_loop(self._session_over.set)
+        if threading.get_ident() != self._loop_thread:
+            return  # a stale socket closed by a reconnect in the connecting thread: no session's
+        self._unwatch()  # before paho closes the descriptor
+        self._session_over.set()
 
     def _watch(self) -> None:
         """The session's socket into the loop's selector (on the loop, after connect)."""
