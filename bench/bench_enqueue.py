@@ -190,17 +190,21 @@ def bench_persist_queue(work: Workload, n: int, base: Path | None, keep: bool) -
     return Result(name, n, secs, mode, commits=n, note=f"v{version}, pickled (bytes, score) tuple")
 
 
+def append_in_batches(store: Store, recs: list[NewRecord], n: int) -> float:
+    """Seconds to append ``recs[:n]`` with ``Store.append_many``, SYNC_BATCH records a transaction."""
+    t0 = time.perf_counter()
+    for i in range(0, n, SYNC_BATCH):
+        (res,) = store.append_many([(KIND, recs[i : i + SYNC_BATCH])])
+        if isinstance(res, Exception):
+            raise res
+    return time.perf_counter() - t0
+
+
 def bench_ours_sync(work: Workload, n: int, base: Path | None, keep: bool) -> Result:
     """``Store.append_many`` with one 1000-record batch per transaction, one producer."""
     with temp_dir(base, "bench-enqueue-sync", keep) as d:
         store = Store(store_settings(d, 0))
-        recs = work.records
-        t0 = time.perf_counter()
-        for i in range(0, n, SYNC_BATCH):
-            (res,) = store.append_many([(KIND, recs[i : i + SYNC_BATCH])])
-            if isinstance(res, Exception):
-                raise res
-        secs = time.perf_counter() - t0
+        secs = append_in_batches(store, work.records, n)
         mode = sync_mode(store.db)
         stats = store.stats()
         commits = store.commits
@@ -313,12 +317,7 @@ def bench_meta(work: Workload, n: int, base: Path | None, keep: bool) -> list[Re
         db.close()
     with temp_dir(base, "bench-enqueue-meta-ours", keep) as d:
         store = Store(store_settings(d, 0))
-        t0 = time.perf_counter()
-        for i in range(0, n, SYNC_BATCH):
-            (res,) = store.append_many([(KIND, recs[i : i + SYNC_BATCH])])
-            if isinstance(res, Exception):
-                raise res
-        our_secs = time.perf_counter() - t0
+        our_secs = append_in_batches(store, recs, n)
         stats = store.stats()
         store.close()
     assert stats.records == n, f"ours with metadata: {stats}"
