@@ -64,7 +64,6 @@ class HighWaterMarks:
         self._own_subject = ""
         self._told: list[str] = []  # "tenant device last_seq stream_seq" lines to publish
         self._tell = asyncio.Event()
-        self.heard = 0  # marks taken from other processes (a metric for tests and operators)
         self._hoping: dict[DeviceKey, list[tuple[int, asyncio.Future[None]]]] = {}
 
     def bind(self, js: JetStreamContext, kv: KeyValue) -> None:
@@ -103,7 +102,6 @@ class HighWaterMarks:
             led = ledgers.get(key)
             if led is None or led.last_seq < last:
                 ledgers[key] = Ledger(last, stream_seq, heard=True)
-                self.heard += 1
                 for seq, fut in self._hoping.pop(key, ()):
                     if fut.done():
                         continue
